@@ -1,0 +1,764 @@
+//! ChannelActor: one per channel. It owns the channel's seq counter, its membership and
+//! permissions, so every write of the channel on this node passes through it and needs no
+//! lock. Writes are pipelined: the actor assigns seqs and hands writes to the persistence
+//! actor without waiting for each commit, and the persistence actor refuses any write whose
+//! seq does not follow the committed one, so seqs stay contiguous even after a failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::json;
+
+use crate::domain::channel::{Channel, ChannelPatch, ChannelType, JoinOutcome};
+use crate::domain::entity::Entity;
+use crate::domain::event::{Event, EventDraft};
+use crate::domain::message::{validate_emoji, Message, NewMessage};
+use crate::error::{ApiError, ApiResult};
+use crate::persistence::{Apply, Persistence, Write, WriteResult};
+use crate::registry::Registry;
+use crate::store::rows::VersionRow;
+use crate::store::{queries, DbPool};
+
+/// A channel actor with nothing to do stops after this long; the database rebuilds it.
+const IDLE_STOP_AFTER: Duration = Duration::from_secs(600);
+
+/// The workspace limits a request is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelLimits {
+    pub max_members: usize,
+    pub max_attachments: usize,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<Channel>")]
+pub struct GetChannel {
+    pub viewer: Entity,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<PostOutcome>")]
+pub struct PostMessage {
+    pub actor: Entity,
+    pub input: NewMessage,
+    pub limits: ChannelLimits,
+}
+
+pub struct PostOutcome {
+    pub message: Message,
+    /// `None` for a nonce replay: nothing new was written.
+    pub event: Option<Arc<Event>>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<ReactionOutcome>")]
+pub struct React {
+    pub actor: Entity,
+    pub message_serial: String,
+    pub emoji: String,
+    pub add: bool,
+}
+
+pub struct ReactionOutcome {
+    pub message: Message,
+    pub event: Option<Arc<Event>>,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<ReadOutcome>")]
+pub struct MarkRead {
+    pub actor: Entity,
+    pub seq: i64,
+}
+
+pub struct ReadOutcome {
+    pub last_read_seq: i64,
+    pub event: Option<Arc<Event>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum MembershipChange {
+    Join,
+    Leave,
+    Add(String),
+    Remove(String),
+    Approve(String),
+    Reject(String),
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<MembershipOutcome>")]
+pub struct ChangeMembership {
+    pub actor: Entity,
+    pub change: MembershipChange,
+    pub limits: ChannelLimits,
+}
+
+pub struct MembershipOutcome {
+    pub channel: Channel,
+    pub event: Option<Arc<Event>>,
+    /// `joined`, `requested`, `unchanged`, `added`, `removed` or `rejected`.
+    pub status: &'static str,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<(Channel, Option<Arc<Event>>)>")]
+pub struct PatchChannel {
+    pub actor: Entity,
+    pub patch: ChannelPatch,
+}
+
+pub struct ChannelActor {
+    channel: Channel,
+    pool: DbPool,
+    persistence: Persistence,
+    registry: Arc<Registry>,
+    /// Last seq handed out (committed or in flight).
+    last_seq: i64,
+    in_flight: usize,
+    /// A seq-taking write failed: refuse new ones until in-flight writes settle, then
+    /// reload the committed seq.
+    resyncing: bool,
+    /// Nonces of posts in flight, so a concurrent replay is not written twice.
+    pending_nonces: HashMap<(String, String), ()>,
+    /// Reply counts of thread roots this actor has seen (it is their only writer).
+    reply_counts: HashMap<String, i64>,
+    idle_timer: Option<SpawnHandle>,
+}
+
+impl ChannelActor {
+    pub fn new(
+        channel: Channel,
+        pool: DbPool,
+        persistence: Persistence,
+        registry: Arc<Registry>,
+    ) -> Self {
+        Self {
+            last_seq: channel.last_seq,
+            channel,
+            pool,
+            persistence,
+            registry,
+            in_flight: 0,
+            resyncing: false,
+            pending_nonces: HashMap::new(),
+            reply_counts: HashMap::new(),
+            idle_timer: None,
+        }
+    }
+
+    fn direct_id(&self) -> Option<&str> {
+        (self.channel.channel_type == ChannelType::Direct).then_some(self.channel.id.as_str())
+    }
+
+    fn draft(&self, event_type: &'static str, payload: serde_json::Value) -> EventDraft {
+        EventDraft::new(event_type, payload)
+            .channel(&self.channel.id)
+            .private_to(self.channel.private_recipients())
+    }
+
+    fn conn(&self) -> ApiResult<crate::store::PooledConn> {
+        Ok(self.pool.get()?)
+    }
+
+    fn check_accepting(&self) -> ApiResult<()> {
+        if self.resyncing {
+            Err(ApiError::backpressure(
+                "the channel is recovering from a failed write; retry",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn touch(&mut self, ctx: &mut Context<Self>) {
+        if let Some(h) = self.idle_timer.take() {
+            ctx.cancel_future(h);
+        }
+        self.idle_timer = Some(ctx.run_later(IDLE_STOP_AFTER, |act, ctx| {
+            if act.in_flight == 0 {
+                act.registry.remove_channel(&act.channel.id, &ctx.address());
+                ctx.stop();
+            }
+        }));
+    }
+
+    /// Hands a write to the persistence actor and settles the in-flight accounting when it
+    /// commits or fails.
+    fn submit(
+        &mut self,
+        takes_seq: Option<(i64, i64)>,
+        apply: Apply,
+        events: Vec<EventDraft>,
+    ) -> impl ActorFuture<Self, Output = WriteResult> {
+        self.in_flight += 1;
+        let persistence = self.persistence.clone();
+        let write = Write {
+            workspace_id: self.channel.workspace_id.clone(),
+            channel_seqs: takes_seq.map(|(a, b)| (self.channel.id.clone(), a, b)),
+            apply,
+            events,
+        };
+        async move { persistence.write(write).await }
+            .into_actor(self)
+            .map(move |res, act, _| {
+                act.in_flight -= 1;
+                if res.is_err() && takes_seq.is_some() {
+                    act.resyncing = true;
+                }
+                if act.resyncing && act.in_flight == 0 {
+                    act.reload_seq();
+                }
+                res
+            })
+    }
+
+    fn reload_seq(&mut self) {
+        match self
+            .conn()
+            .and_then(|mut c| Ok(queries::channel_last_seq(&mut c, &self.channel.id)?))
+        {
+            Ok(seq) => {
+                self.last_seq = seq;
+                self.channel.last_seq = seq;
+                self.resyncing = false;
+            }
+            Err(e) => log::error!("channel {} cannot reload its seq: {e}", self.channel.id),
+        }
+    }
+
+    fn existing_message(&self, serial: &str) -> ApiResult<Message> {
+        crate::domain::validation::serial(serial)?;
+        queries::message(&mut *self.conn()?, &self.channel.id, serial)?
+            .ok_or_else(|| ApiError::not_found("message not found"))
+    }
+}
+
+impl Actor for ChannelActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        self.touch(ctx);
+    }
+}
+
+impl Handler<GetChannel> for ChannelActor {
+    type Result = ApiResult<Channel>;
+
+    fn handle(&mut self, msg: GetChannel, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        self.channel.check_visible(&msg.viewer)?;
+        let mut c = self.channel.clone();
+        c.last_seq = self.last_seq;
+        Ok(c)
+    }
+}
+
+impl Handler<PostMessage> for ChannelActor {
+    type Result = ResponseActFuture<Self, ApiResult<PostOutcome>>;
+
+    fn handle(&mut self, msg: PostMessage, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        match self.prepare_post(msg) {
+            Err(e) => Box::pin(fut::ready(Err(e))),
+            Ok(Prepared::Replay(message)) => Box::pin(fut::ready(Ok(PostOutcome {
+                message,
+                event: None,
+            }))),
+            Ok(Prepared::New {
+                message,
+                apply,
+                events,
+                nonce_key,
+            }) => {
+                let seq = message.history_serial;
+                Box::pin(
+                    self.submit(Some((seq, seq)), apply, events)
+                        .map(move |res, act, _| {
+                            if let Some(k) = &nonce_key {
+                                act.pending_nonces.remove(k);
+                            }
+                            let events = res?;
+                            Ok(PostOutcome {
+                                message,
+                                event: events.into_iter().next(),
+                            })
+                        }),
+                )
+            }
+        }
+    }
+}
+
+enum Prepared {
+    Replay(Message),
+    New {
+        message: Message,
+        apply: Apply,
+        events: Vec<EventDraft>,
+        nonce_key: Option<(String, String)>,
+    },
+}
+
+impl ChannelActor {
+    fn prepare_post(&mut self, msg: PostMessage) -> ApiResult<Prepared> {
+        let now = crate::ids::now_rfc3339();
+        let actor = msg.actor;
+        self.channel.check_can_post(&actor, &now)?;
+        self.check_accepting()?;
+        msg.input.validate(msg.limits.max_attachments)?;
+        let mut conn = self.conn()?;
+        let nonce_key = msg.input.nonce.clone().map(|n| (actor.id.clone(), n));
+        if let Some((sender, nonce)) = &nonce_key {
+            if self
+                .pending_nonces
+                .contains_key(&(sender.clone(), nonce.clone()))
+            {
+                return Err(ApiError::conflict(
+                    "a message with this nonce is being written; retry",
+                ));
+            }
+            if let Some(existing) =
+                queries::message_by_nonce(&mut conn, &self.channel.id, sender, nonce)?
+            {
+                return Ok(Prepared::Replay(existing));
+            }
+        }
+        let root = match &msg.input.thread_id {
+            Some(t) => {
+                let root = queries::message(&mut conn, &self.channel.id, t)?
+                    .ok_or_else(|| ApiError::not_found("thread root not found"))?;
+                if root.thread_id.is_some() {
+                    return Err(ApiError::invalid("nested thread replies are not supported"));
+                }
+                Some(root)
+            }
+            None => None,
+        };
+        drop(conn);
+        let seq = self.last_seq + 1;
+        let message = msg
+            .input
+            .into_message(&self.channel.id, &actor.id, seq, &now);
+        let mut events = vec![self
+            .draft("message.created", message.event_payload(self.direct_id()))
+            .seq(seq)];
+        if let Some(root) = &root {
+            let count = self
+                .reply_counts
+                .entry(root.message_serial.clone())
+                .or_insert(root.reply_count);
+            *count += 1;
+            let common = json!({
+                "root_message_id": root.message_serial,
+                "thread_id": root.message_serial,
+                "message_id": message.message_serial,
+                "author_id": actor.id,
+                "reply_count": *count,
+                "last_reply_at": now,
+            });
+            events.push(
+                self.draft("thread.reply_created", common.clone())
+                    .seq(root.history_serial),
+            );
+            events.push(
+                self.draft("thread.state_updated", common)
+                    .seq(root.history_serial),
+            );
+        }
+        self.last_seq = seq;
+        if let Some(k) = &nonce_key {
+            self.pending_nonces.insert(k.clone(), ());
+        }
+        let workspace_id = self.channel.workspace_id.clone();
+        let stored = message.clone();
+        let root_serial = root.map(|r| r.message_serial);
+        let apply: Apply = Box::new(move |conn| {
+            queries::insert_message(conn, &stored, &workspace_id)?;
+            queries::insert_version(
+                conn,
+                &VersionRow {
+                    channel_id: stored.channel_id.clone(),
+                    seq: stored.history_serial,
+                    message_serial: stored.message_serial.clone(),
+                    action: "create".into(),
+                    actor: Some(stored.sender.clone()),
+                    op_id: None,
+                    body: serde_json::to_string(&stored).map_err(ApiError::internal)?,
+                    created_at: stored.created_at.clone(),
+                },
+            )?;
+            if let Some(r) = &root_serial {
+                queries::bump_reply_count(conn, &stored.channel_id, r, &stored.created_at)?;
+            }
+            Ok(true)
+        });
+        Ok(Prepared::New {
+            message,
+            apply,
+            events,
+            nonce_key,
+        })
+    }
+}
+
+impl Handler<React> for ChannelActor {
+    type Result = ResponseActFuture<Self, ApiResult<ReactionOutcome>>;
+
+    fn handle(&mut self, msg: React, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        let prepared = (|| {
+            let now = crate::ids::now_rfc3339();
+            self.channel.check_can_post(&msg.actor, &now)?;
+            validate_emoji(&msg.emoji)?;
+            let message = self.existing_message(&msg.message_serial)?;
+            let event_type = if msg.add {
+                "reaction.added"
+            } else {
+                "reaction.removed"
+            };
+            let payload = json!({
+                "message_id": message.message_serial,
+                "emoji": msg.emoji,
+                "user_id": msg.actor.id,
+                "direct_conversation_id": self.direct_id(),
+            });
+            let draft = self.draft(event_type, payload).seq(message.history_serial);
+            let (channel, serial, who, emoji, add) = (
+                self.channel.id.clone(),
+                message.message_serial.clone(),
+                msg.actor.id.clone(),
+                msg.emoji.clone(),
+                msg.add,
+            );
+            let apply: Apply = Box::new(move |conn| {
+                let changed = if add {
+                    queries::add_reaction(conn, &channel, &serial, &who, &emoji, &now)?
+                } else {
+                    queries::remove_reaction(conn, &channel, &serial, &who, &emoji)?
+                };
+                Ok(changed > 0)
+            });
+            Ok::<_, ApiError>((message, apply, draft))
+        })();
+        match prepared {
+            Err(e) => Box::pin(fut::ready(Err(e))),
+            Ok((message, apply, draft)) => {
+                Box::pin(self.submit(None, apply, vec![draft]).map(move |res, _, _| {
+                    Ok(ReactionOutcome {
+                        message,
+                        event: res?.into_iter().next(),
+                    })
+                }))
+            }
+        }
+    }
+}
+
+impl Handler<MarkRead> for ChannelActor {
+    type Result = ResponseActFuture<Self, ApiResult<ReadOutcome>>;
+
+    fn handle(&mut self, msg: MarkRead, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        if let Err(e) = self.channel.check_member(&msg.actor) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        if msg.seq < 0 {
+            return Box::pin(fut::ready(Err(ApiError::invalid(
+                "seq must be a non-negative integer",
+            ))));
+        }
+        let seq = msg.seq.min(
+            self.channel
+                .last_seq
+                .max(self.last_seq - self.in_flight as i64)
+                .max(0),
+        );
+        let event_type = if self.channel.channel_type == ChannelType::Direct {
+            "dm.read"
+        } else {
+            "channel.read"
+        };
+        let draft = EventDraft::new(
+            event_type,
+            json!({"user_id": msg.actor.id, "channel_id": self.channel.id, "last_read_seq": seq,
+                   "direct_conversation_id": self.direct_id()}),
+        )
+        .channel(&self.channel.id)
+        .seq(seq)
+        .private_to(Some(vec![msg.actor.id.clone()]));
+        let (channel, who) = (self.channel.id.clone(), msg.actor.id.clone());
+        let apply: Apply =
+            Box::new(move |conn| Ok(queries::advance_read_pointer(conn, &channel, &who, seq)? > 0));
+        let (channel, who) = (self.channel.id.clone(), msg.actor.id.clone());
+        Box::pin(
+            self.submit(None, apply, vec![draft])
+                .map(move |res, act, _| {
+                    let event = res?.into_iter().next();
+                    let last_read_seq =
+                        queries::last_read_seq(&mut *act.conn()?, &channel, &who)?.unwrap_or(0);
+                    Ok(ReadOutcome {
+                        last_read_seq,
+                        event,
+                    })
+                }),
+        )
+    }
+}
+
+impl Handler<ChangeMembership> for ChannelActor {
+    type Result = AtomicResponse<Self, ApiResult<MembershipOutcome>>;
+
+    fn handle(&mut self, msg: ChangeMembership, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        match self.prepare_membership(msg) {
+            Err(e) => AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
+            Ok(Membership::Unchanged(status)) => {
+                let c = self.channel.clone();
+                AtomicResponse::new(Box::pin(fut::ready(Ok(MembershipOutcome {
+                    channel: c,
+                    event: None,
+                    status,
+                }))))
+            }
+            Ok(Membership::Write {
+                next,
+                apply,
+                event,
+                status,
+            }) => AtomicResponse::new(Box::pin(self.submit(None, apply, vec![event]).map(
+                move |res, act, _| {
+                    let event = res?.into_iter().next();
+                    if let Some(next) = next {
+                        act.channel.members = next.members;
+                        act.channel.permissions.modify_members = next.permissions.modify_members;
+                        act.channel.updated_at = next.updated_at;
+                    }
+                    Ok(MembershipOutcome {
+                        channel: act.channel.clone(),
+                        event,
+                        status,
+                    })
+                },
+            ))),
+        }
+    }
+}
+
+enum Membership {
+    Unchanged(&'static str),
+    Write {
+        next: Option<Channel>,
+        apply: Apply,
+        event: EventDraft,
+        status: &'static str,
+    },
+}
+
+impl ChannelActor {
+    fn target_must_exist(&self, entity_id: &str) -> ApiResult<()> {
+        crate::domain::validation::entity_id(entity_id)?;
+        match queries::entity(&mut *self.conn()?, &self.channel.workspace_id, entity_id)? {
+            Some(e) if e.active => Ok(()),
+            _ => Err(ApiError::not_found(format!(
+                "entity '{entity_id}' not found"
+            ))),
+        }
+    }
+
+    fn prepare_membership(&mut self, msg: ChangeMembership) -> ApiResult<Membership> {
+        let now = crate::ids::now_rfc3339();
+        let actor = &msg.actor;
+        let c = &self.channel;
+        let channel_id = c.id.clone();
+        let added = |this: &Self, target: &str, by: &str, approve: bool| -> ApiResult<Membership> {
+            let mut next = this.channel.clone();
+            next.members.insert(target.to_string());
+            next.updated_at = now.clone();
+            let event = EventDraft::new(
+                "channel.member_added",
+                json!({"channel_id": next.id, "entity_id": target, "added_by": by}),
+            )
+            .channel(&next.id)
+            .private_to(next.private_recipients());
+            let (cid, t, n) = (next.id.clone(), target.to_string(), now.clone());
+            let apply: Apply = Box::new(move |conn| {
+                queries::add_member(conn, &cid, &t, &n)?;
+                queries::delete_join_request(conn, &cid, &t)?;
+                Ok(true)
+            });
+            let status = if approve {
+                "added"
+            } else if by == target {
+                "joined"
+            } else {
+                "added"
+            };
+            Ok(Membership::Write {
+                next: Some(next),
+                apply,
+                event,
+                status,
+            })
+        };
+        match msg.change {
+            MembershipChange::Join => match c.join(actor)? {
+                JoinOutcome::AlreadyMember => Ok(Membership::Unchanged("unchanged")),
+                JoinOutcome::Joined => {
+                    if c.members.len() >= msg.limits.max_members {
+                        return Err(ApiError::limit(format!(
+                            "a channel has at most {} members",
+                            msg.limits.max_members
+                        )));
+                    }
+                    added(self, &actor.id, &actor.id, false)
+                }
+                JoinOutcome::Requested => {
+                    let event = EventDraft::new(
+                        "channel.join_requested",
+                        json!({"channel_id": channel_id, "entity_id": actor.id}),
+                    )
+                    .channel(&channel_id)
+                    .private_to(Some(c.permissions.modify_members.clone()));
+                    let (cid, who) = (channel_id.clone(), actor.id.clone());
+                    let apply: Apply = Box::new(move |conn| {
+                        Ok(queries::insert_join_request(conn, &cid, &who, &now)? > 0)
+                    });
+                    Ok(Membership::Write {
+                        next: None,
+                        apply,
+                        event,
+                        status: "requested",
+                    })
+                }
+            },
+            MembershipChange::Add(target) => {
+                self.target_must_exist(&target)?;
+                if self
+                    .channel
+                    .check_add_member(actor, &target, msg.limits.max_members)?
+                {
+                    added(self, &target, &actor.id, false)
+                } else {
+                    Ok(Membership::Unchanged("unchanged"))
+                }
+            }
+            MembershipChange::Approve(target) => {
+                crate::domain::validation::entity_id(&target)?;
+                c.check_visible(actor)?;
+                c.check_modifier(actor)?;
+                let pending = queries::join_requests_of(&mut *self.conn()?, &channel_id)?
+                    .iter()
+                    .any(|(e, _)| e == &target);
+                if !pending {
+                    return Err(ApiError::not_found("no join request from this entity"));
+                }
+                self.target_must_exist(&target)?;
+                if self
+                    .channel
+                    .check_add_member(actor, &target, msg.limits.max_members)?
+                {
+                    added(self, &target, &actor.id, true)
+                } else {
+                    Ok(Membership::Unchanged("unchanged"))
+                }
+            }
+            MembershipChange::Reject(target) => {
+                crate::domain::validation::entity_id(&target)?;
+                c.check_visible(actor)?;
+                c.check_modifier(actor)?;
+                let event = EventDraft::new(
+                    "channel.updated",
+                    json!({"channel_id": channel_id, "join_request_rejected": target}),
+                )
+                .channel(&channel_id)
+                .private_to(Some(c.permissions.modify_members.clone()));
+                let (cid, t) = (channel_id.clone(), target.clone());
+                let apply: Apply =
+                    Box::new(move |conn| Ok(queries::delete_join_request(conn, &cid, &t)? > 0));
+                Ok(Membership::Write {
+                    next: None,
+                    apply,
+                    event,
+                    status: "rejected",
+                })
+            }
+            MembershipChange::Leave | MembershipChange::Remove(_) => {
+                let target = match &msg.change {
+                    MembershipChange::Remove(t) => t.clone(),
+                    _ => actor.id.clone(),
+                };
+                crate::domain::validation::entity_id(&target)?;
+                c.check_remove_member(actor, &target)?;
+                // Members before the removal hear of it, the removed one included.
+                let event = EventDraft::new(
+                    "channel.member_removed",
+                    json!({"channel_id": channel_id, "entity_id": target, "removed_by": actor.id}),
+                )
+                .channel(&channel_id)
+                .private_to(c.private_recipients());
+                let mut next = c.clone();
+                next.members.remove(&target);
+                next.permissions.modify_members.retain(|m| m != &target);
+                next.updated_at = now.clone();
+                let (cid, t, row) = (channel_id.clone(), target.clone(), next.clone());
+                let apply: Apply = Box::new(move |conn| {
+                    queries::remove_member(conn, &cid, &t)?;
+                    queries::save_channel(conn, &row)?;
+                    Ok(true)
+                });
+                Ok(Membership::Write {
+                    next: Some(next),
+                    apply,
+                    event,
+                    status: "removed",
+                })
+            }
+        }
+    }
+}
+
+impl Handler<PatchChannel> for ChannelActor {
+    type Result = AtomicResponse<Self, ApiResult<(Channel, Option<Arc<Event>>)>>;
+
+    fn handle(&mut self, msg: PatchChannel, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        let now = crate::ids::now_rfc3339();
+        let next = match msg.patch.apply(&self.channel, &msg.actor, &now) {
+            Ok(n) => n,
+            Err(e) => return AtomicResponse::new(Box::pin(fut::ready(Err(e)))),
+        };
+        let event = EventDraft::new(
+            "channel.updated",
+            serde_json::to_value(&next).unwrap_or_default(),
+        )
+        .channel(&next.id)
+        .private_to(next.private_recipients());
+        let row = next.clone();
+        let apply: Apply = Box::new(move |conn| {
+            if let Some(other) = queries::channel_id_by_name(conn, &row.workspace_id, &row.name)? {
+                if other != row.id {
+                    return Err(ApiError::conflict(
+                        "a channel with this name already exists",
+                    ));
+                }
+            }
+            queries::save_channel(conn, &row)?;
+            Ok(true)
+        });
+        AtomicResponse::new(Box::pin(self.submit(None, apply, vec![event]).map(
+            move |res, act, _| {
+                let event = res?.into_iter().next();
+                let members = std::mem::take(&mut act.channel.members);
+                act.channel = Channel {
+                    members,
+                    last_seq: act.channel.last_seq,
+                    ..next
+                };
+                Ok((act.channel.clone(), event))
+            },
+        )))
+    }
+}

@@ -1,0 +1,198 @@
+//! Durable and ephemeral events, and who may see them.
+
+use std::sync::Arc;
+
+use bytestring::ByteString;
+use serde::Serialize;
+use serde_json::Value;
+
+/// An event before it is committed: the persistence actor gives it a cursor.
+#[derive(Debug, Clone)]
+pub struct EventDraft {
+    pub event_type: &'static str,
+    pub channel_id: Option<String>,
+    pub seq: Option<i64>,
+    pub payload: Value,
+    /// `Some` for private events: only these entities ever receive it.
+    pub recipients: Option<Vec<String>>,
+}
+
+impl EventDraft {
+    pub fn new(event_type: &'static str, payload: Value) -> Self {
+        Self {
+            event_type,
+            channel_id: None,
+            seq: None,
+            payload,
+            recipients: None,
+        }
+    }
+    pub fn channel(mut self, channel_id: &str) -> Self {
+        self.channel_id = Some(channel_id.to_string());
+        self
+    }
+    pub fn seq(mut self, seq: i64) -> Self {
+        self.seq = Some(seq);
+        self
+    }
+    pub fn private_to(mut self, recipients: Option<Vec<String>>) -> Self {
+        self.recipients = recipients;
+        self
+    }
+}
+
+/// The wire shape of an event (SPEC §3).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventWire<'a> {
+    pub id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: &'a str,
+    pub workspace_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+    pub created_at: &'a str,
+    pub payload: &'a Value,
+}
+
+/// A committed (or ephemeral) event, serialized once and shared by every recipient.
+#[derive(Debug)]
+pub struct Event {
+    pub id: String,
+    /// `None` for ephemeral events, which are never stored.
+    pub cursor: Option<i64>,
+    pub event_type: String,
+    pub workspace_id: String,
+    pub channel_id: Option<String>,
+    pub seq: Option<i64>,
+    pub created_at: String,
+    pub payload: Value,
+    pub recipients: Option<Arc<[String]>>,
+    /// The JSON text frame, built once.
+    pub frame: ByteString,
+}
+
+impl Event {
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        id: String,
+        cursor: Option<i64>,
+        event_type: String,
+        workspace_id: String,
+        channel_id: Option<String>,
+        seq: Option<i64>,
+        created_at: String,
+        payload: Value,
+        recipients: Option<Vec<String>>,
+    ) -> Arc<Self> {
+        let wire = EventWire {
+            id: &id,
+            cursor: cursor.map(crate::ids::cursor_string),
+            event_type: &event_type,
+            workspace_id: &workspace_id,
+            channel_id: channel_id.as_deref(),
+            seq,
+            created_at: &created_at,
+            payload: &payload,
+        };
+        let frame = ByteString::from(serde_json::to_string(&wire).unwrap_or_default());
+        Arc::new(Self {
+            id,
+            cursor,
+            event_type,
+            workspace_id,
+            channel_id,
+            seq,
+            created_at,
+            payload,
+            recipients: recipients.map(Arc::from),
+            frame,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        serde_json::from_str(&self.frame).unwrap_or(Value::Null)
+    }
+}
+
+/// What a viewer must be for an event to reach it. Used by live fan-out and by replay, so
+/// that both surfaces agree.
+pub struct Viewer<'a> {
+    pub entity_id: &'a str,
+    pub is_guest: bool,
+    /// Channels a guest belongs to (guests see only those); ignored for others.
+    pub guest_channels: &'a std::collections::HashSet<String>,
+}
+
+impl Viewer<'_> {
+    pub fn may_see(&self, recipients: Option<&[String]>, channel_id: Option<&str>) -> bool {
+        if let Some(r) = recipients {
+            return r.iter().any(|e| e == self.entity_id);
+        }
+        match (self.is_guest, channel_id) {
+            (true, Some(c)) => self.guest_channels.contains(c),
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn private_events_reach_recipients_only() {
+        let none = HashSet::new();
+        let alice = Viewer {
+            entity_id: "alice",
+            is_guest: false,
+            guest_channels: &none,
+        };
+        let carol = Viewer {
+            entity_id: "carol",
+            is_guest: false,
+            guest_channels: &none,
+        };
+        let r = vec!["alice".to_string(), "bob".to_string()];
+        assert!(alice.may_see(Some(&r), Some("c")));
+        assert!(!carol.may_see(Some(&r), Some("c")));
+        assert!(carol.may_see(None, Some("c")));
+    }
+
+    #[test]
+    fn guests_see_public_channel_events_only_where_they_belong() {
+        let mine: HashSet<String> = ["c1".to_string()].into_iter().collect();
+        let g = Viewer {
+            entity_id: "g",
+            is_guest: true,
+            guest_channels: &mine,
+        };
+        assert!(g.may_see(None, Some("c1")));
+        assert!(!g.may_see(None, Some("c2")));
+        assert!(g.may_see(None, None));
+    }
+
+    #[test]
+    fn frame_is_the_wire_shape() {
+        let e = Event::build(
+            "evt_1".into(),
+            Some(5),
+            "message.created".into(),
+            "1".into(),
+            Some("c".into()),
+            Some(3),
+            "t".into(),
+            serde_json::json!({"a": 1}),
+            None,
+        );
+        let v = e.to_json();
+        assert_eq!(v["cursor"], "5");
+        assert_eq!(v["type"], "message.created");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["payload"]["a"], 1);
+    }
+}

@@ -1,0 +1,7 @@
+//! Pure domain rules: plain data and functions, unit-tested, no I/O.
+
+pub mod channel;
+pub mod entity;
+pub mod event;
+pub mod message;
+pub mod validation;

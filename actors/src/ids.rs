@@ -1,0 +1,62 @@
+//! Identifiers and timestamps.
+
+use chrono::{SecondsFormat, Utc};
+
+pub fn new_channel_id() -> String {
+    format!("chn_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+pub fn new_event_id() -> String {
+    format!("evt_{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// RFC 3339 UTC with milliseconds: sorts as text, which the prune cut-off relies on.
+pub fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn to_rfc3339(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Message serials are the create's channel seq, zero-padded so they sort as text.
+pub fn message_serial(history_seq: i64) -> String {
+    format!("m{history_seq:012}")
+}
+
+/// Version serials are the version's channel seq (its delivery serial), zero-padded.
+pub fn version_serial(seq: i64) -> String {
+    format!("v{seq:012}")
+}
+
+/// Cursors are opaque to clients; here they are the dense per-workspace event number.
+pub fn cursor_string(cursor: i64) -> String {
+    cursor.to_string()
+}
+
+pub fn parse_cursor(raw: &str) -> Option<i64> {
+    if raw.is_empty() || raw.len() > 19 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_sort_as_text_in_seq_order() {
+        assert!(message_serial(9) < message_serial(10));
+        assert!(version_serial(99) < version_serial(100));
+    }
+
+    #[test]
+    fn cursor_parsing_refuses_junk() {
+        assert_eq!(parse_cursor("42"), Some(42));
+        assert_eq!(parse_cursor(""), None);
+        assert_eq!(parse_cursor("-1"), None);
+        assert_eq!(parse_cursor("1e3"), None);
+        assert_eq!(parse_cursor("99999999999999999999"), None);
+    }
+}

@@ -1,0 +1,26 @@
+//! Switchboard's domain and actors, usable without HTTP.
+//!
+//! - `domain`: pure rules (channels, entities, messages, events), unit-tested.
+//! - `store`: diesel schema and one function per query.
+//! - `persistence`: the one writer, with group commit.
+//! - `channel`, `workspace`, `session`: the actors.
+//! - `broker`: the seam between this node and others.
+
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod domain;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod persistence;
+pub mod registry;
+pub mod session;
+pub mod settings;
+pub mod store;
+pub mod workspace;
+
+use std::sync::{Arc, OnceLock};
+
+/// The process's metrics; set once at start, read by actors on hot paths.
+pub static METRICS: OnceLock<Arc<metrics::Metrics>> = OnceLock::new();

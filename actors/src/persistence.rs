@@ -1,0 +1,288 @@
+//! PersistenceActor: the one writer. It drains whatever is queued into one transaction
+//! (group commit), gives events their workspace cursors in commit order, answers every writer
+//! after COMMIT, and only then hands the events to the broker for fan-out.
+//!
+//! It runs on its own OS thread so blocking diesel calls never stall the async workers; its
+//! mailbox is a bounded channel, and a full mailbox is answered with `backpressure`.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use diesel::connection::Connection;
+use tokio::sync::oneshot;
+
+use crate::broker::Broker;
+use crate::domain::event::{Event, EventDraft};
+use crate::error::{ApiError, ApiResult};
+use crate::metrics::Metrics;
+use crate::store::rows::EventRow;
+use crate::store::{queries, Conn, DbPool};
+
+/// The database change of one write: runs inside its own savepoint. Returning `Ok(false)`
+/// commits the change but drops the write's events (an idempotent no-op, say).
+pub type Apply = Box<dyn FnOnce(&mut Conn) -> ApiResult<bool> + Send>;
+
+/// One write: its change, the channel seqs it takes, and the events it emits.
+pub struct Write {
+    pub workspace_id: String,
+    /// `(channel_id, first_seq, last_seq)` when the write takes channel seqs; they must follow
+    /// the committed `last_seq` of the channel exactly, so seqs stay contiguous.
+    pub channel_seqs: Option<(String, i64, i64)>,
+    pub apply: Apply,
+    pub events: Vec<EventDraft>,
+}
+
+/// What a writer gets back after COMMIT: its events with their cursors.
+pub type WriteResult = ApiResult<Vec<Arc<Event>>>;
+
+enum Command {
+    Write(Write, oneshot::Sender<WriteResult>),
+    /// Answered once everything queued before it has committed.
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct Persistence {
+    tx: SyncSender<Command>,
+}
+
+/// How the persistence thread is tuned.
+#[derive(Debug, Clone)]
+pub struct PersistenceConfig {
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 65_536,
+            max_batch: 2_048,
+        }
+    }
+}
+
+impl Persistence {
+    /// Starts the writer thread on a connection of its own.
+    pub fn start(
+        pool: &DbPool,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        config: PersistenceConfig,
+    ) -> Result<(Self, JoinHandle<()>), String> {
+        let conn = pool
+            .get()
+            .map_err(|e| format!("persistence connection: {e}"))?;
+        let (tx, rx) = sync_channel(config.queue_capacity);
+        let handle = std::thread::Builder::new()
+            .name("persistence".into())
+            .spawn(move || {
+                Writer {
+                    conn,
+                    broker,
+                    metrics,
+                    max_batch: config.max_batch,
+                }
+                .run(rx)
+            })
+            .map_err(|e| format!("persistence thread: {e}"))?;
+        Ok((Self { tx }, handle))
+    }
+
+    /// Queues a write and waits for its commit.
+    pub async fn write(&self, write: Write) -> WriteResult {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Command::Write(write, reply)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(ApiError::backpressure("the write queue is full"))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError::backpressure("the store is shutting down"))
+            }
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(ApiError::backpressure("the store is shutting down")))
+    }
+
+    /// Waits until everything queued so far has committed.
+    pub async fn flush(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Flush(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Writer {
+    conn: crate::store::PooledConn,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    max_batch: usize,
+}
+
+/// One write of a batch after its savepoint: its drafts with cursors, or its error.
+type Staged = (
+    oneshot::Sender<WriteResult>,
+    ApiResult<Vec<EventRow>>,
+    Vec<Option<Vec<String>>>,
+);
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = match rx.recv_timeout(Duration::from_secs(3600)) {
+                Ok(c) => c,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut writes = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Write(w, reply) => writes.push((w, reply)),
+                    Command::Flush(reply) => flushes.push(reply),
+                }
+                if writes.len() < self.max_batch {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !writes.is_empty() {
+                self.commit_batch(writes);
+            }
+            for f in flushes {
+                let _ = f.send(());
+            }
+        }
+    }
+
+    fn commit_batch(&mut self, writes: Vec<(Write, oneshot::Sender<WriteResult>)>) {
+        let started = Instant::now();
+        let n = writes.len();
+        let mut staged: Vec<Staged> = Vec::with_capacity(n);
+        let outcome = self.conn.immediate_transaction::<_, ApiError, _>(|conn| {
+            let mut cursors: HashMap<String, i64> = HashMap::new();
+            let mut seqs: HashMap<String, i64> = HashMap::new();
+            for (write, reply) in writes {
+                let recipients: Vec<Option<Vec<String>>> =
+                    write.events.iter().map(|e| e.recipients.clone()).collect();
+                let result = conn.transaction::<_, ApiError, _>(|conn| {
+                    stage_write(conn, write, &mut cursors, &mut seqs)
+                });
+                if let Err(e) = &result {
+                    if e.code == crate::error::ErrorCode::InternalError {
+                        log::warn!("write rolled back: {e}");
+                    }
+                }
+                staged.push((reply, result, recipients));
+            }
+            for (ws, last) in &cursors {
+                diesel::update(crate::store::schema::workspaces::table.find(ws))
+                    .set(crate::store::schema::workspaces::last_cursor.eq(*last))
+                    .execute(conn)?;
+            }
+            for (channel, last) in &seqs {
+                queries::set_channel_last_seq(conn, channel, *last)?;
+            }
+            Ok(())
+        });
+        self.metrics.observe_batch(n, started.elapsed());
+        if let Err(e) = outcome {
+            log::error!("group commit of {n} writes failed: {e}");
+            for (reply, _, _) in staged {
+                let _ = reply.send(Err(ApiError::backpressure(
+                    "the store could not commit the write",
+                )));
+            }
+            return;
+        }
+        let mut committed: Vec<Arc<Event>> = Vec::new();
+        let mut replies = Vec::with_capacity(staged.len());
+        for (reply, result, recipients) in staged {
+            let result = result.map(|rows| {
+                rows.into_iter()
+                    .zip(recipients)
+                    .map(|(row, r)| {
+                        let ev = Event::build(
+                            row.id,
+                            Some(row.cursor),
+                            row.event_type,
+                            row.workspace_id,
+                            row.channel_id,
+                            row.seq,
+                            row.created_at,
+                            serde_json::from_str(&row.payload).unwrap_or(serde_json::Value::Null),
+                            r,
+                        );
+                        committed.push(ev.clone());
+                        ev
+                    })
+                    .collect()
+            });
+            replies.push((reply, result));
+        }
+        if !committed.is_empty() {
+            self.broker.publish(committed);
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+use diesel::prelude::*;
+
+/// Applies one write inside its savepoint: checks its seqs follow the channel's committed
+/// ones, runs its change, and inserts its events with the next cursors of its workspace.
+fn stage_write(
+    conn: &mut Conn,
+    write: Write,
+    cursors: &mut HashMap<String, i64>,
+    seqs: &mut HashMap<String, i64>,
+) -> ApiResult<Vec<EventRow>> {
+    if let Some((channel, first, last)) = &write.channel_seqs {
+        let committed = match seqs.get(channel) {
+            Some(s) => *s,
+            None => queries::channel_last_seq(conn, channel)?,
+        };
+        if *first != committed + 1 || last < first {
+            return Err(ApiError::backpressure(
+                "the channel's write order was interrupted; retry",
+            ));
+        }
+    }
+    let keep_events = (write.apply)(conn)?;
+    let mut rows = Vec::new();
+    if keep_events && !write.events.is_empty() {
+        let mut next = match cursors.get(&write.workspace_id) {
+            Some(c) => *c,
+            None => queries::workspace_cursor_state(conn, &write.workspace_id)?.0,
+        };
+        let now = crate::ids::now_rfc3339();
+        for draft in write.events {
+            next += 1;
+            let row = EventRow {
+                workspace_id: write.workspace_id.clone(),
+                cursor: next,
+                id: crate::ids::new_event_id(),
+                event_type: draft.event_type.to_string(),
+                channel_id: draft.channel_id,
+                seq: draft.seq,
+                payload: serde_json::to_string(&draft.payload).map_err(ApiError::internal)?,
+                is_private: draft.recipients.is_some(),
+                created_at: now.clone(),
+            };
+            queries::insert_event(conn, &row, draft.recipients.as_deref())?;
+            rows.push(row);
+        }
+        cursors.insert(write.workspace_id.clone(), next);
+    }
+    if let Some((channel, _, last)) = write.channel_seqs {
+        seqs.insert(channel, last);
+    }
+    Ok(rows)
+}

@@ -1,0 +1,118 @@
+//! Finds or starts the actor of a workspace or channel. Actors start lazily and the database
+//! can always rebuild them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use actix::{Actor, Addr};
+
+use crate::channel::ChannelActor;
+use crate::error::{ApiError, ApiResult};
+use crate::persistence::Persistence;
+use crate::store::{queries, DbPool};
+use crate::workspace::WorkspaceActor;
+
+pub struct Registry {
+    pool: DbPool,
+    workspaces: Mutex<HashMap<String, Addr<WorkspaceActor>>>,
+    channels: Mutex<HashMap<String, Addr<ChannelActor>>>,
+}
+
+impl Registry {
+    pub fn new(pool: DbPool) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            workspaces: Mutex::default(),
+            channels: Mutex::default(),
+        })
+    }
+
+    /// The workspace's actor if one runs (it runs while it has sessions).
+    pub fn running_workspace(&self, id: &str) -> Option<Addr<WorkspaceActor>> {
+        self.workspaces
+            .lock()
+            .ok()?
+            .get(id)
+            .filter(|a| a.connected())
+            .cloned()
+    }
+
+    /// Finds or starts the workspace actor. The start reads the committed cursor while the
+    /// registry is locked, so the broker (which needs the lock to find it) delivers every
+    /// later event to it and nothing is missed between the read and the registration.
+    pub fn workspace(self: &Arc<Self>, id: &str) -> ApiResult<Addr<WorkspaceActor>> {
+        let mut map = self
+            .workspaces
+            .lock()
+            .map_err(|_| ApiError::internal("registry poisoned"))?;
+        if let Some(addr) = map.get(id).filter(|a| a.connected()) {
+            return Ok(addr.clone());
+        }
+        let mut conn = self.pool.get()?;
+        let (last_cursor, _) = queries::workspace_cursor_state(&mut conn, id)?;
+        let addr = WorkspaceActor::new(id.to_string(), last_cursor, self.clone()).start();
+        map.insert(id.to_string(), addr.clone());
+        Ok(addr)
+    }
+
+    /// Forgets a workspace actor that stopped for being idle.
+    pub fn remove_workspace(&self, id: &str, addr: &Addr<WorkspaceActor>) {
+        if let Ok(mut map) = self.workspaces.lock() {
+            if map.get(id) == Some(addr) {
+                map.remove(id);
+            }
+        }
+    }
+
+    /// Finds or starts the channel actor; `not_found` when the channel does not exist in
+    /// `workspace_id`.
+    pub fn channel(
+        self: &Arc<Self>,
+        workspace_id: &str,
+        id: &str,
+        persistence: &Persistence,
+    ) -> ApiResult<Addr<ChannelActor>> {
+        let mut map = self
+            .channels
+            .lock()
+            .map_err(|_| ApiError::internal("registry poisoned"))?;
+        if let Some(addr) = map.get(id).filter(|a| a.connected()) {
+            return Ok(addr.clone());
+        }
+        let mut conn = self.pool.get()?;
+        let channel = queries::channel(&mut conn, id)?
+            .filter(|c| c.workspace_id == workspace_id)
+            .ok_or_else(|| ApiError::not_found("channel not found"))?;
+        let addr = ChannelActor::new(
+            channel,
+            self.pool.clone(),
+            persistence.clone(),
+            self.clone(),
+        )
+        .start();
+        map.insert(id.to_string(), addr.clone());
+        Ok(addr)
+    }
+
+    pub fn remove_channel(&self, id: &str, addr: &Addr<ChannelActor>) {
+        if let Ok(mut map) = self.channels.lock() {
+            if map.get(id) == Some(addr) {
+                map.remove(id);
+            }
+        }
+    }
+
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+}
+
+impl Registry {
+    /// Every running workspace actor (graceful shutdown closes their sessions).
+    pub fn all_workspaces(&self) -> Vec<Addr<WorkspaceActor>> {
+        self.workspaces
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}

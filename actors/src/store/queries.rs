@@ -1,0 +1,784 @@
+//! One function per query. Writers are called only by the persistence actor (one writer);
+//! readers run on pooled connections.
+
+use std::collections::BTreeSet;
+
+use diesel::prelude::*;
+
+use super::rows::*;
+use super::schema::*;
+use super::Conn;
+use crate::domain::channel::Channel;
+use crate::domain::entity::Entity;
+use crate::domain::message::Message;
+
+// ---- workspaces ----
+
+pub fn insert_workspace(conn: &mut Conn, row: &WorkspaceRow) -> QueryResult<usize> {
+    diesel::insert_into(workspaces::table)
+        .values(row)
+        .execute(conn)
+}
+
+pub fn workspace_by_id(conn: &mut Conn, id: &str) -> QueryResult<Option<Workspace>> {
+    workspaces::table
+        .find(id)
+        .select(WorkspaceRow::as_select())
+        .first(conn)
+        .optional()
+        .map(|r| r.map(Workspace::from))
+}
+
+pub fn workspace_by_key(conn: &mut Conn, key: &str) -> QueryResult<Option<Workspace>> {
+    workspaces::table
+        .filter(workspaces::app_key.eq(key))
+        .select(WorkspaceRow::as_select())
+        .first(conn)
+        .optional()
+        .map(|r| r.map(Workspace::from))
+}
+
+pub fn list_workspaces(conn: &mut Conn) -> QueryResult<Vec<Workspace>> {
+    workspaces::table
+        .order(workspaces::created_at)
+        .select(WorkspaceRow::as_select())
+        .load(conn)
+        .map(|v| v.into_iter().map(Workspace::from).collect())
+}
+
+pub fn update_workspace_settings(conn: &mut Conn, id: &str, settings: &str) -> QueryResult<usize> {
+    diesel::update(workspaces::table.find(id))
+        .set(workspaces::settings.eq(settings))
+        .execute(conn)
+}
+
+/// Cursor position of a workspace: (last committed cursor, highest pruned cursor).
+pub fn workspace_cursor_state(conn: &mut Conn, id: &str) -> QueryResult<(i64, i64)> {
+    workspaces::table
+        .find(id)
+        .select((workspaces::last_cursor, workspaces::pruned_through))
+        .first(conn)
+}
+
+/// Allocates `n` cursors for a workspace inside the caller's transaction; returns the first.
+pub fn allocate_cursors(conn: &mut Conn, workspace_id: &str, n: i64) -> QueryResult<i64> {
+    let last: i64 = diesel::update(workspaces::table.find(workspace_id))
+        .set(workspaces::last_cursor.eq(workspaces::last_cursor + n))
+        .returning(workspaces::last_cursor)
+        .get_result(conn)?;
+    Ok(last - n + 1)
+}
+
+// ---- entities ----
+
+pub fn insert_entity(conn: &mut Conn, e: &Entity) -> QueryResult<usize> {
+    diesel::insert_into(entities::table)
+        .values(EntityRow::from(e))
+        .execute(conn)
+}
+
+pub fn save_entity(conn: &mut Conn, e: &Entity) -> QueryResult<usize> {
+    diesel::update(entities::table.find((&e.workspace_id, &e.id)))
+        .set(EntityRow::from(e))
+        .execute(conn)
+}
+
+pub fn entity(conn: &mut Conn, workspace_id: &str, id: &str) -> QueryResult<Option<Entity>> {
+    entities::table
+        .find((workspace_id, id))
+        .select(EntityRow::as_select())
+        .first(conn)
+        .optional()
+        .map(|r| r.map(Entity::from))
+}
+
+/// Active entities, filtered by a substring of id or name, paged by id.
+pub fn list_entities(
+    conn: &mut Conn,
+    workspace_id: &str,
+    q: Option<&str>,
+    after_id: Option<&str>,
+    limit: i64,
+) -> QueryResult<Vec<Entity>> {
+    let mut query = entities::table
+        .filter(entities::workspace_id.eq(workspace_id))
+        .filter(entities::active.eq(true))
+        .into_boxed();
+    if let Some(q) = q.filter(|q| !q.is_empty()) {
+        let escaped = q
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let pattern = format!("%{escaped}%");
+        query = query.filter(
+            entities::id
+                .like(pattern.clone())
+                .escape('\\')
+                .or(entities::name.like(pattern).escape('\\')),
+        );
+    }
+    if let Some(a) = after_id {
+        query = query.filter(entities::id.gt(a.to_string()));
+    }
+    query
+        .order(entities::id)
+        .limit(limit)
+        .select(EntityRow::as_select())
+        .load(conn)
+        .map(|v| v.into_iter().map(Entity::from).collect())
+}
+
+/// Owners and moderators: the audience of moderation events.
+pub fn moderator_ids(conn: &mut Conn, workspace_id: &str) -> QueryResult<Vec<String>> {
+    entities::table
+        .filter(entities::workspace_id.eq(workspace_id))
+        .filter(entities::active.eq(true))
+        .filter(entities::role.eq_any(["owner", "moderator"]))
+        .select(entities::id)
+        .load(conn)
+}
+
+// ---- channels ----
+
+pub fn insert_channel(conn: &mut Conn, c: &Channel) -> QueryResult<()> {
+    diesel::insert_into(channels::table)
+        .values(ChannelRow::from(c))
+        .execute(conn)?;
+    let rows: Vec<_> = c
+        .members
+        .iter()
+        .map(|m| {
+            (
+                channel_members::channel_id.eq(&c.id),
+                channel_members::entity_id.eq(m),
+                channel_members::last_read_seq.eq(0i64),
+                channel_members::joined_at.eq(&c.created_at),
+            )
+        })
+        .collect();
+    for chunk in rows.chunks(200) {
+        diesel::insert_into(channel_members::table)
+            .values(chunk)
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Saves the channel's own fields (not members, not last_seq).
+pub fn save_channel(conn: &mut Conn, c: &Channel) -> QueryResult<usize> {
+    let row = ChannelRow::from(c);
+    diesel::update(channels::table.find(&c.id))
+        .set((
+            channels::name.eq(row.name),
+            channels::description.eq(row.description),
+            channels::visibility.eq(row.visibility),
+            channels::join_policy.eq(row.join_policy),
+            channels::modify_members.eq(row.modify_members),
+            channels::tags.eq(row.tags),
+            channels::metadata.eq(row.metadata),
+            channels::updated_at.eq(row.updated_at),
+            channels::archived_at.eq(row.archived_at),
+        ))
+        .execute(conn)
+}
+
+pub fn set_channel_last_seq(
+    conn: &mut Conn,
+    channel_id: &str,
+    last_seq: i64,
+) -> QueryResult<usize> {
+    diesel::update(channels::table.find(channel_id))
+        .set(channels::last_seq.eq(last_seq))
+        .execute(conn)
+}
+
+pub fn channel_last_seq(conn: &mut Conn, channel_id: &str) -> QueryResult<i64> {
+    channels::table
+        .find(channel_id)
+        .select(channels::last_seq)
+        .first(conn)
+}
+
+pub fn channel_members_of(conn: &mut Conn, channel_id: &str) -> QueryResult<BTreeSet<String>> {
+    channel_members::table
+        .filter(channel_members::channel_id.eq(channel_id))
+        .select(channel_members::entity_id)
+        .load::<String>(conn)
+        .map(|v| v.into_iter().collect())
+}
+
+pub fn channel(conn: &mut Conn, channel_id: &str) -> QueryResult<Option<Channel>> {
+    let Some(row) = channels::table
+        .find(channel_id)
+        .select(ChannelRow::as_select())
+        .first(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let members = channel_members_of(conn, channel_id)?;
+    Ok(Some(row.into_channel(members)))
+}
+
+pub fn channel_id_by_name(
+    conn: &mut Conn,
+    workspace_id: &str,
+    name: &str,
+) -> QueryResult<Option<String>> {
+    channels::table
+        .filter(channels::workspace_id.eq(workspace_id))
+        .filter(channels::name.eq(name))
+        .select(channels::id)
+        .first(conn)
+        .optional()
+}
+
+/// Ids of channels the entity may see: its own, and public groups unless it is a guest.
+pub fn visible_channel_ids(
+    conn: &mut Conn,
+    workspace_id: &str,
+    entity_id: &str,
+    include_public: bool,
+    after_id: Option<&str>,
+    limit: i64,
+) -> QueryResult<Vec<String>> {
+    let mine = channel_members::table
+        .filter(channel_members::entity_id.eq(entity_id.to_string()))
+        .select(channel_members::channel_id);
+    let mut query = channels::table
+        .filter(channels::workspace_id.eq(workspace_id))
+        .into_boxed();
+    query = if include_public {
+        query.filter(
+            channels::id.eq_any(mine).or(channels::channel_type
+                .eq("group")
+                .and(channels::visibility.eq("public"))),
+        )
+    } else {
+        query.filter(channels::id.eq_any(mine))
+    };
+    if let Some(a) = after_id {
+        query = query.filter(channels::id.gt(a.to_string()));
+    }
+    query
+        .order(channels::id)
+        .limit(limit)
+        .select(channels::id)
+        .load(conn)
+}
+
+/// Channel ids an entity belongs to (guests' visibility on a realtime connection).
+pub fn member_channel_ids(
+    conn: &mut Conn,
+    workspace_id: &str,
+    entity_id: &str,
+) -> QueryResult<Vec<String>> {
+    channel_members::table
+        .inner_join(channels::table)
+        .filter(channels::workspace_id.eq(workspace_id))
+        .filter(channel_members::entity_id.eq(entity_id))
+        .select(channel_members::channel_id)
+        .load(conn)
+}
+
+pub fn add_member(
+    conn: &mut Conn,
+    channel_id: &str,
+    entity_id: &str,
+    now: &str,
+) -> QueryResult<usize> {
+    diesel::insert_into(channel_members::table)
+        .values((
+            channel_members::channel_id.eq(channel_id),
+            channel_members::entity_id.eq(entity_id),
+            channel_members::last_read_seq.eq(0i64),
+            channel_members::joined_at.eq(now),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+}
+
+pub fn remove_member(conn: &mut Conn, channel_id: &str, entity_id: &str) -> QueryResult<usize> {
+    diesel::delete(channel_members::table.find((channel_id, entity_id))).execute(conn)
+}
+
+pub fn last_read_seq(
+    conn: &mut Conn,
+    channel_id: &str,
+    entity_id: &str,
+) -> QueryResult<Option<i64>> {
+    channel_members::table
+        .find((channel_id, entity_id))
+        .select(channel_members::last_read_seq)
+        .first(conn)
+        .optional()
+}
+
+/// Moves a read pointer forward only.
+pub fn advance_read_pointer(
+    conn: &mut Conn,
+    channel_id: &str,
+    entity_id: &str,
+    seq: i64,
+) -> QueryResult<usize> {
+    diesel::update(channel_members::table.find((channel_id, entity_id)))
+        .filter(channel_members::last_read_seq.lt(seq))
+        .set(channel_members::last_read_seq.eq(seq))
+        .execute(conn)
+}
+
+// ---- join requests ----
+
+pub fn insert_join_request(
+    conn: &mut Conn,
+    channel_id: &str,
+    entity_id: &str,
+    now: &str,
+) -> QueryResult<usize> {
+    diesel::insert_into(join_requests::table)
+        .values((
+            join_requests::channel_id.eq(channel_id),
+            join_requests::entity_id.eq(entity_id),
+            join_requests::created_at.eq(now),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+}
+
+pub fn delete_join_request(
+    conn: &mut Conn,
+    channel_id: &str,
+    entity_id: &str,
+) -> QueryResult<usize> {
+    diesel::delete(join_requests::table.find((channel_id, entity_id))).execute(conn)
+}
+
+pub fn join_requests_of(conn: &mut Conn, channel_id: &str) -> QueryResult<Vec<(String, String)>> {
+    join_requests::table
+        .filter(join_requests::channel_id.eq(channel_id))
+        .order(join_requests::created_at)
+        .select((join_requests::entity_id, join_requests::created_at))
+        .load(conn)
+}
+
+// ---- messages ----
+
+pub fn insert_message(conn: &mut Conn, m: &Message, workspace_id: &str) -> QueryResult<usize> {
+    diesel::insert_into(messages::table)
+        .values(MessageRow::from_message(m, workspace_id))
+        .execute(conn)
+}
+
+pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
+    diesel::insert_into(message_versions::table)
+        .values(v)
+        .execute(conn)
+}
+
+pub fn message(conn: &mut Conn, channel_id: &str, serial: &str) -> QueryResult<Option<Message>> {
+    messages::table
+        .find((channel_id, serial))
+        .select(MessageRow::as_select())
+        .first(conn)
+        .optional()
+        .map(|r| r.map(Message::from))
+}
+
+pub fn message_by_nonce(
+    conn: &mut Conn,
+    channel_id: &str,
+    sender: &str,
+    nonce: &str,
+) -> QueryResult<Option<Message>> {
+    messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .filter(messages::sender.eq(sender))
+        .filter(messages::nonce.eq(nonce))
+        .select(MessageRow::as_select())
+        .first(conn)
+        .optional()
+        .map(|r| r.map(Message::from))
+}
+
+/// Root messages by history seq: after `after` ascending, or before `before` (newest page),
+/// returned ascending either way.
+pub fn list_roots(
+    conn: &mut Conn,
+    channel_id: &str,
+    after: Option<i64>,
+    before: Option<i64>,
+    limit: i64,
+) -> QueryResult<Vec<Message>> {
+    let base = messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .filter(messages::thread_id.is_null())
+        .select(MessageRow::as_select())
+        .into_boxed();
+    let rows: Vec<MessageRow> = match (after, before) {
+        (Some(a), _) => base
+            .filter(messages::history_seq.gt(a))
+            .order(messages::history_seq.asc())
+            .limit(limit)
+            .load(conn)?,
+        (None, Some(b)) => {
+            let mut v = base
+                .filter(messages::history_seq.lt(b))
+                .order(messages::history_seq.desc())
+                .limit(limit)
+                .load(conn)?;
+            v.reverse();
+            v
+        }
+        (None, None) => base
+            .order(messages::history_seq.asc())
+            .limit(limit)
+            .load(conn)?,
+    };
+    Ok(rows.into_iter().map(Message::from).collect())
+}
+
+pub fn thread_replies(
+    conn: &mut Conn,
+    channel_id: &str,
+    root: &str,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Vec<Message>> {
+    messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .filter(messages::thread_id.eq(root))
+        .filter(messages::history_seq.gt(after))
+        .order(messages::history_seq.asc())
+        .limit(limit)
+        .select(MessageRow::as_select())
+        .load(conn)
+        .map(|v| v.into_iter().map(Message::from).collect())
+}
+
+pub fn bump_reply_count(
+    conn: &mut Conn,
+    channel_id: &str,
+    root: &str,
+    now: &str,
+) -> QueryResult<usize> {
+    diesel::update(messages::table.find((channel_id, root)))
+        .set((
+            messages::reply_count.eq(messages::reply_count + 1),
+            messages::last_reply_at.eq(now),
+        ))
+        .execute(conn)
+}
+
+/// Versions of a message, oldest first.
+pub fn versions_of(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+) -> QueryResult<Vec<VersionRow>> {
+    message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::message_serial.eq(serial))
+        .order(message_versions::seq.asc())
+        .select(VersionRow::as_select())
+        .load(conn)
+}
+
+/// Unread roots and replies after a read pointer: the channel's seqs are all messages.
+pub fn count_messages_after(conn: &mut Conn, channel_id: &str, after_seq: i64) -> QueryResult<i64> {
+    messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .filter(messages::history_seq.gt(after_seq))
+        .count()
+        .get_result(conn)
+}
+
+// ---- reactions ----
+
+pub fn add_reaction(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    entity_id: &str,
+    emoji: &str,
+    now: &str,
+) -> QueryResult<usize> {
+    diesel::insert_into(reactions::table)
+        .values((
+            reactions::channel_id.eq(channel_id),
+            reactions::message_serial.eq(serial),
+            reactions::entity_id.eq(entity_id),
+            reactions::emoji.eq(emoji),
+            reactions::created_at.eq(now),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+}
+
+pub fn remove_reaction(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    entity_id: &str,
+    emoji: &str,
+) -> QueryResult<usize> {
+    diesel::delete(reactions::table.find((channel_id, serial, entity_id, emoji))).execute(conn)
+}
+
+pub fn has_reaction(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    entity_id: &str,
+    emoji: &str,
+) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        reactions::table.find((channel_id, serial, entity_id, emoji)),
+    ))
+    .get_result(conn)
+}
+
+/// Per-emoji counts of a message, and whether `viewer` reacted with each.
+pub fn reaction_summary(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    viewer: &str,
+) -> QueryResult<serde_json::Value> {
+    let rows: Vec<(String, String)> = reactions::table
+        .filter(reactions::channel_id.eq(channel_id))
+        .filter(reactions::message_serial.eq(serial))
+        .order((reactions::emoji, reactions::created_at))
+        .select((reactions::emoji, reactions::entity_id))
+        .load(conn)?;
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let emoji = &rows[i].0;
+        let group: Vec<&(String, String)> =
+            rows[i..].iter().take_while(|(e, _)| e == emoji).collect();
+        out.push(serde_json::json!({
+            "emoji": emoji,
+            "count": group.len(),
+            "reacted_by_me": group.iter().any(|(_, who)| who == viewer),
+        }));
+        i += group.len();
+    }
+    Ok(serde_json::Value::Array(out))
+}
+
+// ---- events ----
+
+pub fn insert_event(
+    conn: &mut Conn,
+    row: &EventRow,
+    recipients: Option<&[String]>,
+) -> QueryResult<()> {
+    diesel::insert_into(events::table)
+        .values(row)
+        .execute(conn)?;
+    if let Some(rs) = recipients {
+        let values: Vec<_> = rs
+            .iter()
+            .map(|r| {
+                (
+                    event_recipients::workspace_id.eq(&row.workspace_id),
+                    event_recipients::cursor.eq(row.cursor),
+                    event_recipients::entity_id.eq(r),
+                )
+            })
+            .collect();
+        for chunk in values.chunks(300) {
+            diesel::insert_into(event_recipients::table)
+                .values(chunk)
+                .on_conflict_do_nothing()
+                .execute(conn)?;
+        }
+    }
+    Ok(())
+}
+
+/// Events after `after` up to `tail` (inclusive) that `viewer` may see by the recipients
+/// rule, oldest first; the guest rule is applied by the caller with the same predicate as
+/// live delivery.
+pub fn events_after_for(
+    conn: &mut Conn,
+    workspace_id: &str,
+    viewer: &str,
+    after: i64,
+    tail: i64,
+    limit: i64,
+) -> QueryResult<Vec<EventRow>> {
+    let mine = event_recipients::table
+        .filter(event_recipients::workspace_id.eq(workspace_id))
+        .filter(event_recipients::entity_id.eq(viewer.to_string()))
+        .filter(event_recipients::cursor.gt(after))
+        .select(event_recipients::cursor);
+    events::table
+        .filter(events::workspace_id.eq(workspace_id))
+        .filter(events::cursor.gt(after))
+        .filter(events::cursor.le(tail))
+        .filter(events::is_private.eq(false).or(events::cursor.eq_any(mine)))
+        .order(events::cursor.asc())
+        .limit(limit)
+        .select(EventRow::as_select())
+        .load(conn)
+}
+
+/// The event at a cursor exists (a cursor a client holds has not been pruned).
+pub fn event_exists(conn: &mut Conn, workspace_id: &str, cursor: i64) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        events::table.find((workspace_id, cursor)),
+    ))
+    .get_result(conn)
+}
+
+/// Deletes events created before `cutoff` (if any) that are not among the newest
+/// `keep_latest`; recipients go with them, messages are untouched. Returns the count.
+pub fn prune_events(
+    conn: &mut Conn,
+    workspace_id: &str,
+    cutoff: Option<&str>,
+    keep_latest: i64,
+) -> QueryResult<usize> {
+    conn.immediate_transaction(|conn| {
+        let protected_from: Option<i64> = events::table
+            .filter(events::workspace_id.eq(workspace_id))
+            .order(events::cursor.desc())
+            .offset(keep_latest)
+            .limit(1)
+            .select(events::cursor)
+            .first(conn)
+            .optional()?;
+        // Everything above `protected_from` is among the newest `keep_latest`.
+        let Some(max_prunable) = protected_from else {
+            return Ok(0);
+        };
+        let mut victims = events::table
+            .filter(events::workspace_id.eq(workspace_id))
+            .filter(events::cursor.le(max_prunable))
+            .select(events::cursor)
+            .into_boxed();
+        if let Some(c) = cutoff {
+            victims = victims.filter(events::created_at.lt(c.to_string()));
+        }
+        let cursors: Vec<i64> = victims.load(conn)?;
+        let Some(&highest) = cursors.iter().max() else {
+            return Ok(0);
+        };
+        for chunk in cursors.chunks(500) {
+            diesel::delete(
+                event_recipients::table
+                    .filter(event_recipients::workspace_id.eq(workspace_id))
+                    .filter(event_recipients::cursor.eq_any(chunk)),
+            )
+            .execute(conn)?;
+            diesel::delete(
+                events::table
+                    .filter(events::workspace_id.eq(workspace_id))
+                    .filter(events::cursor.eq_any(chunk)),
+            )
+            .execute(conn)?;
+        }
+        diesel::update(workspaces::table.find(workspace_id))
+            .filter(workspaces::pruned_through.lt(highest))
+            .set(workspaces::pruned_through.eq(highest))
+            .execute(conn)?;
+        Ok(cursors.len())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_conn;
+
+    fn workspace(conn: &mut Conn) {
+        insert_workspace(
+            conn,
+            &WorkspaceRow {
+                id: "1".into(),
+                app_key: "k".into(),
+                secret: "s".into(),
+                name: "w".into(),
+                settings: "{}".into(),
+                last_cursor: 0,
+                pruned_through: 0,
+                created_at: "t".into(),
+            },
+        )
+        .expect("insert workspace");
+    }
+
+    fn event(conn: &mut Conn, created_at: &str, recipients: Option<&[String]>) -> i64 {
+        let cursor = allocate_cursors(conn, "1", 1).expect("cursor");
+        let row = EventRow {
+            workspace_id: "1".into(),
+            cursor,
+            id: format!("evt_{cursor}"),
+            event_type: "message.created".into(),
+            channel_id: None,
+            seq: None,
+            payload: "{}".into(),
+            is_private: recipients.is_some(),
+            created_at: created_at.into(),
+        };
+        insert_event(conn, &row, recipients).expect("insert event");
+        cursor
+    }
+
+    #[test]
+    fn cursors_are_dense_per_workspace() {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        assert_eq!(allocate_cursors(&mut conn, "1", 3).expect("a"), 1);
+        assert_eq!(allocate_cursors(&mut conn, "1", 1).expect("b"), 4);
+    }
+
+    #[test]
+    fn private_events_replay_to_recipients_only() {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let alice = vec!["alice".to_string()];
+        event(&mut conn, "t1", None);
+        event(&mut conn, "t2", Some(&alice));
+        let for_alice = events_after_for(&mut conn, "1", "alice", 0, 10, 10).expect("q");
+        let for_bob = events_after_for(&mut conn, "1", "bob", 0, 10, 10).expect("q");
+        assert_eq!(for_alice.len(), 2);
+        assert_eq!(for_bob.len(), 1);
+    }
+
+    #[test]
+    fn prune_keeps_latest_and_cuts_by_time_with_recipients() {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let r = vec!["a".to_string()];
+        for t in [
+            "2026-01-01T00:00:00.000Z",
+            "2026-01-02T00:00:00.000Z",
+            "2026-01-03T00:00:00.000Z",
+        ] {
+            event(&mut conn, t, Some(&r));
+        }
+        // Cut-off after everything, but keep the newest one.
+        assert_eq!(
+            prune_events(&mut conn, "1", Some("2027-01-01T00:00:00.000Z"), 1).expect("prune"),
+            2
+        );
+        assert!(!event_exists(&mut conn, "1", 2).expect("q"));
+        assert!(event_exists(&mut conn, "1", 3).expect("q"));
+        let left: i64 = event_recipients::table
+            .count()
+            .get_result(&mut conn)
+            .expect("count");
+        assert_eq!(left, 1, "recipients go with their events");
+        assert_eq!(
+            workspace_cursor_state(&mut conn, "1").expect("state"),
+            (3, 2)
+        );
+        // A cut-off before everything prunes nothing.
+        assert_eq!(
+            prune_events(&mut conn, "1", Some("2025-01-01T00:00:00.000Z"), 0).expect("prune"),
+            0
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! WorkspaceActor: the workspace-wide event stream. It holds the realtime sessions of its
+//! workspace with what each may see, and fans committed events out to them in cursor order
+//! without touching the database: one filter per session, one shared frame per event.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use crate::domain::event::{Event, Viewer};
+use crate::registry::Registry;
+
+/// How long a workspace actor with no sessions lives on.
+const IDLE_STOP_AFTER: Duration = Duration::from_secs(30);
+
+/// What a session receives from its workspace.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub enum Outbound {
+    Event(Arc<Event>),
+    /// The outbound queue overflowed: close 1013.
+    Overflow,
+    /// Close with this code and reason (blocked member, shutdown).
+    Close(u16, &'static str),
+}
+
+/// Register a session; answers the last cursor dispatched, the tail from which this session
+/// receives every later event live.
+#[derive(Message)]
+#[rtype(result = "i64")]
+pub struct Register {
+    pub session_id: u64,
+    pub recipient: Recipient<Outbound>,
+    pub entity_id: String,
+    pub is_guest: bool,
+    pub guest_channels: HashSet<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub session_id: u64,
+}
+
+/// Committed events of this workspace, in cursor order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver(pub Vec<Arc<Event>>);
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DeliverEphemeral(pub Arc<Event>);
+
+/// Close every session of an entity (blocked or deactivated).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseEntity {
+    pub entity_id: String,
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// Close every session (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseAll {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct SessionCount;
+
+struct SessionEntry {
+    recipient: Recipient<Outbound>,
+    entity_id: String,
+    is_guest: bool,
+    guest_channels: HashSet<String>,
+}
+
+pub struct WorkspaceActor {
+    id: String,
+    dispatched: i64,
+    sessions: HashMap<u64, SessionEntry>,
+    registry: Arc<Registry>,
+}
+
+impl WorkspaceActor {
+    pub fn new(id: String, dispatched: i64, registry: Arc<Registry>) -> Self {
+        Self {
+            id,
+            dispatched,
+            sessions: HashMap::new(),
+            registry,
+        }
+    }
+
+    /// Keeps guests' channel sets and roles current from the events themselves.
+    fn track_membership(&mut self, ev: &Event) {
+        let entity = ev.payload.get("entity_id").and_then(|v| v.as_str());
+        let channel = ev.channel_id.as_deref();
+        match (ev.event_type.as_str(), entity, channel) {
+            ("channel.member_added", Some(e), Some(c)) => {
+                for s in self.sessions.values_mut().filter(|s| s.entity_id == e) {
+                    s.guest_channels.insert(c.to_string());
+                }
+            }
+            ("channel.member_removed", Some(e), Some(c)) => {
+                for s in self.sessions.values_mut().filter(|s| s.entity_id == e) {
+                    s.guest_channels.remove(c);
+                }
+            }
+            ("member.moderation_updated", _, _) => {
+                let target = ev.payload.get("user_id").and_then(|v| v.as_str());
+                let role = ev.payload.get("role").and_then(|v| v.as_str());
+                if let (Some(t), Some(r)) = (target, role) {
+                    for s in self.sessions.values_mut().filter(|s| s.entity_id == t) {
+                        s.is_guest = r == "guest";
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fan_out(&mut self, ev: &Arc<Event>, ephemeral: bool) {
+        let mut overflowed = Vec::new();
+        let mut delivered = 0u64;
+        for (id, s) in &self.sessions {
+            let viewer = Viewer {
+                entity_id: &s.entity_id,
+                is_guest: s.is_guest,
+                guest_channels: &s.guest_channels,
+            };
+            if !viewer.may_see(ev.recipients.as_deref(), ev.channel_id.as_deref()) {
+                continue;
+            }
+            match s.recipient.try_send(Outbound::Event(ev.clone())) {
+                Ok(()) => delivered += 1,
+                Err(SendError::Full(_)) if !ephemeral => overflowed.push(*id),
+                Err(_) => {}
+            }
+        }
+        if let Some(m) = crate::METRICS.get() {
+            m.deliveries.inc_by(delivered);
+        }
+        for id in overflowed {
+            if let Some(s) = self.sessions.remove(&id) {
+                s.recipient.do_send(Outbound::Overflow);
+                if let Some(m) = crate::METRICS.get() {
+                    m.overflows.inc();
+                }
+            }
+        }
+    }
+}
+
+impl Actor for WorkspaceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Committed events must never be dropped by the mailbox itself.
+        ctx.set_mailbox_capacity(usize::MAX);
+    }
+
+    fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
+        self.registry.remove_workspace(&self.id, &ctx.address());
+        Running::Stop
+    }
+}
+
+impl Handler<Register> for WorkspaceActor {
+    type Result = i64;
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> i64 {
+        self.sessions.insert(
+            msg.session_id,
+            SessionEntry {
+                recipient: msg.recipient,
+                entity_id: msg.entity_id,
+                is_guest: msg.is_guest,
+                guest_channels: msg.guest_channels,
+            },
+        );
+        self.dispatched
+    }
+}
+
+impl Handler<Unregister> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, ctx: &mut Self::Context) {
+        self.sessions.remove(&msg.session_id);
+        if self.sessions.is_empty() {
+            ctx.run_later(IDLE_STOP_AFTER, |act, ctx| {
+                if act.sessions.is_empty() {
+                    act.registry.remove_workspace(&act.id, &ctx.address());
+                    ctx.stop();
+                }
+            });
+        }
+    }
+}
+
+impl Handler<Deliver> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+        for ev in &msg.0 {
+            let Some(cursor) = ev.cursor else { continue };
+            // Events at or below the tail this actor started from are covered by replay.
+            if cursor <= self.dispatched {
+                continue;
+            }
+            self.dispatched = cursor;
+            // A member learns of its own removal, so membership shrinks after the fan-out.
+            if ev.event_type == "channel.member_removed" {
+                self.fan_out(ev, false);
+                self.track_membership(ev);
+            } else {
+                self.track_membership(ev);
+                self.fan_out(ev, false);
+            }
+        }
+    }
+}
+
+impl Handler<DeliverEphemeral> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: DeliverEphemeral, _: &mut Self::Context) {
+        self.fan_out(&msg.0, true);
+    }
+}
+
+impl Handler<CloseEntity> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseEntity, _: &mut Self::Context) {
+        let ids: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.entity_id == msg.entity_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(s) = self.sessions.remove(&id) {
+                s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
+            }
+        }
+    }
+}
+
+impl Handler<CloseAll> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) {
+        for (_, s) in self.sessions.drain() {
+            s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
+        }
+    }
+}
+
+impl Handler<SessionCount> for WorkspaceActor {
+    type Result = usize;
+
+    fn handle(&mut self, _: SessionCount, _: &mut Self::Context) -> usize {
+        self.sessions.len()
+    }
+}

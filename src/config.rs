@@ -1,0 +1,149 @@
+//! Configuration: defaults, then an optional TOML-like `key = value` file, then
+//! `SWITCHBOARD_*` environment variables, then command-line flags.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use switchboard_actors::session::SessionConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: String,
+    pub database: String,
+    pub bootstrap_app: Option<String>,
+    pub admin_token: Option<String>,
+    /// Browser origins admitted on `/api` (CORS) and the realtime WebSocket, for every
+    /// workspace; a workspace's own `allowed_origins` setting adds to it.
+    pub allowed_origins: Vec<String>,
+    pub session: SessionConfig,
+    pub workers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:6001".into(),
+            database: "sqlite://data/switchboard.db".into(),
+            bootstrap_app: None,
+            admin_token: None,
+            allowed_origins: Vec::new(),
+            session: SessionConfig::default(),
+            workers: 2,
+        }
+    }
+}
+
+/// Settings read from a file or the environment, by their file key.
+const KEYS: &[(&str, &str)] = &[
+    ("bind", "SWITCHBOARD_BIND"),
+    ("database", "SWITCHBOARD_DATABASE"),
+    ("bootstrap_app", "SWITCHBOARD_BOOTSTRAP_APP"),
+    ("admin_token", "SWITCHBOARD_ADMIN_TOKEN"),
+    ("allowed_origins", "SWITCHBOARD_ALLOWED_ORIGINS"),
+    ("realtime.max_replay", "SWITCHBOARD_REALTIME_MAX_REPLAY"),
+    (
+        "realtime.session_queue",
+        "SWITCHBOARD_REALTIME_SESSION_QUEUE",
+    ),
+    (
+        "realtime.heartbeat_seconds",
+        "SWITCHBOARD_REALTIME_HEARTBEAT_SECONDS",
+    ),
+    ("workers", "SWITCHBOARD_WORKERS"),
+];
+
+impl Config {
+    /// Loads the file (if any) and the environment over the defaults.
+    pub fn load(file: Option<&str>) -> Result<Self, String> {
+        let mut values: HashMap<String, String> = HashMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config {path}: {e}"))?;
+            values.extend(parse_file(&text)?);
+        }
+        for (key, env) in KEYS {
+            if let Ok(v) = std::env::var(env) {
+                values.insert((*key).to_string(), v);
+            }
+        }
+        let mut c = Config::default();
+        for (k, v) in values {
+            c.set(&k, &v)?;
+        }
+        Ok(c)
+    }
+
+    fn set(&mut self, key: &str, v: &str) -> Result<(), String> {
+        let num = |v: &str| {
+            v.parse::<i64>()
+                .map_err(|_| format!("{key} must be a number"))
+        };
+        match key {
+            "bind" => self.bind = v.into(),
+            "database" => self.database = v.into(),
+            "bootstrap_app" => {
+                self.bootstrap_app = Some(v.into()).filter(|s: &String| !s.is_empty())
+            }
+            "admin_token" => self.admin_token = Some(v.into()).filter(|s: &String| !s.is_empty()),
+            "allowed_origins" => {
+                self.allowed_origins = v
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
+            "realtime.max_replay" => self.session.max_replay = num(v)?.max(0),
+            "realtime.session_queue" => self.session.queue = num(v)?.clamp(1, 1 << 20) as usize,
+            "realtime.heartbeat_seconds" => {
+                let s = num(v)?.clamp(1, 3600) as u64;
+                self.session.heartbeat = Duration::from_secs(s);
+                self.session.client_timeout = Duration::from_secs(s * 3);
+            }
+            "workers" => self.workers = num(v)?.clamp(1, 64) as usize,
+            other => return Err(format!("unknown config key '{other}'")),
+        }
+        Ok(())
+    }
+}
+
+/// `key = value` lines; `[section]` headers prefix keys; `#` comments; quotes optional.
+fn parse_file(text: &str) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    let mut section = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.trim().to_string();
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("config line {}: expected key = value", n + 1))?;
+        let v = v.trim().trim_matches('"').to_string();
+        let key = if section.is_empty() {
+            k.trim().to_string()
+        } else {
+            format!("{section}.{}", k.trim())
+        };
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_sections_become_dotted_keys() {
+        let v = parse_file("bind = \"0.0.0.0:1\"\n[realtime]\nmax_replay = 10 # comment\n")
+            .expect("parse");
+        assert_eq!(v.get("bind").map(String::as_str), Some("0.0.0.0:1"));
+        assert_eq!(v.get("realtime.max_replay").map(String::as_str), Some("10"));
+        let mut c = Config::default();
+        assert!(c.set("nope", "1").is_err());
+    }
+}

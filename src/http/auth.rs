@@ -1,0 +1,142 @@
+//! Authentication: bearer tokens for the chat API, Pusher-style signatures for the server API.
+
+use actix_web::{web, HttpRequest};
+use switchboard_actors::auth;
+use switchboard_actors::domain::entity::Entity;
+use switchboard_actors::error::{ApiError, ApiResult};
+use switchboard_actors::store::queries;
+use switchboard_actors::store::rows::Workspace;
+
+use super::AppState;
+
+/// The authenticated member behind a chat-API request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub workspace: Workspace,
+    pub entity: Entity,
+    /// The token's capability map (SPEC §6); mutable-message rights read it.
+    #[allow(dead_code)]
+    pub capabilities: Option<serde_json::Value>,
+}
+
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The bearer token of a request: `Authorization: Bearer`, `?token=`, or (browsers) the
+/// subprotocol `switchboard.bearer.<token>`.
+pub fn bearer_token(req: &HttpRequest) -> Option<String> {
+    if let Some(h) = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+        {
+            return Some(t.trim().to_string());
+        }
+    }
+    if let Ok(q) = web::Query::<Vec<(String, String)>>::from_query(req.query_string()) {
+        if let Some((_, t)) = q.iter().find(|(k, _)| k == "token") {
+            return Some(t.clone());
+        }
+    }
+    bearer_subprotocol(req).map(|(_, t)| t)
+}
+
+/// The `switchboard.bearer.<token>` subprotocol, if offered: (full protocol name, token).
+pub fn bearer_subprotocol(req: &HttpRequest) -> Option<(String, String)> {
+    let offered = req.headers().get("sec-websocket-protocol")?.to_str().ok()?;
+    offered.split(',').map(str::trim).find_map(|p| {
+        p.strip_prefix("switchboard.bearer.")
+            .map(|t| (p.to_string(), t.to_string()))
+    })
+}
+
+/// Verifies a token and loads its workspace and entity: the entity must be active (else
+/// 401) and not blocked (else 403).
+pub async fn authenticate(state: &AppState, token: String) -> ApiResult<Caller> {
+    let key = auth::token_key_id(&token)?;
+    state
+        .read(move |conn| {
+            let workspace = queries::workspace_by_key(conn, &key)?
+                .ok_or_else(|| ApiError::auth("unknown workspace key"))?;
+            let claims = auth::verify_token(&token, &workspace.secret, now_secs())?;
+            let subject = claims.subject().unwrap_or_default();
+            let entity = queries::entity(conn, &workspace.id, subject)?
+                .filter(|e| e.active)
+                .ok_or_else(|| ApiError::auth("unknown or deactivated entity"))?;
+            if entity.blocked {
+                return Err(ApiError::forbidden("you are blocked in this workspace"));
+            }
+            let capabilities = claims.capabilities().cloned();
+            Ok(Caller {
+                workspace,
+                entity,
+                capabilities,
+            })
+        })
+        .await
+}
+
+impl actix_web::FromRequest for Caller {
+    type Error = super::error::HttpError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let state = req.app_data::<super::State>().cloned();
+        let token = bearer_token(req);
+        Box::pin(async move {
+            let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
+            let token = token.ok_or_else(|| ApiError::auth("missing bearer token"))?;
+            Ok(authenticate(&state, token).await?)
+        })
+    }
+}
+
+/// Verifies a signed server-API request for `app_id` and returns its workspace.
+pub async fn signed_app(
+    state: &AppState,
+    req: &HttpRequest,
+    body: &[u8],
+    app_id: &str,
+) -> ApiResult<Workspace> {
+    let query = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map_err(|_| ApiError::auth("malformed query string"))?
+        .into_inner();
+    let app = app_id.to_string();
+    let workspace = state
+        .read(move |conn| Ok(queries::workspace_by_id(conn, &app)?))
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                switchboard_actors::error::ErrorCode::AppNotFound,
+                "app not found",
+            )
+        })?;
+    auth::verify_signed_request(
+        req.method().as_str(),
+        req.path(),
+        &query,
+        body,
+        &workspace.key,
+        &workspace.secret,
+        now_secs(),
+    )?;
+    Ok(workspace)
+}
+
+/// Parses a JSON body read as bytes (signed requests need the raw bytes for `body_md5`).
+pub fn parse_body<T: serde::de::DeserializeOwned>(req: &HttpRequest, body: &[u8]) -> ApiResult<T> {
+    let ct = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/json") {
+        return Err(ApiError::invalid("content type must be application/json"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,266 @@
+//! Starting and stopping the server: store, actors, HTTP, graceful shutdown.
+
+use std::sync::Arc;
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpServer};
+use futures_util::FutureExt;
+use switchboard_actors::broker::{Broker, LocalBroker};
+use switchboard_actors::error::close_code;
+use switchboard_actors::metrics::Metrics;
+use switchboard_actors::persistence::{Persistence, PersistenceConfig};
+use switchboard_actors::registry::Registry;
+use switchboard_actors::store::{self, queries};
+use switchboard_actors::workspace::CloseAll;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+
+pub fn serve(config: Config, demo: bool) -> Result<(), String> {
+    let url = store::DatabaseUrl::parse(&config.database)?;
+    let pool = store::open(&url, 16)?;
+    if let Some(spec) = &config.bootstrap_app {
+        let mut conn = pool.get().map_err(|e| e.to_string())?;
+        let w = crate::workspaces::bootstrap(&mut conn, spec)?;
+        log::info!("bootstrap workspace {} ready", w.id);
+    }
+    if demo {
+        crate::server::print_demo(&pool, &config)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let _ = switchboard_actors::METRICS.set(metrics.clone());
+    let registry = Registry::new(pool.clone());
+    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(registry.clone()));
+    let (persistence, writer) = Persistence::start(
+        &pool,
+        broker.clone(),
+        metrics.clone(),
+        PersistenceConfig::default(),
+    )?;
+    let state = web::Data::new(AppState {
+        pool,
+        persistence: persistence.clone(),
+        registry: registry.clone(),
+        broker,
+        metrics,
+        config: Arc::new(config.clone()),
+    });
+    let system = actix_web::rt::System::new();
+    let result: std::io::Result<()> = system.block_on(async move {
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap_fn(|req, srv| {
+                    srv.call(req)
+                        .map(|res| res.map(http::error::ensure_envelope))
+                })
+                .wrap(crate::server::Cors)
+                .configure(http::configure)
+        })
+        .workers(config.workers)
+        .backlog(4096)
+        .max_connections(50_000)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(&config.bind)?
+        .run();
+        let handle = server.handle();
+        log::info!("switchboard listening on http://{}", config.bind);
+        actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            log::info!("shutting down: closing sockets, flushing writes");
+            for w in registry.all_workspaces() {
+                let _ = w
+                    .send(CloseAll {
+                        code: close_code::RECONNECT,
+                        reason: "server shutting down",
+                    })
+                    .await;
+            }
+            handle.stop(true).await;
+        });
+        server.await?;
+        persistence.flush().await;
+        Ok(())
+    });
+    result.map_err(|e| format!("server error: {e}"))?;
+    drop(writer);
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// The demo of `make run`: a workspace, three members and ready tokens, printed with
+/// copy-paste examples.
+pub fn print_demo(pool: &store::DbPool, config: &Config) -> Result<(), String> {
+    use switchboard_actors::domain::entity::{Entity, EntityKind, Role};
+    let mut conn = pool.get().map_err(|e| e.to_string())?;
+    let spec = config
+        .bootstrap_app
+        .clone()
+        .unwrap_or_else(|| "1000:demo-app-key:demo-app-secret-change-me".into());
+    let w = crate::workspaces::bootstrap(&mut conn, &spec)?;
+    let now = switchboard_actors::ids::now_rfc3339();
+    let members = [
+        ("alice", "Alice", EntityKind::Human, Role::Owner),
+        ("bob", "Bob", EntityKind::Human, Role::Member),
+        ("helper", "Helper bot", EntityKind::Agent, Role::Member),
+    ];
+    for (id, name, kind, role) in members {
+        if queries::entity(&mut conn, &w.id, id)
+            .map_err(|e| e.to_string())?
+            .is_none()
+        {
+            let e = Entity {
+                id: id.into(),
+                workspace_id: w.id.clone(),
+                name: name.into(),
+                kind,
+                role,
+                metadata: serde_json::json!({}),
+                timeout_until: None,
+                blocked: false,
+                active: true,
+                created_at: now.clone(),
+                updated_at: now.clone(),
+            };
+            queries::insert_entity(&mut conn, &e).map_err(|e| e.to_string())?;
+        }
+    }
+    let t = chrono::Utc::now().timestamp();
+    let token = |id: &str| {
+        switchboard_actors::auth::mint_token(&w.key, &w.secret, id, 86_400, None, t)
+            .map(|x| x.0)
+            .map_err(|e| e.message)
+    };
+    let (alice, bob) = (token("alice")?, token("bob")?);
+    let base = format!("http://{}", config.bind);
+    println!(
+        "\n=== Switchboard demo ===\napp id:     {id}\napp key:    {key}\napp secret: {secret}\nmembers:    alice (owner), bob (member), helper (agent)\n\n\
+         export ALICE={alice}\nexport BOB={bob}\n\n\
+         # alice opens a direct channel with bob and says hello:\n\
+         CH=$(curl -s -X POST {base}/api/direct-channels -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"entity_id\":\"bob\"}}' | sed 's/.*\"id\":\"\\(chn_[a-z0-9]*\\)\".*/\\1/')\n\
+         curl -s -X POST {base}/api/channels/$CH/messages -H \"Authorization: Bearer $ALICE\" -H 'Content-Type: application/json' -d '{{\"data\":\"hello bob\"}}'\n\n\
+         # bob watches his realtime stream (replays everything from the start):\n\
+         websocat \"ws://{bind}/api/realtime/ws?after_cursor=0\" -H \"Authorization: Bearer $BOB\"\n\
+         ========================\n",
+        id = w.id,
+        key = w.key,
+        secret = w.secret,
+        bind = config.bind,
+    );
+    Ok(())
+}
+
+pub use cors::Cors;
+
+mod cors {
+    //! CORS for `/api`, driven by `allowed_origins`: preflights are answered here.
+    use std::future::{ready, Ready};
+
+    use actix_web::body::EitherBody;
+    use actix_web::dev::{forward_ready, Service, ServiceRequest, ServiceResponse, Transform};
+    use actix_web::http::header::{self, HeaderValue};
+    use actix_web::{Error, HttpResponse};
+    use futures_util::future::LocalBoxFuture;
+
+    use crate::http::State;
+
+    pub struct Cors;
+
+    impl<S, B> Transform<S, ServiceRequest> for Cors
+    where
+        S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+        B: 'static,
+    {
+        type Response = ServiceResponse<EitherBody<B>>;
+        type Error = Error;
+        type Transform = CorsService<S>;
+        type InitError = ();
+        type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+        fn new_transform(&self, service: S) -> Self::Future {
+            ready(Ok(CorsService { service }))
+        }
+    }
+
+    pub struct CorsService<S> {
+        service: S,
+    }
+
+    fn allowed_origin(req: &ServiceRequest) -> Option<HeaderValue> {
+        if !req.path().starts_with("/api") {
+            return None;
+        }
+        let origin = req.headers().get(header::ORIGIN)?;
+        let state = req.app_data::<State>()?;
+        let o = origin.to_str().ok()?;
+        state
+            .config
+            .allowed_origins
+            .iter()
+            .any(|a| a == o || a == "*")
+            .then(|| origin.clone())
+    }
+
+    impl<S, B> Service<ServiceRequest> for CorsService<S>
+    where
+        S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+        B: 'static,
+    {
+        type Response = ServiceResponse<EitherBody<B>>;
+        type Error = Error;
+        type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+        forward_ready!(service);
+
+        fn call(&self, req: ServiceRequest) -> Self::Future {
+            let origin = allowed_origin(&req);
+            if req.method() == actix_web::http::Method::OPTIONS {
+                if let Some(o) = origin {
+                    let res = HttpResponse::NoContent()
+                        .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, o))
+                        .insert_header((
+                            header::ACCESS_CONTROL_ALLOW_METHODS,
+                            "GET, POST, PATCH, DELETE, OPTIONS",
+                        ))
+                        .insert_header((
+                            header::ACCESS_CONTROL_ALLOW_HEADERS,
+                            "authorization, content-type",
+                        ))
+                        .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+                        .insert_header((header::VARY, "Origin"))
+                        .finish();
+                    return Box::pin(
+                        async move { Ok(req.into_response(res).map_into_right_body()) },
+                    );
+                }
+            }
+            let fut = self.service.call(req);
+            Box::pin(async move {
+                let mut res = fut.await?;
+                if let Some(o) = origin {
+                    res.headers_mut()
+                        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+                    res.headers_mut()
+                        .insert(header::VARY, HeaderValue::from_static("Origin"));
+                }
+                Ok(res.map_into_left_body())
+            })
+        }
+    }
+}
