@@ -152,7 +152,14 @@ impl Writer {
                 }
             }
             if !writes.is_empty() {
-                self.commit_batch(writes);
+                // A bug must not take the only writer down with it: its batch fails, the
+                // writers are told, and the next batch goes on.
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.commit_batch(writes)
+                }));
+                if outcome.is_err() {
+                    log::error!("persistence batch panicked; its writes were not acknowledged");
+                }
             }
             for f in flushes {
                 let _ = f.send(());

@@ -2,7 +2,7 @@
 //! can always rebuild them.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use actix::{Actor, Addr};
 
@@ -57,10 +57,9 @@ impl Registry {
 
     /// Forgets a workspace actor that stopped for being idle.
     pub fn remove_workspace(&self, id: &str, addr: &Addr<WorkspaceActor>) {
-        if let Ok(mut map) = self.workspaces.lock() {
-            if map.get(id) == Some(addr) {
-                map.remove(id);
-            }
+        let mut map = lock(&self.workspaces);
+        if map.get(id) == Some(addr) {
+            map.remove(id);
         }
     }
 
@@ -95,10 +94,9 @@ impl Registry {
     }
 
     pub fn remove_channel(&self, id: &str, addr: &Addr<ChannelActor>) {
-        if let Ok(mut map) = self.channels.lock() {
-            if map.get(id) == Some(addr) {
-                map.remove(id);
-            }
+        let mut map = lock(&self.channels);
+        if map.get(id) == Some(addr) {
+            map.remove(id);
         }
     }
 
@@ -115,4 +113,10 @@ impl Registry {
             .map(|m| m.values().cloned().collect())
             .unwrap_or_default()
     }
+}
+
+/// The maps hold only addresses, so a panic elsewhere cannot leave them inconsistent: a
+/// poisoned lock is taken over rather than failing every later request.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -160,11 +160,6 @@ impl WorkspaceActor {
 impl Actor for WorkspaceActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Committed events must never be dropped by the mailbox itself.
-        ctx.set_mailbox_capacity(usize::MAX);
-    }
-
     fn stopping(&mut self, ctx: &mut Self::Context) -> Running {
         self.registry.remove_workspace(&self.id, &ctx.address());
         Running::Stop
