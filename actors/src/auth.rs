@@ -185,11 +185,10 @@ pub fn verify_signed_request(
         return Err(ApiError::auth("auth_version must be 1.0"));
     }
     match get("body_md5") {
-        Some(md5) => {
-            if !constant_time_eq(md5, &md5_hex(body)) {
-                return Err(ApiError::auth("body_md5 does not match the body"));
-            }
+        Some(md5) if !constant_time_eq(md5, &md5_hex(body)) => {
+            return Err(ApiError::auth("body_md5 does not match the body"))
         }
+        Some(_) => {}
         None if method.eq_ignore_ascii_case("POST") => {
             return Err(ApiError::auth("body_md5 is required on POST"))
         }

@@ -547,6 +547,7 @@ impl Handler<ChangeMembership> for ChannelActor {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Membership {
     Unchanged(&'static str),
     Write {

@@ -293,3 +293,124 @@ fn stage_write(
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<i64>>);
+
+    impl Broker for Recorder {
+        fn publish(&self, events: Vec<Arc<Event>>) {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend(events.iter().filter_map(|e| e.cursor));
+            }
+        }
+        fn publish_ephemeral(&self, _: Arc<Event>) {}
+    }
+
+    fn setup() -> (tempfile::TempDir, DbPool, Persistence, Arc<Recorder>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url =
+            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
+                .expect("url");
+        let pool = crate::store::open(&url, 4).expect("open");
+        let mut conn = pool.get().expect("conn");
+        queries::insert_workspace(
+            &mut conn,
+            &crate::store::rows::WorkspaceRow {
+                id: "1".into(),
+                app_key: "k".into(),
+                secret: "s".into(),
+                name: "w".into(),
+                settings: "{}".into(),
+                last_cursor: 0,
+                pruned_through: 0,
+                created_at: "t".into(),
+            },
+        )
+        .expect("workspace");
+        let creator =
+            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+        let channel =
+            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+                .expect("c");
+        queries::insert_channel(&mut conn, &channel).expect("channel");
+        let recorder = Arc::new(Recorder::default());
+        let (p, _) = Persistence::start(
+            &pool,
+            recorder.clone(),
+            Arc::new(Metrics::new()),
+            PersistenceConfig::default(),
+        )
+        .expect("start");
+        (dir, pool, p, recorder)
+    }
+
+    fn seq_write(seq: i64) -> Write {
+        Write {
+            workspace_id: "1".into(),
+            channel_seqs: Some(("c1".into(), seq, seq)),
+            apply: Box::new(|_| Ok(true)),
+            events: vec![EventDraft::new("message.created", serde_json::json!({}))
+                .channel("c1")
+                .seq(seq)],
+        }
+    }
+
+    #[actix::test]
+    async fn concurrent_writes_commit_with_dense_cursors_in_order() {
+        let (_dir, pool, p, recorder) = setup();
+        let futures: Vec<_> = (1..=200).map(|s| p.write(seq_write(s))).collect();
+        let results = futures_util::future::join_all(futures).await;
+        let cursors: Vec<i64> = results
+            .into_iter()
+            .map(|r| {
+                r.expect("committed")
+                    .first()
+                    .and_then(|e| e.cursor)
+                    .expect("cursor")
+            })
+            .collect();
+        assert_eq!(cursors, (1..=200).collect::<Vec<_>>());
+        assert_eq!(
+            *recorder.0.lock().expect("lock"),
+            (1..=200).collect::<Vec<_>>(),
+            "published in commit order"
+        );
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(
+            queries::channel_last_seq(&mut conn, "c1").expect("seq"),
+            200
+        );
+    }
+
+    #[actix::test]
+    async fn a_seq_that_does_not_follow_is_refused_and_changes_nothing() {
+        let (_dir, pool, p, recorder) = setup();
+        p.write(seq_write(1)).await.expect("first");
+        let err = p.write(seq_write(3)).await.expect_err("gap");
+        assert_eq!(err.code, crate::error::ErrorCode::Backpressure);
+        let failing = Write {
+            apply: Box::new(|_| Err(ApiError::conflict("no"))),
+            ..seq_write(2)
+        };
+        assert_eq!(
+            p.write(failing).await.expect_err("conflict").code,
+            crate::error::ErrorCode::Conflict
+        );
+        p.write(seq_write(2)).await.expect("2 still follows 1");
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(queries::channel_last_seq(&mut conn, "c1").expect("seq"), 2);
+        assert_eq!(
+            queries::workspace_cursor_state(&mut conn, "1")
+                .expect("cursor")
+                .0,
+            2,
+            "no cursor consumed by failures"
+        );
+        assert_eq!(*recorder.0.lock().expect("lock"), vec![1, 2]);
+    }
+}

@@ -109,6 +109,7 @@ impl RealtimeSession {
 
 /// Checks the client's cursor against the tail and the retained window, then reads the
 /// events after it up to the tail that this viewer may see.
+#[allow(clippy::too_many_arguments)]
 fn load_replay(
     registry: &Registry,
     workspace_id: &str,
