@@ -200,7 +200,9 @@ impl ChannelActor {
             apply,
             events,
         };
-        async move { persistence.write(write).await }
+        // Queued here, in handler order, so a later seq never reaches the writer first.
+        persistence
+            .enqueue(write)
             .into_actor(self)
             .map(move |res, act, _| {
                 act.in_flight -= 1;

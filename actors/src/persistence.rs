@@ -92,20 +92,30 @@ impl Persistence {
         Ok((Self { tx }, handle))
     }
 
+    /// Queues a write now (writes commit in the order they are queued) and returns a
+    /// future of its commit.
+    pub fn enqueue(
+        &self,
+        write: Write,
+    ) -> impl std::future::Future<Output = WriteResult> + 'static {
+        let (reply, rx) = oneshot::channel();
+        let queued = match self.tx.try_send(Command::Write(write, reply)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(ApiError::backpressure("the write queue is full")),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(ApiError::backpressure("the store is shutting down"))
+            }
+        };
+        async move {
+            queued?
+                .await
+                .unwrap_or_else(|_| Err(ApiError::backpressure("the store is shutting down")))
+        }
+    }
+
     /// Queues a write and waits for its commit.
     pub async fn write(&self, write: Write) -> WriteResult {
-        let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Command::Write(write, reply)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                return Err(ApiError::backpressure("the write queue is full"))
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(ApiError::backpressure("the store is shutting down"))
-            }
-        }
-        rx.await
-            .unwrap_or_else(|_| Err(ApiError::backpressure("the store is shutting down")))
+        self.enqueue(write).await
     }
 
     /// Waits until everything queued so far has committed.
@@ -257,6 +267,7 @@ fn stage_write(
             None => queries::channel_last_seq(conn, channel)?,
         };
         if *first != committed + 1 || last < first {
+            log::warn!("seq gap on {channel}: committed {committed}, got {first}..{last}");
             return Err(ApiError::backpressure(
                 "the channel's write order was interrupted; retry",
             ));

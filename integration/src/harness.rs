@@ -280,6 +280,31 @@ impl TestServer {
         }
     }
 
+    /// SIGTERM (graceful shutdown); waits up to `timeout` for the process to exit and returns
+    /// its exit status, or `None` if it is still running (it is then killed on drop).
+    pub async fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.as_ref()?.id();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {pid}");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    self.child = None;
+                    return Some(st);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts the server again on the same port and database file.
     pub async fn restart(&mut self) {
         self.kill_hard();

@@ -419,8 +419,7 @@ async fn admin_workspaces_need_the_operator_token() {
     assert!(!created.key.is_empty() && !created.secret.is_empty());
 
     // Explicit id/key/secret are honoured; a duplicate id conflicts.
-    let explicit: Value =
-        json!({"id": "777", "name": "Explicit", "key": "k777", "secret": "s777secret"});
+    let explicit: Value = json!({"id": "777", "name": "Explicit", "key": "key777-explicit", "secret": "s777secret-explicit"});
     let resp = s
         .raw(
             Method::POST,
@@ -432,7 +431,7 @@ async fn admin_workspaces_need_the_operator_token() {
         .await;
     assert_eq!(resp.0, 201, "{}", resp.1);
     assert_eq!(resp.1["workspace"]["id"], json!("777"));
-    assert_eq!(resp.1["workspace"]["key"], json!("k777"));
+    assert_eq!(resp.1["workspace"]["key"], json!("key777-explicit"));
     let resp = s
         .raw(
             Method::POST,

@@ -23,3 +23,32 @@ async fn health_and_readiness() {
     assert_eq!(st, 200, "{me}");
     assert_eq!(me["entity"]["id"], serde_json::json!("alice"));
 }
+
+#[tokio::test]
+async fn graceful_shutdown_closes_sockets_4200_and_keeps_writes() {
+    use std::time::Duration;
+    let mut s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    s.create_entity("bob", "Bob", "human", "member").await;
+    let ch = alice
+        .create_group("shutdown", &["bob"], serde_json::json!({}))
+        .await;
+    let cid = ch["id"].as_str().expect("id").to_owned();
+    let mut answered = Vec::new();
+    for i in 0..20 {
+        answered.push(alice.say(&cid, &format!("m{i}")).await);
+    }
+    let mut ws = s.ws(&alice.token, None).await;
+    let exited = s.terminate(Duration::from_secs(15)).await;
+    let (_frames, code) = ws.read_until_close(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(4200), "sockets are closed with 4200 on shutdown");
+    let status = exited.expect("the server exits within 15 s of SIGTERM");
+    assert!(status.success(), "graceful shutdown exits 0: {status}");
+    s.restart().await;
+    let msgs = alice.messages(&cid).await;
+    assert_eq!(msgs.len(), answered.len());
+    assert_eq!(
+        alice.say(&cid, "after").await["event"]["seq"],
+        serde_json::json!(21)
+    );
+}

@@ -293,3 +293,22 @@ async fn pull_paging() {
         "auth_failed",
     );
 }
+
+#[tokio::test]
+async fn oversized_client_frame_closes_1009() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    let mut ws = s.ws(&alice.token, None).await;
+    // A small frame is ignored or answered, but never closes the socket.
+    ws.send_text("{}").await;
+    assert!(
+        !matches!(
+            ws.next_frame(Duration::from_millis(300)).await,
+            Frame::Closed(_)
+        ),
+        "a small client frame keeps the socket open"
+    );
+    ws.send_text(&"x".repeat(65 * 1024)).await;
+    let (_frames, code) = ws.read_until_close(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(1009), "frames over 64 KiB close with 1009");
+}

@@ -23,7 +23,7 @@ pub struct CreateWorkspace {
 pub async fn create_workspace(
     state: State,
     req: HttpRequest,
-    body: web::Json<CreateWorkspace>,
+    body: web::Bytes,
 ) -> HttpResult<HttpResponse> {
     let expected = state
         .config
@@ -34,7 +34,8 @@ pub async fn create_workspace(
     if !constant_time_eq(&given, &expected) {
         return Err(ApiError::auth("invalid operator token").into());
     }
-    let b = body.into_inner();
+    // The operator token is checked before the body is even read.
+    let b: CreateWorkspace = super::auth::parse_body(&req, &body)?;
     let w = state
         .read(move |conn| {
             workspaces::create(

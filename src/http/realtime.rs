@@ -131,9 +131,10 @@ async fn pull_events(
             "cursor was pruned or is unknown; resync required",
         )
     };
+    // No cursor: from the oldest event still kept.
     let after = match q.after_cursor.as_deref() {
-        None | Some("") => 0,
-        Some(raw) => ids::parse_cursor(raw).ok_or_else(resync)?,
+        None | Some("") => None,
+        Some(raw) => Some(ids::parse_cursor(raw).ok_or_else(resync)?),
     };
     let (ws, who, is_guest) = (
         caller.workspace.id.clone(),
@@ -143,6 +144,7 @@ async fn pull_events(
     let (events, next) = state
         .read(move |conn| {
             let (tail, pruned) = queries::workspace_cursor_state(conn, &ws)?;
+            let after = after.unwrap_or(pruned);
             let known = after == 0 || after == pruned || queries::event_exists(conn, &ws, after)?;
             if after > tail || after < pruned || !known {
                 return Err(resync());

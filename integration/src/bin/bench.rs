@@ -1,1 +1,561 @@
-fn main() {}
+//! `switchboard-bench`: the load generator of Switchboard (issue 2, `make bench-quick`).
+//!
+//! `switchboard-bench quick` starts the server (or uses `--url` + `--app`), creates entities
+//! through the signed server API, opens public channels, connects WebSocket subscribers to
+//! `/api/realtime/ws`, posts messages from concurrent HTTP clients, and reports throughput,
+//! post-to-receive latency, delivery correctness (exactly once, per-channel seq order) and
+//! the server's CPU and memory. Every phase is bounded by `--timeout`.
+
+#[path = "bench/api.rs"]
+mod api;
+#[path = "bench/poster.rs"]
+mod poster;
+#[path = "bench/report.rs"]
+mod report;
+#[path = "bench/server.rs"]
+mod server;
+#[path = "bench/subscriber.rs"]
+mod subscriber;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt as _;
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::poster::{PostResult, PostShared, PosterTask};
+use crate::report::{Correctness, Report, Window};
+use crate::server::{AppCreds, ProcSample, ServerProc};
+use crate::subscriber::{SubResult, SubShared, SubTask};
+
+/// The clock every timestamp of a run is read from: posters stamp with it, subscribers
+/// subtract from it (same process, monotonic).
+static T0: OnceLock<std::time::Instant> = OnceLock::new();
+
+pub fn now_ns() -> u64 {
+    T0.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
+}
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard-bench",
+    about = "Load generator for Switchboard: HTTP posters, WebSocket subscribers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// 20k messages from 50 HTTP clients over 10 public channels, 100 WebSocket subscribers.
+    Quick(QuickArgs),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct QuickArgs {
+    /// Messages to post in total.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: usize,
+    /// Concurrent HTTP posters (one request in flight each).
+    #[arg(long, default_value_t = 50)]
+    pub posters: usize,
+    /// WebSocket subscribers of /api/realtime/ws.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Public group channels posted to round-robin.
+    #[arg(long, default_value_t = 10)]
+    pub channels: usize,
+    /// Overall bound in seconds; on expiry the run stops and reports what it has.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// After posting ends, a subscriber stops after this many seconds without a frame.
+    #[arg(long, default_value_t = 10)]
+    pub drain_idle: u64,
+    /// Use a running server (http://host:port, loopback) instead of starting one.
+    #[arg(long, requires = "app")]
+    pub url: Option<String>,
+    /// Credentials of the workspace on `--url`: id:key:secret.
+    #[arg(long, requires = "url")]
+    pub app: Option<String>,
+    /// Pid of the `--url` server, to read its CPU time and memory.
+    #[arg(long, requires = "url")]
+    pub server_pid: Option<u32>,
+    /// Server binary to start (default: next to this binary, else target/release/switchboard).
+    #[arg(long, env = "SWITCHBOARD_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Directory for the JSON results.
+    #[arg(long, default_value = "bench/results")]
+    pub results_dir: PathBuf,
+    /// Client worker threads (the server shares the machine).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// Who posts what where: poster `p` sends `count_of(p)` messages, its `n`-th to channel
+/// `(p + n) % channels`; each message has a slot `p * stride + n`.
+pub struct Plan {
+    pub posters: usize,
+    pub channels: usize,
+    pub stride: usize,
+    pub slots: usize,
+    base: usize,
+    rem: usize,
+}
+
+impl Plan {
+    fn new(messages: usize, posters: usize, channels: usize) -> Self {
+        let base = messages / posters;
+        let rem = messages % posters;
+        let stride = base + usize::from(rem > 0);
+        Self {
+            posters,
+            channels,
+            stride,
+            slots: stride * posters,
+            base,
+            rem,
+        }
+    }
+    pub fn count_of(&self, p: usize) -> usize {
+        self.base + usize::from(p < self.rem)
+    }
+    pub fn slot(&self, p: usize, n: usize) -> Option<usize> {
+        (p < self.posters && n < self.count_of(p)).then(|| p * self.stride + n)
+    }
+    pub fn channel_of(&self, p: usize, n: usize) -> usize {
+        (p + n) % self.channels
+    }
+}
+
+fn main() -> ExitCode {
+    let _ = now_ns();
+    let cli = Cli::parse();
+    let Command::Quick(args) = cli.command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(quick(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("\nswitchboard-bench: FAILED: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn random_tag() -> String {
+    use rand::Rng as _;
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(6)
+        .map(char::from)
+        .collect::<String>()
+        .to_lowercase()
+}
+
+fn sample(pid: Option<u32>) -> Option<ProcSample> {
+    pid.and_then(|p| server::sample_proc(&p.to_string()))
+}
+
+/// Runs the quick scenario; `Ok(true)` when every check passed.
+async fn quick(args: QuickArgs) -> Result<bool, String> {
+    if args.posters == 0 || args.channels == 0 || args.messages == 0 {
+        return Err("--messages, --posters and --channels must be at least 1".into());
+    }
+    if args.posters < 2 && args.subscribers == 0 {
+        return Err("a group channel needs two members: use 2+ posters or 1+ subscribers".into());
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.timeout);
+
+    // 1. The server.
+    let (mut child, base, creds) = match (&args.url, &args.app) {
+        (Some(url), Some(app)) => {
+            let base = url.trim_end_matches('/').to_string();
+            check_loopback(&base)?;
+            (None, base, AppCreds::parse(app)?)
+        }
+        _ => {
+            let creds = AppCreds::random();
+            let bin = server::locate_binary(args.server_bin.as_deref());
+            let (proc_, base) = ServerProc::spawn(&bin, &creds)?;
+            eprintln!(
+                "started {} (pid {}) on {base}, database {}",
+                bin.display(),
+                proc_.pid,
+                proc_.db_path.display()
+            );
+            (Some(proc_), base, creds)
+        }
+    };
+    let server_pid = child.as_ref().map(|c| c.pid).or(args.server_pid);
+    let outcome = run_scenario(&args, &mut child, base, creds, server_pid, deadline).await;
+    if let Some(c) = child.as_mut() {
+        if outcome.is_err() {
+            eprintln!("server log (tail):\n{}", c.log_tail(30));
+        }
+        c.stop(Duration::from_secs(5));
+        eprintln!("stopped server pid {}", c.pid);
+    }
+    outcome
+}
+
+fn check_loopback(base: &str) -> Result<(), String> {
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or("--url must be http://host:port")?
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = match authority.rfind(':') {
+        Some(i) if !authority.ends_with(']') => &authority[..i],
+        _ => authority,
+    };
+    if matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "") || host.starts_with("127.") {
+        Ok(())
+    } else {
+        Err(format!(
+            "--url must be a loopback address (this bench runs on one host), got {host}"
+        ))
+    }
+}
+
+async fn run_scenario(
+    args: &QuickArgs,
+    child: &mut Option<ServerProc>,
+    base: String,
+    creds: AppCreds,
+    server_pid: Option<u32>,
+    deadline: Instant,
+) -> Result<bool, String> {
+    let plan = Arc::new(Plan::new(args.messages, args.posters, args.channels));
+    let client = api::http_client(args.posters + 16)?;
+    let api = Api {
+        client: client.clone(),
+        base: base.clone(),
+        creds: creds.clone(),
+    };
+    let ready_in = api
+        .wait_ready(Duration::from_secs(20), || match child.as_mut() {
+            Some(c) => match c.exited() {
+                Some(status) => Err(format!(
+                    "server exited during start-up ({status}):\n{}",
+                    c.log_tail(30)
+                )),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        })
+        .await?;
+    eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
+    let setup_started = Instant::now();
+
+    // 2. Entities and tokens.
+    let tag = random_tag();
+    let poster_ids: Vec<String> = (0..args.posters)
+        .map(|i| format!("bench-{tag}-p{i}"))
+        .collect();
+    let sub_ids: Vec<String> = (0..args.subscribers)
+        .map(|i| format!("bench-{tag}-s{i}"))
+        .collect();
+    let all_ids: Vec<String> = poster_ids.iter().chain(sub_ids.iter()).cloned().collect();
+    let created = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(all_ids.iter().map(|id| {
+            let api = &api;
+            async move { api.create_entity(id, id).await }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "timed out creating entities".to_string())?;
+    for r in created {
+        r?;
+    }
+    let poster_tokens = poster_ids
+        .iter()
+        .map(|id| api::mint_token(&creds, id, 3600))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sub_tokens = sub_ids
+        .iter()
+        .map(|id| api::mint_token(&creds, id, 3600))
+        .collect::<Result<Vec<_>, _>>()?;
+    eprintln!(
+        "created {} entities ({} posters, {} subscribers)",
+        all_ids.len(),
+        poster_ids.len(),
+        sub_ids.len()
+    );
+
+    // 3. Channels: public, open; every poster is a member.
+    let channel_specs: Vec<(usize, String, Vec<String>)> = (0..args.channels)
+        .map(|c| {
+            let creator = c % args.posters;
+            let mut members: Vec<String> = poster_ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != creator)
+                .map(|(_, id)| id.clone())
+                .collect();
+            if members.is_empty() {
+                members.extend(sub_ids.first().cloned());
+            }
+            (creator, format!("bench-{tag}-{c}"), members)
+        })
+        .collect();
+    let made = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(channel_specs.iter().map(|(creator, name, members)| {
+            let api = &api;
+            let token = &poster_tokens[*creator];
+            async move { api.create_channel(token, name, members).await }
+        }))
+        .buffered(4)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "timed out creating channels".to_string())?;
+    let channels: Vec<String> = made.into_iter().collect::<Result<_, _>>()?;
+    let channels = Arc::new(channels);
+    let channel_index: Arc<HashMap<String, usize>> = Arc::new(
+        channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), i))
+            .collect(),
+    );
+    eprintln!("created {} public channels", channels.len());
+
+    // 4. Subscribers: all connected and ready before the first post.
+    let ws_url = base.replacen("http://", "ws://", 1);
+    let connect_started = Instant::now();
+    let connected = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(sub_tokens.iter().enumerate().map(|(i, token)| {
+            let ws_url = &ws_url;
+            async move { (i, subscriber::connect(ws_url, token, None).await) }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "timed out connecting subscribers".to_string())?;
+    let mut sockets = Vec::with_capacity(connected.len());
+    for (i, r) in connected {
+        let (ws, cursor) = r.map_err(|e| format!("subscriber {i}: {e}"))?;
+        sockets.push((i, ws, cursor));
+    }
+    sockets.sort_by_key(|(i, _, _)| *i);
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} subscribers ready in {connect_secs:.2}s; setup took {:.2}s",
+        sockets.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+
+    let sub_shared = Arc::new(SubShared {
+        delivered: AtomicU64::new(0),
+        acked_final: AtomicU64::new(u64::MAX),
+        abort: AtomicBool::new(false),
+    });
+    let post_shared = Arc::new(PostShared {
+        acked: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        abort: AtomicBool::new(false),
+    });
+    let mut sub_handles = Vec::with_capacity(sockets.len());
+    for (i, ws, cursor) in sockets {
+        let task = SubTask {
+            ws,
+            cursor,
+            ws_url: ws_url.clone(),
+            token: sub_tokens[i].clone(),
+            plan: plan.clone(),
+            channel_index: channel_index.clone(),
+            shared: sub_shared.clone(),
+            deadline,
+            drain_idle: Duration::from_secs(args.drain_idle),
+            result: SubResult::new(plan.slots)?,
+        };
+        sub_handles.push(tokio::spawn(task.run()));
+    }
+
+    // 5. Before figures, then post.
+    let metrics_before = api.metrics().await;
+    let server_before = sample(server_pid);
+    let client_before = server::sample_proc("self");
+    let post_start_ns = now_ns();
+    let mut post_handles = Vec::with_capacity(args.posters);
+    for (p, token) in poster_tokens.iter().enumerate() {
+        let task = PosterTask {
+            index: p,
+            client: client.clone(),
+            base: base.clone(),
+            auth: api::bearer(token)?,
+            channels: channels.clone(),
+            plan: plan.clone(),
+            run_tag: tag.clone(),
+            shared: post_shared.clone(),
+            deadline,
+            rtt: Histogram::new_with_bounds(1, 600_000_000, 3)
+                .map_err(|e| format!("histogram: {e}"))?,
+        };
+        post_handles.push(tokio::spawn(task.run()));
+    }
+    let progress_stop = Arc::new(AtomicBool::new(false));
+    let progress = tokio::spawn(progress_line(
+        post_shared.clone(),
+        sub_shared.clone(),
+        progress_stop.clone(),
+        args.messages as u64,
+        args.subscribers as u64,
+        child.as_ref().map(|c| c.pid),
+    ));
+
+    let mut posts: Vec<PostResult> = Vec::with_capacity(post_handles.len());
+    for h in post_handles {
+        posts.push(h.await.map_err(|e| format!("poster task: {e}"))?);
+    }
+    let post_end_ns = posts
+        .iter()
+        .map(|p| p.done_ns)
+        .max()
+        .unwrap_or(post_start_ns);
+    let acked_total: u64 = posts
+        .iter()
+        .map(|p| p.acked.iter().filter(|a| **a).count() as u64)
+        .sum();
+    sub_shared.acked_final.store(acked_total, Ordering::Relaxed);
+    let server_after_posting = sample(server_pid);
+
+    // 6. Drain: subscribers stop when they have everything, go idle, or the deadline passes.
+    let mut subs: Vec<SubResult> = Vec::with_capacity(sub_handles.len());
+    for h in sub_handles {
+        subs.push(h.await.map_err(|e| format!("subscriber task: {e}"))?);
+    }
+    let end_ns = now_ns();
+    let timed_out = Instant::now() >= deadline;
+    progress_stop.store(true, Ordering::Relaxed);
+    let _ = progress.await;
+    let server_after = sample(server_pid);
+    let client_after = server::sample_proc("self");
+    let metrics_after = api.metrics().await;
+
+    // 7. Figures.
+    let mut correctness = Correctness::default();
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| e.to_string())?;
+    let mut rtt =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).map_err(|e| e.to_string())?;
+    let mut acked_slots = vec![false; plan.slots];
+    for (p, post) in posts.iter().enumerate() {
+        for (n, a) in post.acked.iter().enumerate() {
+            if let (true, Some(s)) = (*a, plan.slot(p, n)) {
+                acked_slots[s] = true;
+            }
+        }
+        rtt.add(&post.rtt)
+            .map_err(|e| format!("merge histogram: {e}"))?;
+        correctness.add_post(post);
+    }
+    let mut last_delivery_ns = post_start_ns;
+    let mut first_delivery_ns = u64::MAX;
+    for s in &subs {
+        latency
+            .add(&s.hist)
+            .map_err(|e| format!("merge histogram: {e}"))?;
+        correctness.add_sub(s, &acked_slots);
+        if s.message_frames > 0 {
+            last_delivery_ns = last_delivery_ns.max(s.last_delivery_ns);
+            first_delivery_ns = first_delivery_ns.min(s.first_delivery_ns);
+        }
+    }
+    correctness.timed_out = timed_out;
+    correctness.expected_deliveries = acked_total * subs.len() as u64;
+    let (log_lines, log_sample) = child
+        .as_ref()
+        .map(|c| c.log_problems(5))
+        .unwrap_or_default();
+    let report = Report {
+        args: args.clone(),
+        base,
+        server_pid,
+        server_started_here: child.is_some(),
+        acked: acked_total,
+        post_window: Window::new(post_start_ns, post_end_ns),
+        delivery_window: Window::new(post_start_ns, last_delivery_ns),
+        first_delivery_after_ms: if first_delivery_ns == u64::MAX {
+            None
+        } else {
+            Some(first_delivery_ns.saturating_sub(post_start_ns) as f64 / 1e6)
+        },
+        run_window: Window::new(post_start_ns, end_ns),
+        connect_secs,
+        latency,
+        rtt,
+        correctness,
+        server_before,
+        server_after_posting,
+        server_after,
+        client_before,
+        client_after,
+        metrics_before,
+        metrics_after,
+        server_log_problems: log_lines,
+        server_log_sample: log_sample,
+    };
+    report.print();
+    let path = report.write_json(&args.results_dir)?;
+    println!("results written to {}", path.display());
+    Ok(report.passed())
+}
+
+/// Prints posted/delivered once a second to stderr until told to stop.
+async fn progress_line(
+    posts: Arc<PostShared>,
+    subs: Arc<SubShared>,
+    stop: Arc<AtomicBool>,
+    messages: u64,
+    subscribers: u64,
+    pid: Option<u32>,
+) {
+    let start = Instant::now();
+    let mut last = (0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let acked = posts.acked.load(Ordering::Relaxed);
+        let failed = posts.failed.load(Ordering::Relaxed);
+        let delivered = subs.delivered.load(Ordering::Relaxed);
+        let cpu = sample(pid)
+            .map(|s| format!(" server cpu {:.1}s rss {} MiB", s.cpu_secs, s.rss_kb / 1024))
+            .unwrap_or_default();
+        eprintln!(
+            "[{:>5.1}s] posted {acked}/{messages} (+{}/s, failed {failed})  delivered {delivered}/{} (+{}/s){cpu}",
+            start.elapsed().as_secs_f64(),
+            acked - last.0,
+            messages * subscribers,
+            delivered - last.1,
+        );
+        last = (acked, delivered);
+    }
+}
