@@ -23,7 +23,7 @@ integration: build
 	$(CARGO) test -p switchboard-integration -- --test-threads=4
 
 bench-quick: ## 20k messages from 50 HTTP clients, 100 WebSocket subscribers
-	$(CARGO) build --release --bin switchboard --bin switchboard-bench
+	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench
 	./target/release/switchboard-bench quick
 
 fmt:

@@ -514,8 +514,14 @@ impl Report {
     /// Writes `quick-<UTC date-time>.json` into `dir` (created if needed).
     pub fn write_json(&self, dir: &Path) -> Result<PathBuf, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let name = format!("quick-{}.json", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
-        let path = dir.join(name);
+        let stem = format!("quick-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
+        // Two runs in one second keep both files.
+        let mut path = dir.join(format!("{stem}.json"));
+        let mut n = 1;
+        while path.exists() {
+            path = dir.join(format!("{stem}-{n}.json"));
+            n += 1;
+        }
         let text = serde_json::to_string_pretty(&self.to_json()).map_err(|e| e.to_string())?;
         std::fs::write(&path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
         Ok(path)

@@ -345,3 +345,69 @@ fn handle_text(
     let latency_us = recv_ns.saturating_sub(stamp.t) / 1_000;
     r.hist.saturating_record(latency_us.max(1));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(cursor: u64, channel: &str, seq: i64, p: usize, n: usize) -> String {
+        let data = format!(r#"{{"t":{},"p":{p},"n":{n}}}"#, now_ns());
+        serde_json::json!({
+            "id": "evt_x", "cursor": cursor.to_string(), "type": "message.created",
+            "workspace_id": "1", "channel_id": channel, "seq": seq,
+            "created_at": "2026-01-01T00:00:00.000Z",
+            "payload": {"message_id": "m1", "author_id": "a", "data": data, "extras": {}},
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn counts_order_gaps_duplicates_and_foreign_frames() {
+        // 2 posters × 2 messages over 2 channels: poster p's n-th goes to (p + n) % 2.
+        let plan = Plan::new(4, 2, 2);
+        let index: HashMap<String, usize> = [("a".to_string(), 0), ("b".to_string(), 1)]
+            .into_iter()
+            .collect();
+        let shared = SubShared {
+            delivered: AtomicU64::new(0),
+            acked_final: AtomicU64::new(u64::MAX),
+            abort: AtomicBool::new(false),
+        };
+        let mut r = SubResult::new(plan.slots).expect("histogram");
+        let mut last_seq = vec![0; 2];
+        let mut cursor = "10".to_string();
+        let mut unique = 0;
+        let mut feed = |text: &str, r: &mut SubResult| {
+            handle_text(
+                text,
+                &plan,
+                &index,
+                &shared,
+                r,
+                &mut last_seq,
+                &mut cursor,
+                &mut unique,
+            )
+        };
+        feed(&frame(11, "a", 1, 0, 0), &mut r); // in order
+        feed(&frame(12, "a", 3, 1, 1), &mut r); // gap: seq 2 skipped
+        feed(&frame(13, "a", 2, 1, 1), &mut r); // out of order, and a duplicate message
+        feed(&frame(12, "b", 1, 1, 0), &mut r); // cursor went backwards
+        feed(&frame(14, "a", 4, 0, 1), &mut r); // (0 + 1) % 2 = channel b: wrong channel
+        feed(&frame(15, "zzz", 1, 0, 0), &mut r); // not one of the bench's channels
+        feed(r#"{"type":"channel.updated","cursor":"16"}"#, &mut r);
+        feed("not json", &mut r);
+        assert_eq!(r.message_frames, 6);
+        assert_eq!(r.seq_gaps, 1);
+        assert_eq!(r.out_of_order, 1);
+        assert_eq!(r.cursor_regressions, 1);
+        assert_eq!(r.wrong_channel, 1);
+        assert_eq!(r.foreign, 1);
+        assert_eq!(r.other_frames, 1);
+        assert_eq!(r.unparsable, 1);
+        assert_eq!(unique, 4);
+        let slot = plan.slot(1, 1).expect("slot");
+        assert_eq!(r.received[slot], 2);
+        assert_eq!(r.hist.len(), 5);
+    }
+}
