@@ -198,9 +198,7 @@ impl Writer {
                 staged.push((reply, result, recipients));
             }
             for (ws, last) in &cursors {
-                diesel::update(crate::store::schema::workspaces::table.find(ws))
-                    .set(crate::store::schema::workspaces::last_cursor.eq(*last))
-                    .execute(conn)?;
+                queries::set_workspace_last_cursor(conn, ws, *last)?;
             }
             for (channel, last) in &seqs {
                 queries::set_channel_last_seq(conn, channel, *last)?;
@@ -250,8 +248,6 @@ impl Writer {
         }
     }
 }
-
-use diesel::prelude::*;
 
 /// Applies one write inside its savepoint: checks its seqs follow the channel's committed
 /// ones, runs its change, and inserts its events with the next cursors of its workspace.
@@ -329,20 +325,8 @@ mod tests {
                 .expect("url");
         let pool = crate::store::open(&url, 4).expect("open");
         let mut conn = pool.get().expect("conn");
-        queries::insert_workspace(
-            &mut conn,
-            &crate::store::rows::WorkspaceRow {
-                id: "1".into(),
-                app_key: "k".into(),
-                secret: "s".into(),
-                name: "w".into(),
-                settings: "{}".into(),
-                last_cursor: 0,
-                pruned_through: 0,
-                created_at: "t".into(),
-            },
-        )
-        .expect("workspace");
+        queries::insert_workspace(&mut conn, &crate::store::rows::WorkspaceRow::for_tests("1"))
+            .expect("workspace");
         let creator =
             crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
         let channel =

@@ -69,6 +69,13 @@ pub fn allocate_cursors(conn: &mut Conn, workspace_id: &str, n: i64) -> QueryRes
     Ok(last - n + 1)
 }
 
+/// Records the last cursor a batch allocated (inside the write transaction).
+pub fn set_workspace_last_cursor(conn: &mut Conn, id: &str, last: i64) -> QueryResult<usize> {
+    diesel::update(workspaces::table.find(id))
+        .set(workspaces::last_cursor.eq(last))
+        .execute(conn)
+}
+
 // ---- entities ----
 
 pub fn insert_entity(conn: &mut Conn, e: &Entity) -> QueryResult<usize> {
@@ -693,20 +700,7 @@ mod tests {
     use crate::store::test_conn;
 
     fn workspace(conn: &mut Conn) {
-        insert_workspace(
-            conn,
-            &WorkspaceRow {
-                id: "1".into(),
-                app_key: "k".into(),
-                secret: "s".into(),
-                name: "w".into(),
-                settings: "{}".into(),
-                last_cursor: 0,
-                pruned_through: 0,
-                created_at: "t".into(),
-            },
-        )
-        .expect("insert workspace");
+        insert_workspace(conn, &WorkspaceRow::for_tests("1")).expect("insert workspace");
     }
 
     fn event(conn: &mut Conn, created_at: &str, recipients: Option<&[String]>) -> i64 {

@@ -36,6 +36,23 @@ pub struct WorkspaceRow {
     pub created_at: String,
 }
 
+#[cfg(test)]
+impl WorkspaceRow {
+    /// A workspace with fixed credentials and no events, for unit tests.
+    pub fn for_tests(id: &str) -> Self {
+        Self {
+            id: id.into(),
+            app_key: "k".into(),
+            secret: "s".into(),
+            name: "w".into(),
+            settings: "{}".into(),
+            last_cursor: 0,
+            pruned_through: 0,
+            created_at: "t".into(),
+        }
+    }
+}
+
 /// A workspace as the rest of the server sees it.
 #[derive(Debug, Clone)]
 pub struct Workspace {
