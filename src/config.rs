@@ -17,6 +17,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     pub session: SessionConfig,
     pub workers: usize,
+    /// How often old message versions are purged (workspaces with a retention window).
+    pub purge_interval: Duration,
 }
 
 impl Default for Config {
@@ -29,6 +31,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             session: SessionConfig::default(),
             workers: 2,
+            purge_interval: Duration::from_secs(60),
         }
     }
 }
@@ -50,6 +53,10 @@ const KEYS: &[(&str, &str)] = &[
         "SWITCHBOARD_REALTIME_HEARTBEAT_SECONDS",
     ),
     ("workers", "SWITCHBOARD_WORKERS"),
+    (
+        "versioned_messages.purge_interval_seconds",
+        "SWITCHBOARD_VERSIONED_MESSAGES_PURGE_INTERVAL_SECONDS",
+    ),
 ];
 
 impl Config {
@@ -100,6 +107,9 @@ impl Config {
                 self.session.client_timeout = Duration::from_secs(s * 3);
             }
             "workers" => self.workers = num(v)?.clamp(1, 64) as usize,
+            "versioned_messages.purge_interval_seconds" => {
+                self.purge_interval = Duration::from_secs(num(v)?.clamp(1, 86_400) as u64)
+            }
             other => return Err(format!("unknown config key '{other}'")),
         }
         Ok(())

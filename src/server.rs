@@ -37,6 +37,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         metrics.clone(),
         PersistenceConfig::default(),
     )?;
+    let purger = (pool.clone(), persistence.clone(), config.purge_interval);
     let state = web::Data::new(AppState {
         pool,
         persistence: persistence.clone(),
@@ -47,6 +48,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     });
     let system = actix_web::rt::System::new();
     let result: std::io::Result<()> = system.block_on(async move {
+        switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

@@ -19,6 +19,24 @@ pub fn to_rfc3339(t: chrono::DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+pub fn now_millis() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+/// Unix milliseconds of a stored RFC 3339 time; 0 for an unreadable one (treated as old).
+pub fn rfc3339_millis(t: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(t).map_or(0, |d| d.timestamp_millis())
+}
+
+/// The seq inside a version serial (`v` + digits).
+pub fn parse_version_serial(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('v')?;
+    if digits.is_empty() || digits.len() > 18 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// Message serials are the create's channel seq, zero-padded so they sort as text.
 pub fn message_serial(history_seq: i64) -> String {
     format!("m{history_seq:012}")

@@ -9,12 +9,14 @@
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod compaction;
 pub mod domain;
 pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod persistence;
 pub mod registry;
+pub mod retention;
 pub mod session;
 pub mod settings;
 pub mod store;

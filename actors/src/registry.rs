@@ -7,15 +7,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use actix::{Actor, Addr};
 
 use crate::channel::ChannelActor;
+use crate::domain::capabilities::Capabilities;
 use crate::error::{ApiError, ApiResult};
 use crate::persistence::Persistence;
 use crate::store::{queries, DbPool};
 use crate::workspace::WorkspaceActor;
 
+/// What a connected socket is, for server requests that act through it (`socket_id`).
+#[derive(Debug, Clone)]
+pub struct SocketIdentity {
+    pub workspace_id: String,
+    pub entity_id: String,
+    pub capabilities: Capabilities,
+}
+
 pub struct Registry {
     pool: DbPool,
     workspaces: Mutex<HashMap<String, Addr<WorkspaceActor>>>,
     channels: Mutex<HashMap<String, Addr<ChannelActor>>>,
+    sockets: Mutex<HashMap<String, SocketIdentity>>,
 }
 
 impl Registry {
@@ -24,6 +34,7 @@ impl Registry {
             pool,
             workspaces: Mutex::default(),
             channels: Mutex::default(),
+            sockets: Mutex::default(),
         })
     }
 
@@ -106,6 +117,22 @@ impl Registry {
 }
 
 impl Registry {
+    pub fn add_socket(&self, socket_id: &str, identity: SocketIdentity) {
+        lock(&self.sockets).insert(socket_id.to_string(), identity);
+    }
+
+    pub fn remove_socket(&self, socket_id: &str) {
+        lock(&self.sockets).remove(socket_id);
+    }
+
+    /// The identity of a socket connected to this node in `workspace_id`.
+    pub fn socket(&self, workspace_id: &str, socket_id: &str) -> Option<SocketIdentity> {
+        lock(&self.sockets)
+            .get(socket_id)
+            .filter(|s| s.workspace_id == workspace_id)
+            .cloned()
+    }
+
     /// Every running workspace actor (graceful shutdown closes their sessions).
     pub fn all_workspaces(&self) -> Vec<Addr<WorkspaceActor>> {
         self.workspaces

@@ -46,6 +46,9 @@ impl Default for SessionConfig {
 
 pub struct RealtimeSession {
     id: u64,
+    /// Announced in `realtime.ready`; server requests may act through it.
+    socket_id: String,
+    capabilities: crate::domain::capabilities::Capabilities,
     workspace_id: String,
     entity_id: String,
     is_guest: bool,
@@ -72,8 +75,11 @@ impl RealtimeSession {
         registry: Arc<Registry>,
         config: SessionConfig,
     ) -> Self {
+        let id = NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed);
         Self {
-            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            id,
+            socket_id: format!("{id}.{}", rand::random::<u32>()),
+            capabilities: Default::default(),
             workspace_id,
             entity_id,
             is_guest,
@@ -85,6 +91,12 @@ impl RealtimeSession {
             last_cursor: 0,
             workspace: None,
         }
+    }
+
+    /// The token's capabilities, for server requests bound to this socket.
+    pub fn with_capabilities(mut self, c: crate::domain::capabilities::Capabilities) -> Self {
+        self.capabilities = c;
+        self
     }
 
     fn close(ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
@@ -159,6 +171,12 @@ fn load_replay(
             }
         }
     }
+    let out = crate::compaction::compact_appends(out, |channel, serial, seq| {
+        queries::text_at(&mut conn, channel, serial, seq)
+            .map_err(|e| log::warn!("compaction read failed: {e}"))
+            .ok()
+            .flatten()
+    });
     Ok(Ok(out))
 }
 
@@ -171,6 +189,14 @@ impl Actor for RealtimeSession {
             m.sessions.inc();
         }
         self.start_heartbeat(ctx);
+        self.registry.add_socket(
+            &self.socket_id,
+            crate::registry::SocketIdentity {
+                workspace_id: self.workspace_id.clone(),
+                entity_id: self.entity_id.clone(),
+                capabilities: self.capabilities.clone(),
+            },
+        );
         let workspace = match self.registry.workspace(&self.workspace_id) {
             Ok(w) => w,
             Err(e) => {
@@ -217,7 +243,8 @@ impl Actor for RealtimeSession {
             }
             Ok((_, Err(Resync(reason)))) => Self::close(ctx, close_code::RESYNC_REQUIRED, reason),
             Ok((tail, Ok(events))) => {
-                let ready = serde_json::json!({"type": "realtime.ready", "cursor": crate::ids::cursor_string(tail)});
+                let ready = serde_json::json!({"type": "realtime.ready",
+                    "cursor": crate::ids::cursor_string(tail), "socket_id": act.socket_id});
                 ctx.text(ready.to_string());
                 for ev in events {
                     ctx.text(ev.frame.clone());
@@ -228,6 +255,7 @@ impl Actor for RealtimeSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.registry.remove_socket(&self.socket_id);
         if let Some(w) = &self.workspace {
             w.do_send(Unregister {
                 session_id: self.id,

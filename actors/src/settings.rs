@@ -21,6 +21,8 @@ pub struct WorkspaceSettings {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct VersionedMessageLimits {
+    /// Update, delete, append and version listings; off → 422 `feature_disabled`.
+    pub enabled: bool,
     pub max_page_size: usize,
     pub retention_window_seconds: u64,
     pub purge_batch_size: usize,
@@ -54,6 +56,7 @@ impl Default for WorkspaceSettings {
 impl Default for VersionedMessageLimits {
     fn default() -> Self {
         Self {
+            enabled: true,
             max_page_size: 100,
             retention_window_seconds: 0,
             purge_batch_size: 1000,

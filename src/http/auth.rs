@@ -2,6 +2,7 @@
 
 use actix_web::{web, HttpRequest};
 use switchboard_actors::auth;
+use switchboard_actors::domain::capabilities::Capabilities;
 use switchboard_actors::domain::entity::Entity;
 use switchboard_actors::error::{ApiError, ApiResult};
 use switchboard_actors::store::queries;
@@ -14,9 +15,18 @@ use super::AppState;
 pub struct Caller {
     pub workspace: Workspace,
     pub entity: Entity,
-    /// The token's capability map (SPEC §6); mutable-message rights read it.
-    #[allow(dead_code)]
+    /// The token's capability map (SPEC §6), as the token carried it.
     pub capabilities: Option<serde_json::Value>,
+}
+
+impl Caller {
+    /// The token's capabilities; none when it carries no (readable) claim.
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
+            .as_ref()
+            .map(Capabilities::from_claim)
+            .unwrap_or_default()
+    }
 }
 
 pub fn now_secs() -> i64 {

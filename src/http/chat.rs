@@ -5,8 +5,8 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::channel::{
-    ChangeMembership, ChannelLimits, GetChannel, MarkRead, MembershipChange, PatchChannel,
-    PostMessage, React,
+    Author, ChangeMembership, ChannelLimits, GetChannel, MarkRead, MembershipChange, MutationActor,
+    PatchChannel, PostMessage, React,
 };
 use switchboard_actors::domain::channel::{
     new_direct, Channel, ChannelPatch, GroupLimits, NewGroup,
@@ -14,6 +14,7 @@ use switchboard_actors::domain::channel::{
 use switchboard_actors::domain::entity::{Entity, Role};
 use switchboard_actors::domain::event::{Event, EventDraft};
 use switchboard_actors::domain::message::NewMessage;
+use switchboard_actors::domain::versioned::MutationBody;
 use switchboard_actors::error::{ApiError, ApiResult};
 use switchboard_actors::persistence::Write;
 use switchboard_actors::store::queries;
@@ -22,7 +23,7 @@ use switchboard_actors::{error::close_code, ids};
 
 use super::auth::Caller;
 use super::error::HttpResult;
-use super::{json, State};
+use super::{json, versions, State};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/me", web::get().to(me))
@@ -73,6 +74,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/channels/{id}/messages/{serial}/reactions/{emoji}",
             web::delete().to(remove_reaction),
+        )
+        .route(
+            "/channels/{id}/messages/{serial}/{action}",
+            web::post().to(mutate_message),
         )
         .route("/channels/{id}/read", web::post().to(mark_read));
 }
@@ -605,11 +610,14 @@ async fn post_message(
     let addr = channel_actor(&state, &caller, &path)?;
     let out = addr
         .send(PostMessage {
-            actor: caller.entity.clone(),
+            author: Author::Member(caller.entity.clone()),
             input: body.into_inner(),
             limits: limits(&caller),
         })
         .await??;
+    if let Some(summary) = out.summary {
+        state.broker.publish_ephemeral(summary);
+    }
     let status = if out.event.is_some() {
         StatusCode::CREATED
     } else {
@@ -730,29 +738,57 @@ async fn list_versions(
     state: State,
     caller: Caller,
     path: web::Path<(String, String)>,
+    q: web::Query<versions::PageQuery>,
 ) -> HttpResult<HttpResponse> {
     let (id, serial) = path.into_inner();
+    let settings = &caller.workspace.settings;
+    let page = versions::page(
+        &q,
+        settings.versioned_messages.max_page_size,
+        ids::parse_version_serial,
+    )?;
     let channel = readable(&state, &caller, &id).await?;
-    let cid = channel.id.clone();
-    let rows = state
-        .read(move |conn| {
-            queries::message(conn, &cid, &serial)?
-                .ok_or_else(|| ApiError::not_found("message not found"))?;
-            Ok(queries::versions_of(conn, &cid, &serial)?)
-        })
-        .await?;
-    let versions: Vec<Value> = rows
-        .into_iter()
-        .rev()
-        .map(|v| {
-            json!({"version_serial": ids::version_serial(v.seq), "delivery_serial": v.seq, "action": v.action,
-                   "actor": v.actor, "created_at": v.created_at,
-                   "message": serde_json::from_str::<Value>(&v.body).unwrap_or(Value::Null)})
-        })
-        .collect();
+    versions::check_enabled(settings)?;
+    let listing =
+        versions::list_versions(&state, &channel.id, &channel.name, &serial, &page).await?;
     Ok(json(
         StatusCode::OK,
-        &json!({"versions": versions, "next_cursor": null}),
+        &json!({"versions": listing.items, "next_cursor": listing.next_cursor,
+                "has_more": listing.has_more}),
+    ))
+}
+
+/// `POST /api/channels/{id}/messages/{serial}/update|delete|append`.
+async fn mutate_message(
+    state: State,
+    caller: Caller,
+    path: web::Path<(String, String, String)>,
+    body: web::Json<MutationBody>,
+) -> HttpResult<HttpResponse> {
+    let (id, serial, action) = path.into_inner();
+    let action = versions::parse_action(&action)?;
+    let addr = channel_actor(&state, &caller, &id)?;
+    let actor = MutationActor::Member {
+        entity: caller.entity.clone(),
+        capabilities: caller.capabilities(),
+    };
+    let mut body = body.into_inner();
+    // The caller is the token's entity; connection binding is a server-API matter.
+    body.socket_id = None;
+    body.client_id = None;
+    let out = versions::mutate(
+        addr,
+        actor,
+        serial,
+        action,
+        body,
+        &caller.workspace.settings,
+    )
+    .await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"message": out.message, "event": event_json(&out.event),
+                "status": versions::status_word(&out)}),
     ))
 }
 
@@ -779,6 +815,9 @@ async fn react(
             add,
         })
         .await??;
+    if let Some(summary) = out.summary.clone() {
+        state.broker.publish_ephemeral(summary);
+    }
     let (cid, s, who) = (
         out.message.channel_id.clone(),
         out.message.message_serial.clone(),

@@ -7,6 +7,8 @@ pub mod error;
 pub mod ops;
 pub mod realtime;
 pub mod server_api;
+pub mod server_messages;
+pub mod versions;
 
 use std::sync::Arc;
 

@@ -89,7 +89,8 @@ async fn websocket(
         q.after_cursor,
         state.registry.clone(),
         state.config.session.clone(),
-    );
+    )
+    .with_capabilities(caller.capabilities());
     let protocol = bearer_subprotocol(&req).map(|(p, _)| p);
     let protocols: Vec<&str> = protocol.iter().map(String::as_str).collect();
     let builder = ws::WsResponseBuilder::new(session, &req, stream).frame_size(MAX_FRAME);

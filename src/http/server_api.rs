@@ -25,6 +25,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/tokens", web::post().to(create_token))
         .route("/settings", web::get().to(get_settings))
         .route("/settings", web::patch().to(patch_settings))
+        .configure(super::server_messages::routes)
         .default_service(web::to(super::error::unknown_route));
 }
 

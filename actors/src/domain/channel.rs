@@ -13,6 +13,9 @@ use crate::error::{ApiError, ApiResult, ErrorCode};
 pub enum ChannelType {
     Direct,
     Group,
+    /// Named by a server or Pusher client without a chat channel of that name: private,
+    /// member-less, so the chat API neither lists nor shows it.
+    Implicit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,7 +43,7 @@ macro_rules! str_enum {
         }
     };
 }
-str_enum!(ChannelType { Direct => "direct", Group => "group" });
+str_enum!(ChannelType { Direct => "direct", Group => "group", Implicit => "implicit" });
 str_enum!(Visibility { Public => "public", Private => "private" });
 str_enum!(JoinPolicy { Open => "open", InviteOnly => "invite-only", Request => "request" });
 
@@ -384,6 +387,32 @@ pub fn new_direct(
         tags: Vec::new(),
         metadata: serde_json::json!({}),
         created_by: creator.id.clone(),
+        created_at: now.to_string(),
+        updated_at: now.to_string(),
+        archived_at: None,
+        last_seq: 0,
+    })
+}
+
+/// The implicit channel a server or Pusher client creates by naming it.
+pub fn new_implicit(id: String, workspace_id: String, name: &str, now: &str) -> ApiResult<Channel> {
+    super::validation::pusher_channel_name(name)?;
+    Ok(Channel {
+        id,
+        workspace_id,
+        name: name.to_string(),
+        description: String::new(),
+        channel_type: ChannelType::Implicit,
+        members: BTreeSet::new(),
+        permissions: Permissions {
+            visibility: Visibility::Private,
+            join_policy: JoinPolicy::InviteOnly,
+            modify_members: Vec::new(),
+        },
+        immutable: false,
+        tags: Vec::new(),
+        metadata: serde_json::json!({}),
+        created_by: String::new(),
         created_at: now.to_string(),
         updated_at: now.to_string(),
         archived_at: None,

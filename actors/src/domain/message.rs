@@ -5,12 +5,43 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 
+/// Where a message is in its life as an AI token stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamStatus {
+    /// Never appended to.
+    #[default]
+    None,
+    Open,
+    Closed,
+}
+
+impl StreamStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Open => "open",
+            Self::Closed => "closed",
+        }
+    }
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "open" => Self::Open,
+            "closed" => Self::Closed,
+            _ => Self::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Message {
     pub message_serial: String,
     pub history_serial: i64,
     pub version_serial: String,
     pub channel_id: String,
+    /// The creator; empty for a server-created message without `client_id` (unidentified),
+    /// shown as `null`.
+    #[serde(serialize_with = "empty_as_null")]
     pub sender: String,
     pub name: String,
     pub data: Value,
@@ -23,8 +54,24 @@ pub struct Message {
     pub nonce: Option<String>,
     pub deleted: bool,
     pub reply_count: i64,
+    pub stream_status: StreamStatus,
     pub created_at: String,
     pub updated_at: String,
+    /// The action of the latest version.
+    #[serde(skip)]
+    pub last_action: &'static str,
+    #[serde(skip)]
+    pub append_count: i64,
+    #[serde(skip)]
+    pub last_append_at: Option<String>,
+}
+
+fn empty_as_null<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_empty() {
+        s.serialize_none()
+    } else {
+        s.serialize_str(v)
+    }
 }
 
 impl Message {
@@ -35,6 +82,9 @@ impl Message {
         if let Value::Object(map) = &mut v {
             map.insert("message_id".into(), json!(self.message_serial));
             map.insert("author_id".into(), json!(self.sender));
+            if self.sender.is_empty() {
+                map.insert("author_id".into(), Value::Null);
+            }
             if let Some(d) = direct_conversation_id {
                 map.insert("direct_conversation_id".into(), json!(d));
             }
@@ -136,8 +186,12 @@ impl NewMessage {
             nonce: self.nonce,
             deleted: false,
             reply_count: 0,
+            stream_status: StreamStatus::None,
             created_at: now.to_string(),
             updated_at: now.to_string(),
+            last_action: "create",
+            append_count: 0,
+            last_append_at: None,
         }
     }
 }

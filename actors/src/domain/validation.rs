@@ -33,6 +33,27 @@ pub fn channel_name(name: &str) -> ApiResult<()> {
     }
 }
 
+/// Channel names on the server API and the Pusher face: 1..164 characters (Pusher's limit)
+/// of `[A-Za-z0-9_:=@,.;#-]`.
+pub fn pusher_channel_name(name: &str) -> ApiResult<()> {
+    let ok = (1..=164).contains(&name.len())
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'_' | b':' | b'=' | b'@' | b',' | b'.' | b';' | b'-' | b'#'
+                )
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "channel name must be 1..164 characters of [A-Za-z0-9_:=@,.;#-]: '{}'",
+            name.chars().take(64).collect::<String>()
+        )))
+    }
+}
+
 /// Names of entities, 1..100 characters.
 pub fn display_name(name: &str) -> ApiResult<()> {
     if (1..=100).contains(&name.chars().count()) {

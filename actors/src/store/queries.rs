@@ -490,6 +490,227 @@ pub fn versions_of(
         .load(conn)
 }
 
+/// Writes the latest state of a message after an update, delete or append. The reply
+/// counters are left alone: they have their own increments.
+pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
+    let row = MessageRow::from_message(m, "");
+    diesel::update(messages::table.find((&m.channel_id, &m.message_serial)))
+        .set((
+            messages::name.eq(row.name),
+            messages::data.eq(row.data),
+            messages::extras.eq(row.extras),
+            messages::deleted.eq(row.deleted),
+            messages::version_serial.eq(row.version_serial),
+            messages::updated_at.eq(row.updated_at),
+            messages::last_action.eq(row.last_action),
+            messages::append_count.eq(row.append_count),
+            messages::stream_status.eq(row.stream_status),
+            messages::last_append_at.eq(row.last_append_at),
+        ))
+        .execute(conn)
+}
+
+/// The version an op_id produced for this message and action, if any.
+pub fn version_by_op(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    action: &str,
+    op_id: &str,
+) -> QueryResult<Option<VersionRow>> {
+    message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::message_serial.eq(serial))
+        .filter(message_versions::action.eq(action))
+        .filter(message_versions::op_id.eq(op_id))
+        .select(VersionRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn version_at(conn: &mut Conn, channel_id: &str, seq: i64) -> QueryResult<Option<VersionRow>> {
+    message_versions::table
+        .find((channel_id, seq))
+        .select(VersionRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// One page of a message's versions: after (oldest first) or before (newest first) the
+/// version at `cursor_seq`.
+pub fn versions_page(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    newest_first: bool,
+    cursor_seq: Option<i64>,
+    limit: i64,
+) -> QueryResult<Vec<VersionRow>> {
+    let q = message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::message_serial.eq(serial))
+        .select(VersionRow::as_select())
+        .limit(limit)
+        .into_boxed();
+    match (newest_first, cursor_seq) {
+        (true, Some(c)) => q
+            .filter(message_versions::seq.lt(c))
+            .order(message_versions::seq.desc()),
+        (true, None) => q.order(message_versions::seq.desc()),
+        (false, Some(c)) => q
+            .filter(message_versions::seq.gt(c))
+            .order(message_versions::seq.asc()),
+        (false, None) => q.order(message_versions::seq.asc()),
+    }
+    .load(conn)
+}
+
+/// One page of a channel's messages (replies included), latest state, by history serial.
+pub fn history_page(
+    conn: &mut Conn,
+    channel_id: &str,
+    newest_first: bool,
+    cursor: Option<i64>,
+    limit: i64,
+) -> QueryResult<Vec<Message>> {
+    let q = messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .select(MessageRow::as_select())
+        .limit(limit)
+        .into_boxed();
+    let rows: Vec<MessageRow> = match (newest_first, cursor) {
+        (true, Some(c)) => q
+            .filter(messages::history_seq.lt(c))
+            .order(messages::history_seq.desc())
+            .load(conn)?,
+        (true, None) => q.order(messages::history_seq.desc()).load(conn)?,
+        (false, Some(c)) => q
+            .filter(messages::history_seq.gt(c))
+            .order(messages::history_seq.asc())
+            .load(conn)?,
+        (false, None) => q.order(messages::history_seq.asc()).load(conn)?,
+    };
+    Ok(rows.into_iter().map(Message::from).collect())
+}
+
+/// Messages of a channel whose stream is open, with the time of their last append.
+pub fn open_streams(
+    conn: &mut Conn,
+    channel_id: &str,
+) -> QueryResult<Vec<(String, Option<String>)>> {
+    messages::table
+        .filter(messages::channel_id.eq(channel_id))
+        .filter(messages::stream_status.eq("open"))
+        .select((messages::message_serial, messages::last_append_at))
+        .load(conn)
+}
+
+/// A message's text as of version `seq`: the data of the last create, update or delete at or
+/// before it plus the fragments appended since. `None` when that base version was purged or
+/// its data is not a string.
+pub fn text_at(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+    seq: i64,
+) -> QueryResult<Option<String>> {
+    let base: Option<(i64, String)> = message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::message_serial.eq(serial))
+        .filter(message_versions::seq.le(seq))
+        .filter(message_versions::action.ne("append"))
+        .order(message_versions::seq.desc())
+        .select((message_versions::seq, message_versions::body))
+        .first(conn)
+        .optional()?;
+    let Some((base_seq, body)) = base else {
+        return Ok(None);
+    };
+    let mut text = match json_or(&body, serde_json::Value::Null).get("data") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => String::new(),
+        Some(_) => return Ok(None),
+    };
+    let fragments: Vec<(i64, String)> = message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::message_serial.eq(serial))
+        .filter(message_versions::seq.gt(base_seq))
+        .filter(message_versions::seq.le(seq))
+        .order(message_versions::seq.asc())
+        .select((message_versions::seq, message_versions::body))
+        .load(conn)?;
+    // Each append records the length after it: a purged fragment shows as a mismatch.
+    let mut expected_len = text.len();
+    for (_, body) in fragments {
+        let body = json_or(&body, serde_json::Value::Null);
+        match body.get("data") {
+            Some(serde_json::Value::String(f)) => text.push_str(f),
+            _ => return Ok(None),
+        }
+        expected_len = body
+            .get("length")
+            .and_then(serde_json::Value::as_u64)
+            .map_or(text.len(), |l| l as usize);
+    }
+    if expected_len != text.len() {
+        return Ok(None);
+    }
+    Ok(Some(text))
+}
+
+/// Deletes up to `batch` versions created before `cutoff` in a workspace, never the newest
+/// version of a message. Returns how many went.
+pub fn purge_versions(
+    conn: &mut Conn,
+    workspace_id: &str,
+    cutoff: &str,
+    batch: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM message_versions WHERE (channel_id, seq) IN (\
+           SELECT v.channel_id, v.seq FROM message_versions v \
+           JOIN channels c ON c.id = v.channel_id \
+           WHERE c.workspace_id = ? AND v.created_at < ? \
+             AND EXISTS (SELECT 1 FROM message_versions n \
+                         WHERE n.channel_id = v.channel_id AND n.message_serial = v.message_serial \
+                           AND n.seq > v.seq) \
+           LIMIT ?)",
+    )
+    .bind::<diesel::sql_types::Text, _>(workspace_id)
+    .bind::<diesel::sql_types::Text, _>(cutoff)
+    .bind::<diesel::sql_types::BigInt, _>(batch)
+    .execute(conn)
+}
+
+/// Workspace ids with their stored settings (the purge pass reads the retention window).
+pub fn workspace_settings_all(conn: &mut Conn) -> QueryResult<Vec<(String, String)>> {
+    workspaces::table
+        .select((workspaces::id, workspaces::settings))
+        .load(conn)
+}
+
+/// Per-emoji reaction counts of a message.
+pub fn reaction_counts(
+    conn: &mut Conn,
+    channel_id: &str,
+    serial: &str,
+) -> QueryResult<std::collections::BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = reactions::table
+        .filter(reactions::channel_id.eq(channel_id))
+        .filter(reactions::message_serial.eq(serial))
+        .group_by(reactions::emoji)
+        .select((reactions::emoji, diesel::dsl::count_star()))
+        .load(conn)?;
+    Ok(rows.into_iter().collect())
+}
+
+pub fn reply_count(conn: &mut Conn, channel_id: &str, serial: &str) -> QueryResult<i64> {
+    messages::table
+        .find((channel_id, serial))
+        .select(messages::reply_count)
+        .first(conn)
+}
+
 /// Unread roots and replies after a read pointer: the channel's seqs are all messages.
 pub fn count_messages_after(conn: &mut Conn, channel_id: &str, after_seq: i64) -> QueryResult<i64> {
     messages::table

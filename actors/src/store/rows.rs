@@ -11,7 +11,7 @@ use crate::domain::entity::{Entity, EntityKind, Role};
 use crate::domain::message::Message;
 use crate::settings::WorkspaceSettings;
 
-fn json_or(raw: &str, default: Value) -> Value {
+pub(crate) fn json_or(raw: &str, default: Value) -> Value {
     serde_json::from_str(raw).unwrap_or(default)
 }
 
@@ -222,6 +222,10 @@ pub struct MessageRow {
     pub last_reply_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    pub last_action: String,
+    pub append_count: i64,
+    pub stream_status: String,
+    pub last_append_at: Option<String>,
 }
 
 impl From<MessageRow> for Message {
@@ -247,8 +251,13 @@ impl From<MessageRow> for Message {
             nonce: r.nonce,
             deleted: r.deleted,
             reply_count: r.reply_count,
+            stream_status: crate::domain::message::StreamStatus::parse(&r.stream_status),
             created_at: r.created_at,
             updated_at: r.updated_at,
+            last_action: crate::domain::versioned::Action::parse(&r.last_action)
+                .map_or("create", |a| a.as_str()),
+            append_count: r.append_count,
+            last_append_at: r.last_append_at,
         }
     }
 }
@@ -280,6 +289,10 @@ impl MessageRow {
             last_reply_at: None,
             created_at: m.created_at.clone(),
             updated_at: m.updated_at.clone(),
+            last_action: m.last_action.to_string(),
+            append_count: m.append_count,
+            stream_status: m.stream_status.as_str().to_string(),
+            last_append_at: m.last_append_at.clone(),
         }
     }
 }
@@ -295,6 +308,7 @@ pub struct VersionRow {
     pub op_id: Option<String>,
     pub body: String,
     pub created_at: String,
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

@@ -89,6 +89,10 @@ diesel::table! {
         last_reply_at -> Nullable<Text>,
         created_at -> Text,
         updated_at -> Text,
+        last_action -> Text,
+        append_count -> BigInt,
+        stream_status -> Text,
+        last_append_at -> Nullable<Text>,
     }
 }
 
@@ -102,6 +106,7 @@ diesel::table! {
         op_id -> Nullable<Text>,
         body -> Text,
         created_at -> Text,
+        fingerprint -> Nullable<Text>,
     }
 }
 

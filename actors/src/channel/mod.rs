@@ -3,6 +3,14 @@
 //! lock. Writes are pipelined: the actor assigns seqs and hands writes to the persistence
 //! actor without waiting for each commit, and the persistence actor refuses any write whose
 //! seq does not follow the committed one, so seqs stay contiguous even after a failure.
+//!
+//! The actor keeps the latest state of the messages it is writing ("hot" messages): a
+//! mutation must build on the previous one even before that one has committed, so 50
+//! concurrent appenders get one order that every reader agrees on.
+
+mod versions;
+
+pub use versions::{Mutate, MutationActor, MutationOutcome, VersionSettings};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,10 +45,19 @@ pub struct GetChannel {
     pub viewer: Entity,
 }
 
+/// Who creates a message.
+#[derive(Debug, Clone)]
+pub enum Author {
+    /// A member through the chat API: membership and moderation rules apply.
+    Member(Entity),
+    /// A signed server request; `client_id` names the creator when given.
+    Server { client_id: Option<String> },
+}
+
 #[derive(Message)]
 #[rtype(result = "ApiResult<PostOutcome>")]
 pub struct PostMessage {
-    pub actor: Entity,
+    pub author: Author,
     pub input: NewMessage,
     pub limits: ChannelLimits,
 }
@@ -49,6 +66,8 @@ pub struct PostOutcome {
     pub message: Message,
     /// `None` for a nonce replay: nothing new was written.
     pub event: Option<Arc<Event>>,
+    /// The thread root's `message.summary` (ephemeral) when this is a reply.
+    pub summary: Option<Arc<Event>>,
 }
 
 #[derive(Message)]
@@ -63,6 +82,8 @@ pub struct React {
 pub struct ReactionOutcome {
     pub message: Message,
     pub event: Option<Arc<Event>>,
+    /// The message's `message.summary` (ephemeral) when the reactions changed.
+    pub summary: Option<Arc<Event>>,
 }
 
 #[derive(Message)]
@@ -124,6 +145,10 @@ pub struct ChannelActor {
     pending_nonces: HashMap<(String, String), ()>,
     /// Reply counts of thread roots this actor has seen (it is their only writer).
     reply_counts: HashMap<String, i64>,
+    /// Latest state of messages being written, including writes not yet committed.
+    hot: HashMap<String, versions::HotMessage>,
+    /// Open streams: message serial → unix ms of its last append. Loaded on first use.
+    open_streams: Option<HashMap<String, i64>>,
     idle_timer: Option<SpawnHandle>,
 }
 
@@ -144,6 +169,8 @@ impl ChannelActor {
             resyncing: false,
             pending_nonces: HashMap::new(),
             reply_counts: HashMap::new(),
+            hot: HashMap::new(),
+            open_streams: None,
             idle_timer: None,
         }
     }
@@ -217,6 +244,10 @@ impl ChannelActor {
     }
 
     fn reload_seq(&mut self) {
+        // Uncommitted states may have been refused: rebuild them from the store.
+        self.hot.clear();
+        self.open_streams = None;
+        self.reply_counts.clear();
         match self
             .conn()
             .and_then(|mut c| Ok(queries::channel_last_seq(&mut c, &self.channel.id)?))
@@ -232,8 +263,37 @@ impl ChannelActor {
 
     fn existing_message(&self, serial: &str) -> ApiResult<Message> {
         crate::domain::validation::serial(serial)?;
+        if let Some(h) = self.hot.get(serial) {
+            return Ok(h.message.clone());
+        }
         queries::message(&mut *self.conn()?, &self.channel.id, serial)?
             .ok_or_else(|| ApiError::not_found("message not found"))
+    }
+
+    /// The ephemeral `message.summary` of a message (reaction and reply counts), read after
+    /// the change committed.
+    fn summary_event(&self, message: &Message) -> ApiResult<Arc<Event>> {
+        let mut conn = self.conn()?;
+        let reactions =
+            queries::reaction_counts(&mut conn, &self.channel.id, &message.message_serial)?;
+        let reply_count =
+            queries::reply_count(&mut conn, &self.channel.id, &message.message_serial)?;
+        Ok(Event::build(
+            format!("eph_{}", ulid::Ulid::new().to_string().to_lowercase()),
+            None,
+            "message.summary".into(),
+            self.channel.workspace_id.clone(),
+            Some(self.channel.id.clone()),
+            Some(message.history_serial),
+            crate::ids::now_rfc3339(),
+            json!({
+                "message_id": message.message_serial,
+                "reactions": reactions,
+                "reply_count": reply_count,
+                "direct_conversation_id": self.direct_id(),
+            }),
+            self.channel.private_recipients(),
+        ))
     }
 }
 
@@ -268,24 +328,30 @@ impl Handler<PostMessage> for ChannelActor {
             Ok(Prepared::Replay(message)) => Box::pin(fut::ready(Ok(PostOutcome {
                 message,
                 event: None,
+                summary: None,
             }))),
             Ok(Prepared::New {
                 message,
                 apply,
                 events,
                 nonce_key,
+                root,
             }) => {
                 let seq = message.history_serial;
+                self.hold_hot(&message);
                 Box::pin(
                     self.submit(Some((seq, seq)), apply, events)
                         .map(move |res, act, _| {
                             if let Some(k) = &nonce_key {
                                 act.pending_nonces.remove(k);
                             }
+                            act.release_hot(&message.message_serial);
                             let events = res?;
+                            let summary = root.and_then(|r| act.summary_event(&r).ok());
                             Ok(PostOutcome {
                                 message,
                                 event: events.into_iter().next(),
+                                summary,
                             })
                         }),
                 )
@@ -294,6 +360,7 @@ impl Handler<PostMessage> for ChannelActor {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Prepared {
     Replay(Message),
     New {
@@ -301,18 +368,25 @@ enum Prepared {
         apply: Apply,
         events: Vec<EventDraft>,
         nonce_key: Option<(String, String)>,
+        /// The thread root when this is a reply.
+        root: Option<Message>,
     },
 }
 
 impl ChannelActor {
     fn prepare_post(&mut self, msg: PostMessage) -> ApiResult<Prepared> {
         let now = crate::ids::now_rfc3339();
-        let actor = msg.actor;
-        self.channel.check_can_post(&actor, &now)?;
+        let sender = match &msg.author {
+            Author::Member(actor) => {
+                self.channel.check_can_post(actor, &now)?;
+                actor.id.clone()
+            }
+            Author::Server { client_id } => client_id.clone().unwrap_or_default(),
+        };
         self.check_accepting()?;
         msg.input.validate(msg.limits.max_attachments)?;
         let mut conn = self.conn()?;
-        let nonce_key = msg.input.nonce.clone().map(|n| (actor.id.clone(), n));
+        let nonce_key = msg.input.nonce.clone().map(|n| (sender.clone(), n));
         if let Some((sender, nonce)) = &nonce_key {
             if self
                 .pending_nonces
@@ -328,10 +402,12 @@ impl ChannelActor {
                 return Ok(Prepared::Replay(existing));
             }
         }
+        drop(conn);
         let root = match &msg.input.thread_id {
             Some(t) => {
-                let root = queries::message(&mut conn, &self.channel.id, t)?
-                    .ok_or_else(|| ApiError::not_found("thread root not found"))?;
+                let root = self
+                    .existing_message(t)
+                    .map_err(|_| ApiError::not_found("thread root not found"))?;
                 if root.thread_id.is_some() {
                     return Err(ApiError::invalid("nested thread replies are not supported"));
                 }
@@ -339,11 +415,8 @@ impl ChannelActor {
             }
             None => None,
         };
-        drop(conn);
         let seq = self.last_seq + 1;
-        let message = msg
-            .input
-            .into_message(&self.channel.id, &actor.id, seq, &now);
+        let message = msg.input.into_message(&self.channel.id, &sender, seq, &now);
         let mut events = vec![self
             .draft("message.created", message.event_payload(self.direct_id()))
             .seq(seq)];
@@ -357,7 +430,7 @@ impl ChannelActor {
                 "root_message_id": root.message_serial,
                 "thread_id": root.message_serial,
                 "message_id": message.message_serial,
-                "author_id": actor.id,
+                "author_id": (!sender.is_empty()).then_some(&sender),
                 "reply_count": *count,
                 "last_reply_at": now,
             });
@@ -376,7 +449,7 @@ impl ChannelActor {
         }
         let workspace_id = self.channel.workspace_id.clone();
         let stored = message.clone();
-        let root_serial = root.map(|r| r.message_serial);
+        let root_serial = root.as_ref().map(|r| r.message_serial.clone());
         let apply: Apply = Box::new(move |conn| {
             queries::insert_message(conn, &stored, &workspace_id)?;
             queries::insert_version(
@@ -386,10 +459,11 @@ impl ChannelActor {
                     seq: stored.history_serial,
                     message_serial: stored.message_serial.clone(),
                     action: "create".into(),
-                    actor: Some(stored.sender.clone()),
+                    actor: (!stored.sender.is_empty()).then(|| stored.sender.clone()),
                     op_id: None,
                     body: serde_json::to_string(&stored).map_err(ApiError::internal)?,
                     created_at: stored.created_at.clone(),
+                    fingerprint: None,
                 },
             )?;
             if let Some(r) = &root_serial {
@@ -402,6 +476,7 @@ impl ChannelActor {
             apply,
             events,
             nonce_key,
+            root,
         })
     }
 }
@@ -447,14 +522,20 @@ impl Handler<React> for ChannelActor {
         })();
         match prepared {
             Err(e) => Box::pin(fut::ready(Err(e))),
-            Ok((message, apply, draft)) => {
-                Box::pin(self.submit(None, apply, vec![draft]).map(move |res, _, _| {
+            Ok((message, apply, draft)) => Box::pin(self.submit(None, apply, vec![draft]).map(
+                move |res, act, _| {
+                    let event = res?.into_iter().next();
+                    let summary = match &event {
+                        Some(_) => act.summary_event(&message).ok(),
+                        None => None,
+                    };
                     Ok(ReactionOutcome {
                         message,
-                        event: res?.into_iter().next(),
+                        event,
+                        summary,
                     })
-                }))
-            }
+                },
+            )),
         }
     }
 }

@@ -1,0 +1,363 @@
+//! Update, delete and append on the ChannelActor: authorization, op_id idempotency, stream
+//! limits, and the hot-message cache that lets mutations pipeline without losing order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::ChannelActor;
+use crate::auth::constant_time_eq;
+use crate::domain::capabilities::{allows_mutation, Capabilities};
+use crate::domain::entity::{Entity, Role};
+use crate::domain::event::Event;
+use crate::domain::message::{Message, StreamStatus};
+use crate::domain::versioned::{self, Action, Mutation, StreamContext};
+use crate::error::{ApiError, ApiResult, ErrorCode};
+use crate::persistence::Apply;
+use crate::settings::AiTransportLimits;
+use crate::store::queries;
+use crate::store::rows::VersionRow;
+
+/// Hot messages without writes in flight are dropped beyond this many.
+const HOT_LIMIT: usize = 2048;
+
+/// The latest state of a message with writes possibly in flight.
+pub(super) struct HotMessage {
+    pub(super) message: Message,
+    /// Writes of this message not yet committed or failed.
+    pending: usize,
+    /// op_ids of this actor's lifetime: (action, op_id) → (fingerprint, seq).
+    ops: HashMap<(Action, String), (String, i64)>,
+}
+
+/// Who asks for a mutation, and so which rule authorizes it (SPEC §6).
+#[derive(Debug, Clone)]
+pub enum MutationActor {
+    /// A chat-API member: own messages always, `*_any` by capability, moderators delete.
+    Member {
+        entity: Entity,
+        capabilities: Capabilities,
+    },
+    /// A server request bound to a connected socket: its token's capabilities decide.
+    Connection {
+        entity_id: String,
+        capabilities: Capabilities,
+    },
+    /// A signed server request without `socket_id`.
+    Privileged { client_id: Option<String> },
+}
+
+impl MutationActor {
+    fn id(&self) -> Option<&str> {
+        match self {
+            Self::Member { entity, .. } => Some(&entity.id),
+            Self::Connection { entity_id, .. } => Some(entity_id),
+            Self::Privileged { client_id } => client_id.as_deref(),
+        }
+    }
+}
+
+/// The workspace settings a mutation is checked against.
+#[derive(Debug, Clone)]
+pub struct VersionSettings {
+    pub enabled: bool,
+    pub ai: AiTransportLimits,
+}
+
+#[derive(Message)]
+#[rtype(result = "ApiResult<MutationOutcome>")]
+pub struct Mutate {
+    pub actor: MutationActor,
+    pub serial: String,
+    pub mutation: Mutation,
+    pub settings: VersionSettings,
+}
+
+#[derive(Debug)]
+pub struct MutationOutcome {
+    /// The latest state after this mutation (for a duplicate: the latest state now).
+    pub message: Message,
+    pub action: Action,
+    pub version_serial: String,
+    pub delivery_serial: i64,
+    pub duplicate: bool,
+    /// `None` for a duplicate: nothing was written or fanned out.
+    pub event: Option<Arc<Event>>,
+}
+
+impl ChannelActor {
+    /// Pins a message's state while a write of it is in flight.
+    pub(super) fn hold_hot(&mut self, message: &Message) {
+        if self.hot.len() >= HOT_LIMIT {
+            self.hot.retain(|_, h| h.pending > 0);
+        }
+        let h = self
+            .hot
+            .entry(message.message_serial.clone())
+            .or_insert_with(|| HotMessage {
+                message: message.clone(),
+                pending: 0,
+                ops: HashMap::new(),
+            });
+        h.message = message.clone();
+        h.pending += 1;
+    }
+
+    pub(super) fn release_hot(&mut self, serial: &str) {
+        if let Some(h) = self.hot.get_mut(serial) {
+            h.pending = h.pending.saturating_sub(1);
+        }
+    }
+
+    /// The latest state: the hot copy (which may include writes in flight) or the store's.
+    fn latest(&mut self, serial: &str) -> ApiResult<Message> {
+        crate::domain::validation::serial(serial)?;
+        if let Some(h) = self.hot.get(serial) {
+            return Ok(h.message.clone());
+        }
+        queries::message(&mut *self.conn()?, &self.channel.id, serial)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "Message '{serial}' was not found in channel '{}'",
+                self.channel.name
+            ))
+        })
+    }
+
+    fn authorize(&self, actor: &MutationActor, action: Action, creator: &str) -> ApiResult<()> {
+        let creator = (!creator.is_empty()).then_some(creator);
+        let allowed = match actor {
+            MutationActor::Privileged { .. } => true,
+            MutationActor::Member {
+                entity,
+                capabilities,
+            } => {
+                let own = creator.is_some_and(|c| constant_time_eq(c, &entity.id));
+                let moderates = action == Action::Delete
+                    && matches!(entity.role, Role::Owner | Role::Moderator);
+                own || moderates
+                    || allows_mutation(
+                        capabilities,
+                        action,
+                        &self.channel.name,
+                        Some(&entity.id),
+                        creator,
+                    )
+            }
+            MutationActor::Connection {
+                entity_id,
+                capabilities,
+            } => allows_mutation(
+                capabilities,
+                action,
+                &self.channel.name,
+                Some(entity_id),
+                creator,
+            ),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::MutableNotPermitted,
+                format!(
+                    "not allowed to {} this message on channel '{}'",
+                    action.as_str(),
+                    self.channel.name
+                ),
+            ))
+        }
+    }
+
+    /// A previous mutation with the same op_id: its seq when the payload matches.
+    fn replayed_op(&mut self, serial: &str, m: &Mutation) -> ApiResult<Option<i64>> {
+        let Some(op) = &m.body.op_id else {
+            return Ok(None);
+        };
+        let fingerprint = m.fingerprint();
+        let known = self
+            .hot
+            .get(serial)
+            .and_then(|h| h.ops.get(&(m.action, op.clone())).cloned());
+        let known = match known {
+            Some(k) => Some(k),
+            None => queries::version_by_op(
+                &mut *self.conn()?,
+                &self.channel.id,
+                serial,
+                m.action.as_str(),
+                op,
+            )?
+            .map(|v| (v.fingerprint.unwrap_or_default(), v.seq)),
+        };
+        match known {
+            None => Ok(None),
+            Some((f, seq)) if constant_time_eq(&f, &fingerprint) => Ok(Some(seq)),
+            Some(_) => Err(ApiError::invalid(
+                "op_id was already used with a different payload",
+            )),
+        }
+    }
+
+    /// Open streams now, after dropping those idle past the timeout.
+    fn stream_context(&mut self, serial: &str, idle_timeout_s: u64) -> ApiResult<StreamContext> {
+        if self.open_streams.is_none() {
+            let rows = queries::open_streams(&mut *self.conn()?, &self.channel.id)?;
+            let map = rows
+                .into_iter()
+                .map(|(s, at)| (s, at.as_deref().map_or(0, crate::ids::rfc3339_millis)))
+                .collect();
+            self.open_streams = Some(map);
+        }
+        let now = crate::ids::now_millis();
+        let idle_ms = (idle_timeout_s as i64).saturating_mul(1000);
+        let streams = self.open_streams.get_or_insert_with(HashMap::new);
+        streams.retain(|_, last| now - *last <= idle_ms);
+        Ok(StreamContext {
+            open_now: streams.contains_key(serial),
+            open_in_channel: streams.len(),
+        })
+    }
+
+    fn prepare_mutation(&mut self, msg: Mutate) -> ApiResult<Prepared> {
+        let now = crate::ids::now_rfc3339();
+        if let MutationActor::Member { entity, .. } = &msg.actor {
+            self.channel.check_can_post(entity, &now)?;
+        }
+        if !msg.settings.enabled {
+            return Err(ApiError::new(
+                ErrorCode::FeatureDisabled,
+                "versioned messages are disabled in this workspace",
+            ));
+        }
+        if self.channel.immutable {
+            return Err(ApiError::new(
+                ErrorCode::MessageImmutable,
+                "this channel is immutable: its messages cannot be updated, deleted or appended to",
+            ));
+        }
+        self.check_accepting()?;
+        let current = self.latest(&msg.serial)?;
+        let action = msg.mutation.action;
+        self.authorize(&msg.actor, action, &current.sender)?;
+        if let Some(seq) = self.replayed_op(&current.message_serial, &msg.mutation)? {
+            return Ok(Prepared::Duplicate(MutationOutcome {
+                message: current,
+                action,
+                version_serial: crate::ids::version_serial(seq),
+                delivery_serial: seq,
+                duplicate: true,
+                event: None,
+            }));
+        }
+        let stream = if action == Action::Append {
+            self.stream_context(
+                &current.message_serial,
+                msg.settings.ai.stream_idle_timeout_seconds,
+            )?
+        } else {
+            StreamContext {
+                open_now: true,
+                open_in_channel: 0,
+            }
+        };
+        let seq = self.last_seq + 1;
+        let mut mutation = msg.mutation;
+        // The version records who made it: the authenticated actor, else the given client_id.
+        mutation.body.client_id = msg.actor.id().map(str::to_string);
+        let applied = versioned::apply(&current, &mutation, seq, &now, &msg.settings.ai, stream)?;
+        self.last_seq = seq;
+        let next = applied.message;
+        match next.stream_status {
+            StreamStatus::Open => {
+                if let Some(s) = self.open_streams.as_mut() {
+                    s.insert(next.message_serial.clone(), crate::ids::now_millis());
+                }
+            }
+            _ => {
+                if let Some(s) = self.open_streams.as_mut() {
+                    s.remove(&next.message_serial);
+                }
+            }
+        }
+        self.hold_hot(&next);
+        if let (Some(op), Some(h)) = (&mutation.body.op_id, self.hot.get_mut(&next.message_serial))
+        {
+            h.ops
+                .insert((action, op.clone()), (mutation.fingerprint(), seq));
+        }
+        let mut payload = applied.event_payload;
+        if let Some(d) = self.direct_id() {
+            payload["direct_conversation_id"] = serde_json::json!(d);
+        }
+        let draft = self.draft(action.event_type(), payload).seq(seq);
+        let row = VersionRow {
+            channel_id: self.channel.id.clone(),
+            seq,
+            message_serial: next.message_serial.clone(),
+            action: action.as_str().to_string(),
+            actor: mutation.body.client_id.clone(),
+            op_id: mutation.body.op_id.clone(),
+            body: applied.version_body.to_string(),
+            created_at: now,
+            fingerprint: mutation.body.op_id.as_ref().map(|_| mutation.fingerprint()),
+        };
+        let stored = next.clone();
+        let apply: Apply = Box::new(move |conn| {
+            queries::insert_version(conn, &row)?;
+            queries::save_message_state(conn, &stored)?;
+            Ok(true)
+        });
+        Ok(Prepared::Write {
+            message: next,
+            action,
+            seq,
+            apply,
+            draft,
+        })
+    }
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    Duplicate(MutationOutcome),
+    Write {
+        message: Message,
+        action: Action,
+        seq: i64,
+        apply: Apply,
+        draft: crate::domain::event::EventDraft,
+    },
+}
+
+impl Handler<Mutate> for ChannelActor {
+    type Result = ResponseActFuture<Self, ApiResult<MutationOutcome>>;
+
+    fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
+        self.touch(ctx);
+        match self.prepare_mutation(msg) {
+            Err(e) => Box::pin(fut::ready(Err(e))),
+            Ok(Prepared::Duplicate(outcome)) => Box::pin(fut::ready(Ok(outcome))),
+            Ok(Prepared::Write {
+                message,
+                action,
+                seq,
+                apply,
+                draft,
+            }) => Box::pin(self.submit(Some((seq, seq)), apply, vec![draft]).map(
+                move |res, act, _| {
+                    act.release_hot(&message.message_serial);
+                    let event = res?.into_iter().next();
+                    Ok(MutationOutcome {
+                        version_serial: message.version_serial.clone(),
+                        message,
+                        action,
+                        delivery_serial: seq,
+                        duplicate: false,
+                        event,
+                    })
+                },
+            )),
+        }
+    }
+}

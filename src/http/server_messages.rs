@@ -1,0 +1,353 @@
+//! Messages on the signed server API (SPEC §5, seed 000): `POST /events` creates versioned
+//! messages; update, delete, append, reads, versions and history address a channel by name.
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use switchboard_actors::auth::constant_time_eq;
+use switchboard_actors::channel::{Author, ChannelLimits, MutationActor, PostMessage};
+use switchboard_actors::domain::channel::{new_implicit, Channel};
+use switchboard_actors::domain::message::NewMessage;
+use switchboard_actors::domain::validation;
+use switchboard_actors::domain::versioned::MutationBody;
+use switchboard_actors::error::{ApiError, ApiResult, ErrorCode};
+use switchboard_actors::ids;
+use switchboard_actors::persistence::Write;
+use switchboard_actors::store::queries;
+use switchboard_actors::store::rows::Workspace;
+
+use super::auth::{parse_body, signed_app};
+use super::error::HttpResult;
+use super::versions::{self, PageQuery};
+use super::{json, State};
+
+/// Pusher's limits: 100 channels per trigger, 64 KiB of event data.
+const MAX_TRIGGER_CHANNELS: usize = 100;
+const MAX_EVENT_DATA: usize = 64 * 1024;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/events", web::post().to(trigger))
+        .route("/channels/{channel}/history", web::get().to(history))
+        .route(
+            "/channels/{channel}/messages/{serial}",
+            web::get().to(get_message),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/versions",
+            web::get().to(list_versions),
+        )
+        .route(
+            "/channels/{channel}/messages/{serial}/{action}",
+            web::post().to(mutate),
+        );
+}
+
+/// The channel of a name: the chat channel so named, else the implicit one (created when
+/// `create` is set, else 404).
+async fn channel_named(
+    state: &State,
+    ws: &Workspace,
+    name: &str,
+    create: bool,
+) -> ApiResult<Channel> {
+    validation::pusher_channel_name(name)?;
+    for _ in 0..2 {
+        let (w, n) = (ws.id.clone(), name.to_string());
+        let found = state
+            .read(move |conn| {
+                Ok(match queries::channel_id_by_name(conn, &w, &n)? {
+                    Some(id) => queries::channel(conn, &id)?,
+                    None => None,
+                })
+            })
+            .await?;
+        if let Some(c) = found {
+            return Ok(c);
+        }
+        if !create {
+            break;
+        }
+        let now = ids::now_rfc3339();
+        let channel = new_implicit(ids::new_channel_id(), ws.id.clone(), name, &now)?;
+        let row = channel.clone();
+        let created = state
+            .persistence
+            .write(Write {
+                workspace_id: ws.id.clone(),
+                channel_seqs: None,
+                apply: Box::new(move |conn| {
+                    if queries::channel_id_by_name(conn, &row.workspace_id, &row.name)?.is_some() {
+                        return Ok(false);
+                    }
+                    queries::insert_channel(conn, &row)?;
+                    Ok(true)
+                }),
+                events: Vec::new(),
+            })
+            .await;
+        match created {
+            // Created, or someone else created it first: read it again.
+            Ok(_) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ApiError::not_found(format!("channel '{name}' not found")))
+}
+
+#[derive(Deserialize)]
+struct TriggerBody {
+    name: String,
+    data: Value,
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    socket_id: Option<String>,
+    info: Option<Value>,
+    /// Extension: names the creator, so `*_own` rights can match it later.
+    client_id: Option<String>,
+}
+
+/// `POST /apps/{appId}/events`: one versioned create per channel.
+async fn trigger(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResult<HttpResponse> {
+    let ws = signed_app(&state, &req, &body, &path).await?;
+    let b: TriggerBody = parse_body(&req, &body)?;
+    let channels: Vec<String> = match (b.channel, b.channels) {
+        (Some(c), None) => vec![c],
+        (None, Some(list)) => list,
+        _ => {
+            return Err(ApiError::invalid("give exactly one of channel and channels").into());
+        }
+    };
+    if channels.is_empty() {
+        return Err(ApiError::invalid("channels must not be empty").into());
+    }
+    if channels.len() > MAX_TRIGGER_CHANNELS {
+        return Err(ApiError::limit(format!(
+            "an event goes to at most {MAX_TRIGGER_CHANNELS} channels"
+        ))
+        .into());
+    }
+    if !(1..=200).contains(&b.name.len()) {
+        return Err(ApiError::invalid("name must be 1..200 bytes").into());
+    }
+    let data_len = match &b.data {
+        Value::String(s) => s.len(),
+        other => other.to_string().len(),
+    };
+    if data_len > MAX_EVENT_DATA {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("event data exceeds {MAX_EVENT_DATA} bytes"),
+        )
+        .into());
+    }
+    for c in &channels {
+        validation::pusher_channel_name(c)?;
+    }
+    let creator = match (&b.client_id, &b.socket_id) {
+        (Some(c), _) => {
+            validation::entity_id(c)?;
+            Some(c.clone())
+        }
+        (None, Some(s)) => state.registry.socket(&ws.id, s).map(|s| s.entity_id),
+        (None, None) => None,
+    };
+    let limits = ChannelLimits {
+        max_members: ws.settings.max_channel_members,
+        max_attachments: ws.settings.max_attachments,
+    };
+    let mut acks = Map::new();
+    for name in channels {
+        let channel = channel_named(&state, &ws, &name, true).await?;
+        let addr = state
+            .registry
+            .channel(&ws.id, &channel.id, &state.persistence)?;
+        let out = addr
+            .send(PostMessage {
+                author: Author::Server {
+                    client_id: creator.clone(),
+                },
+                input: NewMessage {
+                    data: Some(b.data.clone()),
+                    name: Some(b.name.clone()),
+                    ..Default::default()
+                },
+                limits,
+            })
+            .await??;
+        let m = out.message;
+        acks.insert(
+            name,
+            json!({
+                "message_serial": m.message_serial,
+                "history_serial": m.history_serial,
+                "delivery_serial": m.history_serial,
+                "version_serial": m.version_serial,
+            }),
+        );
+    }
+    let answer = if b.info.is_some() {
+        json!({ "channels": acks })
+    } else {
+        json!({})
+    };
+    Ok(json(StatusCode::OK, &answer))
+}
+
+/// `POST .../channels/{channel}/messages/{serial}/update|delete|append`.
+async fn mutate(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String, String, String)>,
+    body: web::Bytes,
+) -> HttpResult<HttpResponse> {
+    let (app, channel_name, serial, action) = path.into_inner();
+    let ws = signed_app(&state, &req, &body, &app).await?;
+    let action = versions::parse_action(&action)?;
+    let b: MutationBody = parse_body(&req, &body)?;
+    let actor = match &b.socket_id {
+        Some(socket_id) => {
+            let refused = || {
+                ApiError::auth(format!(
+                    "Connection is not allowed to {} message on channel '{channel_name}'",
+                    action.as_str()
+                ))
+            };
+            let socket = state
+                .registry
+                .socket(&ws.id, socket_id)
+                .ok_or_else(refused)?;
+            if let Some(c) = &b.client_id {
+                if !constant_time_eq(c, &socket.entity_id) {
+                    return Err(refused().into());
+                }
+            }
+            MutationActor::Connection {
+                entity_id: socket.entity_id,
+                capabilities: socket.capabilities,
+            }
+        }
+        None => MutationActor::Privileged {
+            client_id: b.client_id.clone(),
+        },
+    };
+    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let addr = state
+        .registry
+        .channel(&ws.id, &channel.id, &state.persistence)?;
+    let out = versions::mutate(addr, actor, serial, action, b, &ws.settings).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({
+            "channel": channel_name,
+            "message_serial": out.message.message_serial,
+            "action": out.action.as_str(),
+            "accepted": true,
+            "version_serial": out.version_serial,
+            "history_serial": out.message.history_serial,
+            "delivery_serial": out.delivery_serial,
+            "status": versions::status_word(&out),
+        }),
+    ))
+}
+
+async fn get_message(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> HttpResult<HttpResponse> {
+    let (app, channel_name, serial) = path.into_inner();
+    let ws = signed_app(&state, &req, &[], &app).await?;
+    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let item = versions::get_item(&state, &channel.id, &channel.name, &serial).await?;
+    Ok(json(
+        StatusCode::OK,
+        &json!({"channel": channel_name, "item": item}),
+    ))
+}
+
+fn listing_json(channel: &str, page: &versions::Page, l: versions::Listing) -> Value {
+    let mut v = json!({
+        "channel": channel,
+        "direction": page.direction(),
+        "limit": page.limit,
+        "has_more": l.has_more,
+        "items": l.items,
+    });
+    if let Some(c) = l.next_cursor {
+        v["next_cursor"] = json!(c);
+    }
+    v
+}
+
+async fn list_versions(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> HttpResult<HttpResponse> {
+    let (app, channel_name, serial) = path.into_inner();
+    let ws = signed_app(&state, &req, &[], &app).await?;
+    let q = query(&req)?;
+    let page = versions::page(
+        &q,
+        ws.settings.versioned_messages.max_page_size,
+        ids::parse_version_serial,
+    )?;
+    versions::check_enabled(&ws.settings)?;
+    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let listing =
+        versions::list_versions(&state, &channel.id, &channel.name, &serial, &page).await?;
+    Ok(json(
+        StatusCode::OK,
+        &listing_json(&channel_name, &page, listing),
+    ))
+}
+
+async fn history(
+    state: State,
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResult<HttpResponse> {
+    let (app, channel_name) = path.into_inner();
+    let ws = signed_app(&state, &req, &[], &app).await?;
+    let q = query(&req)?;
+    let page = versions::page(&q, ws.settings.versioned_messages.max_page_size, |c| {
+        c.parse::<i64>().ok().filter(|n| *n >= 0)
+    })?;
+    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let listing = versions::list_history(&state, &channel.id, &channel.name, &page).await?;
+    Ok(json(
+        StatusCode::OK,
+        &listing_json(&channel_name, &page, listing),
+    ))
+}
+
+/// The page parameters; signed requests carry auth parameters in the same query string.
+fn query(req: &HttpRequest) -> ApiResult<PageQuery> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map_err(|_| ApiError::invalid("invalid query"))?
+        .into_inner();
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let limit = match get("limit") {
+        None => None,
+        Some(l) => Some(
+            l.parse::<i64>()
+                .map_err(|_| ApiError::invalid("limit must be an integer"))?,
+        ),
+    };
+    Ok(PageQuery {
+        limit,
+        direction: get("direction"),
+        cursor: get("cursor"),
+    })
+}
