@@ -1,5 +1,10 @@
 //! Authentication: bearer tokens for the chat API, Pusher-style signatures for the server API.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use actix_web::{web, HttpRequest};
 use switchboard_actors::auth;
 use switchboard_actors::domain::capabilities::Capabilities;
@@ -65,11 +70,75 @@ pub fn bearer_subprotocol(req: &HttpRequest) -> Option<(String, String)> {
     })
 }
 
+/// Verified tokens, so a busy client (an agent appending tokens) costs no database reads
+/// per request. Any change to entities or settings on this node clears it; entries also
+/// expire after [`AUTH_CACHE_TTL`] and never outlive their token.
+#[derive(Default)]
+pub struct AuthCache {
+    entries: Mutex<HashMap<String, CachedCaller>>,
+    /// Bumped by every clear: a lookup that began before a clear must not be cached.
+    generation: AtomicU64,
+}
+
+struct CachedCaller {
+    caller: Caller,
+    token_exp: i64,
+    cached_at: Instant,
+}
+
+pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(5);
+const AUTH_CACHE_MAX: usize = 50_000;
+
+impl AuthCache {
+    fn get(&self, token: &str) -> Option<Caller> {
+        let map = self.entries.lock().ok()?;
+        let hit = map.get(token)?;
+        (hit.cached_at.elapsed() < AUTH_CACHE_TTL && hit.token_exp > now_secs())
+            .then(|| hit.caller.clone())
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn put(&self, token: String, caller: Caller, token_exp: i64, generation: u64) {
+        if let Ok(mut map) = self.entries.lock() {
+            if self.generation() != generation {
+                return;
+            }
+            if map.len() >= AUTH_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(
+                token,
+                CachedCaller {
+                    caller,
+                    token_exp,
+                    cached_at: Instant::now(),
+                },
+            );
+        }
+    }
+
+    /// Forgets every verified token: an entity, its role or a workspace's settings changed.
+    pub fn clear(&self) {
+        if let Ok(mut map) = self.entries.lock() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            map.clear();
+        }
+    }
+}
+
 /// Verifies a token and loads its workspace and entity: the entity must be active (else
 /// 401) and not blocked (else 403).
 pub async fn authenticate(state: &AppState, token: String) -> ApiResult<Caller> {
+    if let Some(c) = state.auth_cache.get(&token) {
+        return Ok(c);
+    }
     let key = auth::token_key_id(&token)?;
-    state
+    let cache_key = token.clone();
+    let generation = state.auth_cache.generation();
+    let (caller, exp) = state
         .read(move |conn| {
             let workspace = queries::workspace_by_key(conn, &key)?
                 .ok_or_else(|| ApiError::auth("unknown workspace key"))?;
@@ -82,13 +151,20 @@ pub async fn authenticate(state: &AppState, token: String) -> ApiResult<Caller> 
                 return Err(ApiError::forbidden("you are blocked in this workspace"));
             }
             let capabilities = claims.capabilities().cloned();
-            Ok(Caller {
-                workspace,
-                entity,
-                capabilities,
-            })
+            Ok((
+                Caller {
+                    workspace,
+                    entity,
+                    capabilities,
+                },
+                claims.exp,
+            ))
         })
-        .await
+        .await?;
+    state
+        .auth_cache
+        .put(cache_key, caller.clone(), exp, generation);
+    Ok(caller)
 }
 
 impl actix_web::FromRequest for Caller {

@@ -222,6 +222,7 @@ async fn moderate_member(
             events: vec![event],
         })
         .await?;
+    state.auth_cache.clear();
     if next.blocked {
         close_sessions_of(&state, &caller.workspace.id, &next.id, "blocked");
     }

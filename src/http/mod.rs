@@ -30,6 +30,7 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
+    pub auth_cache: auth::AuthCache,
 }
 
 pub type State = web::Data<AppState>;

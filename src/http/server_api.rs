@@ -43,8 +43,10 @@ async fn write_plain(
             apply: Box::new(move |conn| apply(conn).map(|_| true)),
             events: Vec::new(),
         })
-        .await
-        .map(|_| ())
+        .await?;
+    // Entities and settings are what a verified token resolves to.
+    state.auth_cache.clear();
+    Ok(())
 }
 
 #[derive(Deserialize)]
