@@ -682,6 +682,7 @@ async fn get_message(
     path: web::Path<(String, String)>,
 ) -> HttpResult<HttpResponse> {
     let (id, serial) = path.into_inner();
+    switchboard_actors::domain::validation::serial(&serial)?;
     let channel = readable(&state, &caller, &id).await?;
     let (cid, who) = (channel.id.clone(), caller.entity.id.clone());
     let (message, reactions) = state

@@ -199,6 +199,39 @@ impl ChannelActor {
         }
     }
 
+    /// The message as the version at `seq` left it: what a duplicate answers. Falls back to
+    /// the latest state when that version is not committed yet or was purged.
+    fn state_at(&self, mut latest: Message, seq: i64) -> ApiResult<Message> {
+        let mut conn = self.conn()?;
+        let Some(row) = queries::version_at(&mut conn, &self.channel.id, seq)? else {
+            return Ok(latest);
+        };
+        let body: serde_json::Value = serde_json::from_str(&row.body).unwrap_or_default();
+        if row.action == "append" {
+            match queries::text_at(&mut conn, &self.channel.id, &row.message_serial, seq)? {
+                Some(text) => latest.data = serde_json::Value::String(text),
+                None => return Ok(latest),
+            }
+        } else {
+            if let Some(n) = body.get("name").and_then(|n| n.as_str()) {
+                latest.name = n.to_string();
+            }
+            latest.data = body.get("data").cloned().unwrap_or_default();
+            latest.extras = body.get("extras").cloned().unwrap_or_default();
+            latest.deleted = body
+                .get("deleted")
+                .and_then(|d| d.as_bool())
+                .unwrap_or(false);
+        }
+        if let Some(e) = body.get("extras").filter(|e| e.is_object()) {
+            latest.extras = e.clone();
+        }
+        latest.version_serial = crate::ids::version_serial(seq);
+        latest.updated_at = row.created_at;
+        latest.last_action = Action::parse(&row.action).map_or("create", Action::as_str);
+        Ok(latest)
+    }
+
     /// Open streams now, after dropping those idle past the timeout.
     fn stream_context(&mut self, serial: &str, idle_timeout_s: u64) -> ApiResult<StreamContext> {
         if self.open_streams.is_none() {
@@ -241,8 +274,9 @@ impl ChannelActor {
         let action = msg.mutation.action;
         self.authorize(&msg.actor, action, &current.sender)?;
         if let Some(seq) = self.replayed_op(&current.message_serial, &msg.mutation)? {
+            let message = self.state_at(current, seq)?;
             return Ok(Prepared::Duplicate(MutationOutcome {
-                message: current,
+                message,
                 action,
                 version_serial: crate::ids::version_serial(seq),
                 delivery_serial: seq,
