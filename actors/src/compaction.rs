@@ -71,10 +71,18 @@ pub fn compact_appends(
             "from_seq": from,
             "to_seq": to,
         });
-        for key in ["direct_conversation_id", "stream_status", "extras"] {
+        for key in ["direct_conversation_id", "stream_status"] {
             if let Some(v) = p.get(key) {
                 payload[key] = v.clone();
             }
+        }
+        // An append replaces extras or keeps them: the run's last extras are those at to_seq.
+        if let Some(extras) = run
+            .iter()
+            .rev()
+            .find_map(|&i| events[i].payload.get("extras"))
+        {
+            payload["extras"] = extras.clone();
         }
         let compacted = Event::build(
             last.id.clone(),

@@ -227,8 +227,14 @@ async fn mutate(
                     return Err(refused().into());
                 }
             }
+            let (w, who) = (ws.id.clone(), socket.entity_id.clone());
+            let entity = state
+                .read(move |conn| Ok(queries::entity(conn, &w, &who)?))
+                .await?
+                .filter(|e| e.active && !e.blocked)
+                .ok_or_else(refused)?;
             MutationActor::Connection {
-                entity_id: socket.entity_id,
+                entity,
                 capabilities: socket.capabilities,
             }
         }

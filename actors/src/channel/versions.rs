@@ -9,6 +9,7 @@ use actix::prelude::*;
 use super::ChannelActor;
 use crate::auth::constant_time_eq;
 use crate::domain::capabilities::{allows_mutation, Capabilities};
+use crate::domain::channel::ChannelType;
 use crate::domain::entity::{Entity, Role};
 use crate::domain::event::Event;
 use crate::domain::message::{Message, StreamStatus};
@@ -39,9 +40,10 @@ pub enum MutationActor {
         entity: Entity,
         capabilities: Capabilities,
     },
-    /// A server request bound to a connected socket: its token's capabilities decide.
+    /// A server request bound to a connected socket: its token's capabilities decide,
+    /// within what its entity may see.
     Connection {
-        entity_id: String,
+        entity: Entity,
         capabilities: Capabilities,
     },
     /// A signed server request without `socket_id`.
@@ -52,7 +54,7 @@ impl MutationActor {
     fn id(&self) -> Option<&str> {
         match self {
             Self::Member { entity, .. } => Some(&entity.id),
-            Self::Connection { entity_id, .. } => Some(entity_id),
+            Self::Connection { entity, .. } => Some(&entity.id),
             Self::Privileged { client_id } => client_id.as_deref(),
         }
     }
@@ -145,13 +147,13 @@ impl ChannelActor {
                     )
             }
             MutationActor::Connection {
-                entity_id,
+                entity,
                 capabilities,
             } => allows_mutation(
                 capabilities,
                 action,
                 &self.channel.name,
-                Some(entity_id),
+                Some(&entity.id),
                 creator,
             ),
         };
@@ -254,8 +256,16 @@ impl ChannelActor {
 
     fn prepare_mutation(&mut self, msg: Mutate) -> ApiResult<Prepared> {
         let now = crate::ids::now_rfc3339();
-        if let MutationActor::Member { entity, .. } = &msg.actor {
-            self.channel.check_can_post(entity, &now)?;
+        match &msg.actor {
+            MutationActor::Member { entity, .. } => self.channel.check_can_post(entity, &now)?,
+            // Capabilities never reach beyond what the entity may see. Implicit channels have
+            // no chat members: there the capability patterns are the whole grant.
+            MutationActor::Connection { entity, .. }
+                if self.channel.channel_type != ChannelType::Implicit =>
+            {
+                self.channel.check_visible(entity)?
+            }
+            _ => {}
         }
         if !msg.settings.enabled {
             return Err(ApiError::new(
