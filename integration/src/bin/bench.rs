@@ -4,8 +4,15 @@
 //! through the signed server API, opens public channels, connects WebSocket subscribers to
 //! `/api/realtime/ws`, posts messages from concurrent HTTP clients, and reports throughput,
 //! post-to-receive latency, delivery correctness (exactly once, per-channel seq order) and
-//! the server's CPU and memory. Every phase is bounded by `--timeout`.
+//! the server's CPU and memory; then it runs `ai-stream` with its defaults. Every phase is
+//! bounded by `--timeout`.
+//!
+//! `switchboard-bench ai-stream` streams AI tokens: agents append fragments to their message
+//! at a fixed rate while each stream's subscribers check every fragment arrives once, in
+//! order (see `bench/ai_stream.rs`).
 
+#[path = "bench/ai_stream.rs"]
+mod ai_stream;
 #[path = "bench/api.rs"]
 mod api;
 #[path = "bench/poster.rs"]
@@ -27,8 +34,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt as _;
 use hdrhistogram::Histogram;
+use serde_json::Value;
 use tokio::time::Instant;
 
+use crate::ai_stream::{AiStreamArgs, AiStreamParams};
 use crate::api::Api;
 use crate::poster::{PostResult, PostShared, PosterTask};
 use crate::report::{Correctness, Report, Window};
@@ -55,8 +64,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// 20k messages from 50 HTTP clients over 10 public channels, 100 WebSocket subscribers.
+    /// 20k messages from 50 HTTP clients over 10 public channels, 100 WebSocket subscribers;
+    /// then `ai-stream` with its defaults.
     Quick(QuickArgs),
+    /// AI token streams: agents append fragments at a fixed rate, subscribers check them.
+    AiStream(AiStreamArgs),
+}
+
+/// Which server to load and where the results go (shared by every run).
+#[derive(Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// Use a running server (http://host:port, loopback) instead of starting one.
+    #[arg(long, requires = "app")]
+    pub url: Option<String>,
+    /// Credentials of the workspace on `--url`: id:key:secret.
+    #[arg(long, requires = "url")]
+    pub app: Option<String>,
+    /// Pid of the `--url` server, to read its CPU time and memory.
+    #[arg(long, requires = "url")]
+    pub server_pid: Option<u32>,
+    /// Server binary to start (default: next to this binary, else target/release/switchboard).
+    #[arg(long, env = "SWITCHBOARD_BIN")]
+    pub server_bin: Option<PathBuf>,
+    /// Directory for the JSON results.
+    #[arg(long, default_value = "bench/results")]
+    pub results_dir: PathBuf,
+    /// Client worker threads (the server shares the machine).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -79,24 +114,11 @@ pub struct QuickArgs {
     /// After posting ends, a subscriber stops after this many seconds without a frame.
     #[arg(long, default_value_t = 10)]
     pub drain_idle: u64,
-    /// Use a running server (http://host:port, loopback) instead of starting one.
-    #[arg(long, requires = "app")]
-    pub url: Option<String>,
-    /// Credentials of the workspace on `--url`: id:key:secret.
-    #[arg(long, requires = "url")]
-    pub app: Option<String>,
-    /// Pid of the `--url` server, to read its CPU time and memory.
-    #[arg(long, requires = "url")]
-    pub server_pid: Option<u32>,
-    /// Server binary to start (default: next to this binary, else target/release/switchboard).
-    #[arg(long, env = "SWITCHBOARD_BIN")]
-    pub server_bin: Option<PathBuf>,
-    /// Directory for the JSON results.
-    #[arg(long, default_value = "bench/results")]
-    pub results_dir: PathBuf,
-    /// Client worker threads (the server shares the machine).
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
+    /// Run only the post scenario, not the `ai-stream` run after it.
+    #[arg(long)]
+    pub skip_ai_stream: bool,
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// Who posts what where: poster `p` sends `count_of(p)` messages, its `n`-th to channel
@@ -138,9 +160,12 @@ impl Plan {
 fn main() -> ExitCode {
     let _ = now_ns();
     let cli = Cli::parse();
-    let Command::Quick(args) = cli.command;
+    let threads = match &cli.command {
+        Command::Quick(a) => a.target.threads,
+        Command::AiStream(a) => a.target.threads,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()
     {
@@ -150,7 +175,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(quick(args)) {
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Quick(args) => quick(args).await,
+            Command::AiStream(args) => ai_stream_only(args).await,
+        }
+    });
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -174,7 +205,99 @@ fn sample(pid: Option<u32>) -> Option<ProcSample> {
     pid.and_then(|p| server::sample_proc(&p.to_string()))
 }
 
-/// Runs the quick scenario; `Ok(true)` when every check passed.
+/// The server under test: one this bench started, or `--url`.
+pub struct Target {
+    pub child: Option<ServerProc>,
+    pub base: String,
+    pub creds: AppCreds,
+    /// The started server's pid, else `--server-pid`: whose CPU and memory are read.
+    pub server_pid: Option<u32>,
+}
+
+impl Target {
+    /// Starts a server (or checks `--url` is loopback) and waits until it is ready.
+    async fn open(args: &TargetArgs) -> Result<Self, String> {
+        let mut target = match (&args.url, &args.app) {
+            (Some(url), Some(app)) => {
+                let base = url.trim_end_matches('/').to_string();
+                check_loopback(&base)?;
+                Self {
+                    child: None,
+                    base,
+                    creds: AppCreds::parse(app)?,
+                    server_pid: args.server_pid,
+                }
+            }
+            _ => {
+                let creds = AppCreds::random();
+                let bin = server::locate_binary(args.server_bin.as_deref());
+                let (proc_, base) = ServerProc::spawn(&bin, &creds)?;
+                eprintln!(
+                    "started {} (pid {}) on {base}, database {}",
+                    bin.display(),
+                    proc_.pid,
+                    proc_.db_path.display()
+                );
+                Self {
+                    server_pid: Some(proc_.pid),
+                    child: Some(proc_),
+                    base,
+                    creds,
+                }
+            }
+        };
+        if let Err(e) = target.wait_ready().await {
+            target.stop(true);
+            return Err(e);
+        }
+        Ok(target)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let api = Api {
+            client: api::http_client(4)?,
+            base: self.base.clone(),
+            creds: self.creds.clone(),
+        };
+        let child = &mut self.child;
+        let ready_in = api
+            .wait_ready(Duration::from_secs(20), || match child.as_mut() {
+                Some(c) => match c.exited() {
+                    Some(status) => Err(format!(
+                        "server exited during start-up ({status}):\n{}",
+                        c.log_tail(30)
+                    )),
+                    None => Ok(()),
+                },
+                None => Ok(()),
+            })
+            .await?;
+        eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
+        Ok(())
+    }
+
+    /// Stops the server this bench started (by its own pid); `failed` prints its log tail.
+    fn stop(&mut self, failed: bool) {
+        if let Some(c) = self.child.as_mut() {
+            if failed {
+                eprintln!("server log (tail):\n{}", c.log_tail(30));
+            }
+            c.stop(Duration::from_secs(5));
+            eprintln!("stopped server pid {}", c.pid);
+        }
+    }
+
+    /// WARN/ERROR lines the started server logged so far, and a few of them.
+    pub fn log_problems(&self) -> (u64, Vec<String>) {
+        self.child
+            .as_ref()
+            .map(|c| c.log_problems(5))
+            .unwrap_or_default()
+    }
+}
+
+/// Runs the quick scenario, then `ai-stream` with its defaults, on one server; writes both
+/// into one results file. `Ok(true)` when every check passed.
 async fn quick(args: QuickArgs) -> Result<bool, String> {
     if args.posters == 0 || args.channels == 0 || args.messages == 0 {
         return Err("--messages, --posters and --channels must be at least 1".into());
@@ -182,39 +305,71 @@ async fn quick(args: QuickArgs) -> Result<bool, String> {
     if args.posters < 2 && args.subscribers == 0 {
         return Err("a group channel needs two members: use 2+ posters or 1+ subscribers".into());
     }
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.timeout);
-
-    // 1. The server.
-    let (mut child, base, creds) = match (&args.url, &args.app) {
-        (Some(url), Some(app)) => {
-            let base = url.trim_end_matches('/').to_string();
-            check_loopback(&base)?;
-            (None, base, AppCreds::parse(app)?)
-        }
-        _ => {
-            let creds = AppCreds::random();
-            let bin = server::locate_binary(args.server_bin.as_deref());
-            let (proc_, base) = ServerProc::spawn(&bin, &creds)?;
-            eprintln!(
-                "started {} (pid {}) on {base}, database {}",
-                bin.display(),
-                proc_.pid,
-                proc_.db_path.display()
-            );
-            (Some(proc_), base, creds)
-        }
-    };
-    let server_pid = child.as_ref().map(|c| c.pid).or(args.server_pid);
-    let outcome = run_scenario(&args, &mut child, base, creds, server_pid, deadline).await;
-    if let Some(c) = child.as_mut() {
-        if outcome.is_err() {
-            eprintln!("server log (tail):\n{}", c.log_tail(30));
-        }
-        c.stop(Duration::from_secs(5));
-        eprintln!("stopped server pid {}", c.pid);
-    }
+    let mut target = Target::open(&args.target).await?;
+    let outcome = quick_then_ai_stream(&args, &target).await;
+    target.stop(outcome.is_err());
     outcome
+}
+
+async fn quick_then_ai_stream(args: &QuickArgs, target: &Target) -> Result<bool, String> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let report = run_scenario(args, target, deadline).await?;
+    report.print();
+    let mut results = report.to_json();
+    let mut passed = report.passed();
+    if !args.skip_ai_stream {
+        let section = match ai_stream::run(&AiStreamParams::default(), target).await {
+            Ok(ai) => {
+                ai.print();
+                (ai.failures(), ai.to_json())
+            }
+            // The post scenario's figures are still written.
+            Err(e) => {
+                eprintln!("\nswitchboard-bench: ai-stream FAILED: {e}");
+                let failure = format!("did not run to the end: {e}");
+                (vec![failure], serde_json::json!({"error": e}))
+            }
+        };
+        passed &= section.0.is_empty();
+        merge_ai_stream(&mut results, section);
+    }
+    let path = report::write_results(&args.target.results_dir, "quick", &results)?;
+    println!("results written to {}", path.display());
+    Ok(passed)
+}
+
+/// Adds the `ai_stream` section (its failures, its JSON) to the quick results; the top-level
+/// verdict and failures cover both.
+fn merge_ai_stream(results: &mut serde_json::Value, (failures, section): (Vec<String>, Value)) {
+    let Some(obj) = results.as_object_mut() else {
+        return;
+    };
+    let quick_passed = obj.get("passed").and_then(Value::as_bool).unwrap_or(false);
+    obj.insert(
+        "passed".into(),
+        (quick_passed && failures.is_empty()).into(),
+    );
+    if let Some(Value::Array(all)) = obj.get_mut("failures") {
+        all.extend(
+            failures
+                .into_iter()
+                .map(|f| format!("ai-stream: {f}").into()),
+        );
+    }
+    obj.insert("ai_stream".into(), section);
+}
+
+/// `switchboard-bench ai-stream`: one run, its own results file.
+async fn ai_stream_only(args: AiStreamArgs) -> Result<bool, String> {
+    args.params.validate()?;
+    let mut target = Target::open(&args.target).await?;
+    let outcome = ai_stream::run(&args.params, &target).await;
+    target.stop(outcome.is_err());
+    let ai = outcome?;
+    ai.print();
+    let path = report::write_results(&args.target.results_dir, "ai-stream", &ai.to_json())?;
+    println!("results written to {}", path.display());
+    Ok(ai.passed())
 }
 
 fn check_loopback(base: &str) -> Result<(), String> {
@@ -237,34 +392,20 @@ fn check_loopback(base: &str) -> Result<(), String> {
     }
 }
 
+/// The post scenario on a ready server.
 async fn run_scenario(
     args: &QuickArgs,
-    child: &mut Option<ServerProc>,
-    base: String,
-    creds: AppCreds,
-    server_pid: Option<u32>,
+    target: &Target,
     deadline: Instant,
-) -> Result<bool, String> {
+) -> Result<Report, String> {
     let plan = Arc::new(Plan::new(args.messages, args.posters, args.channels));
     let client = api::http_client(args.posters + 16)?;
+    let (base, creds, server_pid) = (target.base.clone(), target.creds.clone(), target.server_pid);
     let api = Api {
         client: client.clone(),
         base: base.clone(),
         creds: creds.clone(),
     };
-    let ready_in = api
-        .wait_ready(Duration::from_secs(20), || match child.as_mut() {
-            Some(c) => match c.exited() {
-                Some(status) => Err(format!(
-                    "server exited during start-up ({status}):\n{}",
-                    c.log_tail(30)
-                )),
-                None => Ok(()),
-            },
-            None => Ok(()),
-        })
-        .await?;
-    eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
     let setup_started = Instant::now();
 
     // 2. Entities and tokens.
@@ -280,7 +421,7 @@ async fn run_scenario(
         deadline,
         futures_util::stream::iter(all_ids.iter().map(|id| {
             let api = &api;
-            async move { api.create_entity(id, id).await }
+            async move { api.create_entity(id, id, "human").await }
         }))
         .buffer_unordered(16)
         .collect::<Vec<_>>(),
@@ -427,7 +568,7 @@ async fn run_scenario(
         progress_stop.clone(),
         args.messages as u64,
         args.subscribers as u64,
-        child.as_ref().map(|c| c.pid),
+        target.child.as_ref().map(|c| c.pid),
     ));
 
     let mut posts: Vec<PostResult> = Vec::with_capacity(post_handles.len());
@@ -490,15 +631,12 @@ async fn run_scenario(
     }
     correctness.timed_out = timed_out;
     correctness.expected_deliveries = acked_total * subs.len() as u64;
-    let (log_lines, log_sample) = child
-        .as_ref()
-        .map(|c| c.log_problems(5))
-        .unwrap_or_default();
+    let (log_lines, log_sample) = target.log_problems();
     let report = Report {
         args: args.clone(),
         base,
         server_pid,
-        server_started_here: child.is_some(),
+        server_started_here: target.child.is_some(),
         acked: acked_total,
         post_window: Window::new(post_start_ns, post_end_ns),
         delivery_window: Window::new(post_start_ns, last_delivery_ns),
@@ -522,10 +660,7 @@ async fn run_scenario(
         server_log_problems: log_lines,
         server_log_sample: log_sample,
     };
-    report.print();
-    let path = report.write_json(&args.results_dir)?;
-    println!("results written to {}", path.display());
-    Ok(report.passed())
+    Ok(report)
 }
 
 /// Prints posted/delivered once a second to stderr until told to stop.

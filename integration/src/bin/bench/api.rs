@@ -73,7 +73,7 @@ pub fn http_client(pool: usize) -> Result<reqwest::Client, String> {
 }
 
 /// Short text of a response body for error messages.
-fn snippet(b: &[u8]) -> String {
+pub fn snippet(b: &[u8]) -> String {
     let s = String::from_utf8_lossy(b);
     s.chars().take(300).collect()
 }
@@ -111,11 +111,11 @@ impl Api {
         Err(format!("server not ready within {within:?} (last: {last})"))
     }
 
-    /// `POST /apps/{id}/entities` (signed) → 201.
-    pub async fn create_entity(&self, id: &str, name: &str) -> Result<(), String> {
+    /// `POST /apps/{id}/entities` (signed) → 201; `kind` is `human`, `agent` or `system`.
+    pub async fn create_entity(&self, id: &str, name: &str, kind: &str) -> Result<(), String> {
         let path = format!("/apps/{}/entities", self.creds.id);
         let body =
-            serde_json::to_vec(&json!({"id": id, "name": name, "kind": "human", "role": "member"}))
+            serde_json::to_vec(&json!({"id": id, "name": name, "kind": kind, "role": "member"}))
                 .map_err(|e| e.to_string())?;
         let q = signed_query(&self.creds, "POST", &path, &body);
         let r = self
@@ -137,7 +137,7 @@ impl Api {
         Ok(())
     }
 
-    /// `POST /api/channels` → 201; the new channel's id.
+    /// A public, open group channel (`POST /api/channels`); the new channel's id.
     pub async fn create_channel(
         &self,
         token: &str,
@@ -150,11 +150,28 @@ impl Api {
             "join_policy": "open",
             "members": members,
         });
+        self.post_channel(token, name, &body).await
+    }
+
+    /// A group channel with the server's defaults (private, invite-only): only its members
+    /// see it and receive its events. The new channel's id.
+    pub async fn create_private_channel(
+        &self,
+        token: &str,
+        name: &str,
+        members: &[String],
+    ) -> Result<String, String> {
+        let body = json!({"name": name, "members": members});
+        self.post_channel(token, name, &body).await
+    }
+
+    /// `POST /api/channels` → 201; the new channel's id.
+    async fn post_channel(&self, token: &str, name: &str, body: &Value) -> Result<String, String> {
         let r = self
             .client
             .post(format!("{}/api/channels", self.base))
             .header(AUTHORIZATION, bearer(token)?)
-            .json(&body)
+            .json(body)
             .send()
             .await
             .map_err(|e| format!("create channel {name}: {e}"))?;

@@ -38,7 +38,7 @@ pub struct PostResult {
 }
 
 /// `"<status> <error>"` of an error envelope, for the report.
-fn reason(status: u16, body: &[u8]) -> String {
+pub fn reason(status: u16, body: &[u8]) -> String {
     let msg = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
@@ -59,7 +59,8 @@ pub struct PosterTask {
     pub rtt: Histogram<u64>,
 }
 
-fn retry_after(resp: &reqwest::Response) -> Duration {
+/// The wait a 429/503 answer asks for (Retry-After, 10 ms..2 s; 100 ms without one).
+pub fn retry_after(resp: &reqwest::Response) -> Duration {
     let secs = resp
         .headers()
         .get("retry-after")

@@ -176,19 +176,57 @@ pub struct Report {
     pub server_log_sample: Vec<String>,
 }
 
-fn ms(us: u64) -> f64 {
+/// Microseconds as milliseconds.
+pub fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-fn cpu_delta(a: Option<ProcSample>, b: Option<ProcSample>) -> Option<f64> {
+pub fn cpu_delta(a: Option<ProcSample>, b: Option<ProcSample>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(b.cpu_secs - a.cpu_secs),
         _ => None,
     }
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
+/// A figure with `digits` decimals, or `n/a`.
+pub fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "n/a".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Quantiles of a µs histogram, in ms.
+pub fn hist_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.5)),
+        "p90_ms": ms(h.value_at_quantile(0.9)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+        "mean_ms": h.mean() / 1000.0,
+    })
+}
+
+pub fn proc_json(s: Option<ProcSample>) -> Value {
+    s.map_or(
+        Value::Null,
+        |s| json!({"cpu_secs": s.cpu_secs, "rss_kb": s.rss_kb, "peak_rss_kb": s.hwm_kb}),
+    )
+}
+
+/// Writes `<stem>-<UTC date-time>.json` into `dir` (created if needed).
+pub fn write_results(dir: &Path, stem: &str, results: &Value) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let stem = format!("{stem}-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
+    // Two runs in one second keep both files.
+    let mut path = dir.join(format!("{stem}.json"));
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("{stem}-{n}.json"));
+        n += 1;
+    }
+    let text = serde_json::to_string_pretty(results).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
+    Ok(path)
 }
 
 impl Report {
@@ -413,25 +451,6 @@ impl Report {
         }
     }
 
-    fn hist_json(h: &Histogram<u64>) -> Value {
-        json!({
-            "count": h.len(),
-            "p50_ms": ms(h.value_at_quantile(0.5)),
-            "p90_ms": ms(h.value_at_quantile(0.9)),
-            "p99_ms": ms(h.value_at_quantile(0.99)),
-            "p999_ms": ms(h.value_at_quantile(0.999)),
-            "max_ms": ms(h.max()),
-            "mean_ms": h.mean() / 1000.0,
-        })
-    }
-
-    fn proc_json(s: Option<ProcSample>) -> Value {
-        s.map_or(
-            Value::Null,
-            |s| json!({"cpu_secs": s.cpu_secs, "rss_kb": s.rss_kb, "peak_rss_kb": s.hwm_kb}),
-        )
-    }
-
     pub fn to_json(&self) -> Value {
         let c = &self.correctness;
         let a = &self.args;
@@ -446,7 +465,7 @@ impl Report {
                 "subscribers": a.subscribers,
                 "channels": a.channels,
                 "timeout_secs": a.timeout,
-                "client_threads": a.threads,
+                "client_threads": a.target.threads,
                 "server": self.base,
                 "server_started_by_bench": self.server_started_here,
             },
@@ -462,13 +481,13 @@ impl Report {
                 "subscribers_connect_secs": self.connect_secs,
                 "run_secs_from_first_post": self.run_window.secs(),
             },
-            "latency_post_to_receive": Self::hist_json(&self.latency),
-            "http_post_round_trip": Self::hist_json(&self.rtt),
+            "latency_post_to_receive": hist_json(&self.latency),
+            "http_post_round_trip": hist_json(&self.rtt),
             "server": {
                 "pid": self.server_pid,
-                "before": Self::proc_json(self.server_before),
-                "after_posting": Self::proc_json(self.server_after_posting),
-                "after": Self::proc_json(self.server_after),
+                "before": proc_json(self.server_before),
+                "after_posting": proc_json(self.server_after_posting),
+                "after": proc_json(self.server_after),
                 "cpu_secs": self.server_cpu(),
                 "deliveries_per_cpu_sec": self.deliveries_per_cpu_sec(),
                 "log_warn_error_lines": self.server_log_problems,
@@ -481,8 +500,8 @@ impl Report {
             },
             "client": {
                 "cpu_secs": cpu_delta(self.client_before, self.client_after),
-                "before": Self::proc_json(self.client_before),
-                "after": Self::proc_json(self.client_after),
+                "before": proc_json(self.client_before),
+                "after": proc_json(self.client_after),
             },
             "correctness": {
                 "missing": c.missing,
@@ -509,21 +528,5 @@ impl Report {
                 "timed_out": c.timed_out,
             },
         })
-    }
-
-    /// Writes `quick-<UTC date-time>.json` into `dir` (created if needed).
-    pub fn write_json(&self, dir: &Path) -> Result<PathBuf, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let stem = format!("quick-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
-        // Two runs in one second keep both files.
-        let mut path = dir.join(format!("{stem}.json"));
-        let mut n = 1;
-        while path.exists() {
-            path = dir.join(format!("{stem}-{n}.json"));
-            n += 1;
-        }
-        let text = serde_json::to_string_pretty(&self.to_json()).map_err(|e| e.to_string())?;
-        std::fs::write(&path, text + "\n").map_err(|e| format!("write {}: {e}", path.display()))?;
-        Ok(path)
     }
 }

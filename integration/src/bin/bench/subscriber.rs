@@ -162,7 +162,7 @@ pub async fn connect(
 }
 
 /// Numeric order of cursors (decimal strings here; longer is larger), opaque otherwise.
-fn cursor_gt(a: &str, b: &str) -> bool {
+pub fn cursor_gt(a: &str, b: &str) -> bool {
     (a.len(), a) > (b.len(), b)
 }
 

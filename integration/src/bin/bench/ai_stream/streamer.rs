@@ -1,0 +1,402 @@
+//! One AI stream: an agent that posts an empty message and appends a fragment on every tick
+//! of a fixed schedule, with at most `max_in_flight` appends unanswered.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt as _;
+use hdrhistogram::Histogram;
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use serde_json::Value;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::Progress;
+use crate::api::snippet;
+use crate::now_ns;
+use crate::poster::{reason, retry_after};
+
+/// Attempts to create a message or close one on 429/503 or a transport error.
+const MAX_ATTEMPTS: u32 = 5;
+/// The closing append: an empty fragment with `extras.status` = `complete`.
+const CLOSE_BODY: &str = r#"{"data":"","extras":{"status":"complete"}}"#;
+
+/// When a stream appends: `ticks` ticks `period` apart from `start`, none after `stop_at`.
+pub struct Schedule {
+    pub start: Instant,
+    pub period: Duration,
+    pub ticks: usize,
+    pub stop_at: Instant,
+}
+
+/// The fragment of append `ordinal` sent at `sent_us` (run clock): self-delimiting, ASCII.
+pub fn fragment(ordinal: usize, sent_us: u64) -> String {
+    format!("{ordinal}@{sent_us};")
+}
+
+/// `(ordinal, sent_us)` of a fragment made by [`fragment`].
+pub fn parse_fragment(text: &str) -> Option<(usize, u64)> {
+    let (ordinal, sent) = text.strip_suffix(';')?.split_once('@')?;
+    Some((ordinal.parse().ok()?, sent.parse().ok()?))
+}
+
+/// What one stream did.
+pub struct StreamerTally {
+    /// Acknowledged (200) by fragment ordinal.
+    pub acked: Vec<bool>,
+    pub sent: u64,
+    pub acked_fragments: u64,
+    pub closes_acked: u64,
+    pub messages_opened: u64,
+    /// Appends (fragments and closes) answered with something other than 200, by status.
+    pub refused: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    /// Appends still unanswered when the run's deadline passed.
+    pub unanswered: u64,
+    /// Append round trip of acknowledged fragments, µs.
+    pub rtt: Histogram<u64>,
+    /// How late a fragment left after its tick, µs.
+    pub send_lag: Histogram<u64>,
+    pub first_error: Option<String>,
+    /// Why the stream stopped early (a message could not be created).
+    pub fatal: Option<String>,
+    pub last_ack_ns: u64,
+}
+
+impl StreamerTally {
+    pub fn new(ticks: usize) -> Result<Self, String> {
+        let histogram =
+            || Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| format!("histogram: {e}"));
+        Ok(Self {
+            acked: vec![false; ticks],
+            sent: 0,
+            acked_fragments: 0,
+            closes_acked: 0,
+            messages_opened: 0,
+            refused: BTreeMap::new(),
+            transport_errors: 0,
+            unanswered: 0,
+            rtt: histogram()?,
+            send_lag: histogram()?,
+            first_error: None,
+            fatal: None,
+            last_ack_ns: 0,
+        })
+    }
+
+    /// Appends the server acknowledged, fragments and closes: what each subscriber must get.
+    pub fn acknowledged(&self) -> u64 {
+        self.acked_fragments + self.closes_acked
+    }
+
+    fn note_error(&mut self, error: impl FnOnce() -> String) {
+        if self.first_error.is_none() {
+            self.first_error = Some(error());
+        }
+    }
+}
+
+/// The message a stream appends to.
+struct OpenMessage {
+    append_url: String,
+    fragments: usize,
+    /// The server refused an append with 413 (a limit): continue in a new message.
+    refused: bool,
+}
+
+/// How the server answered one append.
+enum Answer {
+    Durable,
+    Refused { status: u16, error: String },
+    Transport(String),
+}
+
+/// An append's answer, with what it was.
+struct Answered {
+    /// The fragment's ordinal; `None` for a closing append.
+    ordinal: Option<usize>,
+    answer: Answer,
+    rtt_us: u64,
+}
+
+type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>;
+
+pub struct StreamerTask {
+    pub client: reqwest::Client,
+    /// `{base}/api/channels/{id}/messages`.
+    pub messages_url: String,
+    pub auth: HeaderValue,
+    pub schedule: Schedule,
+    pub max_in_flight: usize,
+    /// Fragments per message; the append after them closes it.
+    pub fragments_per_message: usize,
+    pub deadline: Instant,
+    pub progress: Arc<Progress>,
+    pub tally: StreamerTally,
+}
+
+impl StreamerTask {
+    pub async fn run(mut self) -> StreamerTally {
+        if let Err(e) = self.stream().await {
+            self.tally.fatal = Some(e);
+        }
+        self.tally
+    }
+
+    async fn stream(&mut self) -> Result<(), String> {
+        let mut message = self.open_message().await?;
+        let mut in_flight = InFlight::new();
+        let mut ticker = tokio::time::interval_at(self.schedule.start, self.schedule.period);
+        // Ticks missed while rotating fire at once; those finding no free slot are skipped.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        let stop = tokio::time::sleep_until(self.schedule.stop_at);
+        tokio::pin!(stop);
+        let mut ordinal = 0;
+        let mut ticks = 0;
+        while ticks < self.schedule.ticks {
+            tokio::select! {
+                Some(answered) = in_flight.next(), if !in_flight.is_empty() => {
+                    message.refused |= self.settle(answered);
+                }
+                _ = ticker.tick() => {
+                    let due = self.schedule.start + self.schedule.period * ticks as u32;
+                    ticks += 1;
+                    if message.fragments >= self.fragments_per_message || message.refused {
+                        self.drain(&mut in_flight, &mut message).await;
+                        self.close(&message).await;
+                        message = self.open_message().await?;
+                    }
+                    if in_flight.len() < self.max_in_flight {
+                        in_flight.push(self.send_fragment(&mut message, ordinal, due));
+                        ordinal += 1;
+                    }
+                }
+                _ = &mut stop => break,
+            }
+        }
+        self.drain(&mut in_flight, &mut message).await;
+        self.close(&message).await;
+        Ok(())
+    }
+
+    /// Starts the append of fragment `ordinal`, due at `due`.
+    fn send_fragment(
+        &mut self,
+        message: &mut OpenMessage,
+        ordinal: usize,
+        due: Instant,
+    ) -> Pin<Box<dyn Future<Output = Answered> + Send>> {
+        let lag_us = Instant::now().saturating_duration_since(due).as_micros() as u64;
+        self.tally.send_lag.saturating_record(lag_us.max(1));
+        self.tally.sent += 1;
+        message.fragments += 1;
+        let body = format!(r#"{{"data":"{}"}}"#, fragment(ordinal, now_ns() / 1_000));
+        let request = self.append_request(&message.append_url, body);
+        Box::pin(async move {
+            let (answer, rtt_us) = answer_of(request).await;
+            Answered {
+                ordinal: Some(ordinal),
+                answer,
+                rtt_us,
+            }
+        })
+    }
+
+    fn append_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
+        self.client
+            .post(url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+    }
+
+    /// Books one answer; `true` when the server refused it for a message limit (413).
+    fn settle(&mut self, answered: Answered) -> bool {
+        match answered.answer {
+            Answer::Durable => {
+                match answered.ordinal {
+                    Some(n) => {
+                        if let Some(slot) = self.tally.acked.get_mut(n) {
+                            *slot = true;
+                        }
+                        self.tally.acked_fragments += 1;
+                        self.tally.rtt.saturating_record(answered.rtt_us.max(1));
+                    }
+                    None => self.tally.closes_acked += 1,
+                }
+                self.tally.last_ack_ns = now_ns();
+                self.progress.acked.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Answer::Refused { status, error } => {
+                *self.tally.refused.entry(status).or_insert(0) += 1;
+                self.tally.note_error(|| error);
+                self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                status == 413
+            }
+            Answer::Transport(e) => {
+                self.tally.transport_errors += 1;
+                self.tally.note_error(|| format!("transport: {e}"));
+                self.progress.failed.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Waits for every unanswered append (until the deadline; then they count as unanswered).
+    async fn drain(&mut self, in_flight: &mut InFlight, message: &mut OpenMessage) {
+        while !in_flight.is_empty() {
+            match tokio::time::timeout_at(self.deadline, in_flight.next()).await {
+                Ok(Some(answered)) => message.refused |= self.settle(answered),
+                Ok(None) => break,
+                Err(_) => {
+                    self.tally.unanswered += in_flight.len() as u64;
+                    self.progress
+                        .failed
+                        .fetch_add(in_flight.len() as u64, Ordering::Relaxed);
+                    in_flight.clear();
+                }
+            }
+        }
+    }
+
+    /// The closing append (retried on 429/503 and transport errors).
+    async fn close(&mut self, message: &OpenMessage) {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let request = self.append_request(&message.append_url, CLOSE_BODY.into());
+            let Ok((answer, rtt_us)) =
+                tokio::time::timeout_at(self.deadline, answer_of(request)).await
+            else {
+                self.tally.unanswered += 1;
+                return;
+            };
+            let retry = match &answer {
+                Answer::Refused { status, .. } => matches!(status, 429 | 503),
+                Answer::Transport(_) => true,
+                Answer::Durable => false,
+            };
+            if retry && attempt < MAX_ATTEMPTS {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            self.settle(Answered {
+                ordinal: None,
+                answer,
+                rtt_us,
+            });
+            return;
+        }
+    }
+
+    /// Posts an empty message (`{"data": ""}`) and returns where its appends go.
+    async fn open_message(&mut self) -> Result<OpenMessage, String> {
+        let mut last_error = String::from("no attempt");
+        for _ in 0..MAX_ATTEMPTS {
+            let request = self.append_request(&self.messages_url, r#"{"data":""}"#.into());
+            let response = tokio::time::timeout_at(self.deadline, request.send())
+                .await
+                .map_err(|_| "the deadline passed while creating a message".to_string())?;
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = format!("transport: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let status = response.status().as_u16();
+            let wait = retry_after(&response);
+            let body = response.bytes().await.unwrap_or_default();
+            match status {
+                201 => {
+                    let serial = message_serial(&body)?;
+                    self.tally.messages_opened += 1;
+                    return Ok(OpenMessage {
+                        append_url: format!("{}/{serial}/append", self.messages_url),
+                        fragments: 0,
+                        refused: false,
+                    });
+                }
+                429 | 503 => {
+                    last_error = reason(status, &body);
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return Err(format!("create message: {}", reason(status, &body))),
+            }
+        }
+        Err(format!(
+            "create message: gave up after {MAX_ATTEMPTS} attempts: {last_error}"
+        ))
+    }
+}
+
+/// `message.message_serial` of a create answer, checked to be safe in a URL path.
+fn message_serial(body: &[u8]) -> Result<String, String> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("create message: bad JSON ({e}): {}", snippet(body)))?;
+    let serial = v
+        .pointer("/message/message_serial")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            format!(
+                "create message: no message.message_serial in {}",
+                snippet(body)
+            )
+        })?;
+    let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b);
+    if serial.is_empty() || !serial.bytes().all(url_safe) {
+        return Err(format!("create message: unexpected serial {serial:?}"));
+    }
+    Ok(serial.to_string())
+}
+
+/// Sends one append; its answer and round trip (µs). The body is read so the connection
+/// returns to the pool.
+async fn answer_of(request: reqwest::RequestBuilder) -> (Answer, u64) {
+    let sent = Instant::now();
+    let answer = match request.send().await {
+        Err(e) => Answer::Transport(e.to_string()),
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body = response.bytes().await;
+            match (status, body) {
+                (200, Ok(_)) => Answer::Durable,
+                (_, Ok(body)) => Answer::Refused {
+                    status,
+                    error: reason(status, &body),
+                },
+                (_, Err(e)) => Answer::Transport(format!("reading the answer: {e}")),
+            }
+        }
+    };
+    (answer, sent.elapsed().as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_round_trip_and_reject_others() {
+        assert_eq!(
+            parse_fragment(&fragment(42, 1_234_567)),
+            Some((42, 1_234_567))
+        );
+        assert_eq!(parse_fragment("42@1"), None);
+        assert_eq!(parse_fragment("x@1;"), None);
+        assert_eq!(parse_fragment(""), None);
+    }
+
+    #[test]
+    fn serial_must_be_present_and_url_safe() {
+        let ok = br#"{"message":{"message_serial":"m000000000001"}}"#;
+        assert_eq!(message_serial(ok).as_deref(), Ok("m000000000001"));
+        assert!(message_serial(br#"{"message":{"message_serial":"a/b"}}"#).is_err());
+        assert!(message_serial(br#"{"message":{}}"#).is_err());
+        assert!(message_serial(b"nope").is_err());
+    }
+}
