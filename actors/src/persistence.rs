@@ -73,9 +73,19 @@ impl Persistence {
         metrics: Arc<Metrics>,
         config: PersistenceConfig,
     ) -> Result<(Self, JoinHandle<()>), String> {
-        let conn = pool
+        let mut conn = pool
             .get()
             .map_err(|e| format!("persistence connection: {e}"))?;
+        // Checkpoints copy the WAL into the database file and fsync it; done on the writer
+        // they stall every batch behind them. A thread of its own copies frames (PASSIVE)
+        // twice a second; the writer's own, rarer checkpoint then finds little left to copy
+        // and only resets the WAL, which bounds its size.
+        {
+            use diesel::connection::SimpleConnection;
+            conn.batch_execute("PRAGMA wal_autocheckpoint = 4000;")
+                .map_err(|e| format!("persistence connection: {e}"))?;
+        }
+        let checkpointer = start_checkpointer(pool)?;
         let (tx, rx) = sync_channel(config.queue_capacity);
         let handle = std::thread::Builder::new()
             .name("persistence".into())
@@ -86,7 +96,9 @@ impl Persistence {
                     metrics,
                     max_batch: config.max_batch,
                 }
-                .run(rx)
+                .run(rx);
+                // Dropping the sender stops the checkpointer after a last checkpoint.
+                drop(checkpointer);
             })
             .map_err(|e| format!("persistence thread: {e}"))?;
         Ok((Self { tx }, handle))
@@ -125,6 +137,34 @@ impl Persistence {
             let _ = rx.await;
         }
     }
+}
+
+/// How often the WAL is checkpointed (PASSIVE: never blocks the writer).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs PASSIVE checkpoints until the returned sender is dropped.
+fn start_checkpointer(pool: &DbPool) -> Result<std::sync::mpsc::Sender<()>, String> {
+    use diesel::connection::SimpleConnection;
+    let mut conn = pool
+        .get()
+        .map_err(|e| format!("checkpoint connection: {e}"))?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("checkpoint".into())
+        .spawn(move || loop {
+            let last = matches!(
+                stopped.recv_timeout(CHECKPOINT_EVERY),
+                Err(RecvTimeoutError::Disconnected)
+            );
+            if let Err(e) = conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
+                log::warn!("WAL checkpoint failed: {e}");
+            }
+            if last {
+                return;
+            }
+        })
+        .map_err(|e| format!("checkpoint thread: {e}"))?;
+    Ok(stop)
 }
 
 struct Writer {
