@@ -82,7 +82,9 @@ impl Persistence {
         // and only resets the WAL, which bounds its size.
         {
             use diesel::connection::SimpleConnection;
-            conn.batch_execute("PRAGMA wal_autocheckpoint = 4000;")
+            // A batch of hundreds of writes must not spill dirty pages mid-transaction: the
+            // writer alone gets a 32 MiB page cache (readers keep the 2 MiB default).
+            conn.batch_execute("PRAGMA wal_autocheckpoint = 4000; PRAGMA cache_size = -32768;")
                 .map_err(|e| format!("persistence connection: {e}"))?;
         }
         let checkpointer = start_checkpointer(pool)?;

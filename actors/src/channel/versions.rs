@@ -20,9 +20,6 @@ use crate::settings::AiTransportLimits;
 use crate::store::queries;
 use crate::store::rows::VersionRow;
 
-/// Hot messages without writes in flight are dropped beyond this many.
-const HOT_LIMIT: usize = 2048;
-
 /// The latest state of a message with writes possibly in flight.
 pub(super) struct HotMessage {
     pub(super) message: Message,
@@ -91,9 +88,6 @@ pub struct MutationOutcome {
 impl ChannelActor {
     /// Pins a message's state while a write of it is in flight.
     pub(super) fn hold_hot(&mut self, message: &Message) {
-        if self.hot.len() >= HOT_LIMIT {
-            self.hot.retain(|_, h| h.pending > 0);
-        }
         let h = self
             .hot
             .entry(message.message_serial.clone())
@@ -106,9 +100,14 @@ impl ChannelActor {
         h.pending += 1;
     }
 
+    /// Once nothing of a message is in flight the store holds its latest state (and its
+    /// op_ids), so the hot copy goes: memory stays proportional to writes in flight.
     pub(super) fn release_hot(&mut self, serial: &str) {
         if let Some(h) = self.hot.get_mut(serial) {
             h.pending = h.pending.saturating_sub(1);
+            if h.pending == 0 {
+                self.hot.remove(serial);
+            }
         }
     }
 

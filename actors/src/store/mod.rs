@@ -50,10 +50,9 @@ impl CustomizeConnection<Conn, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut Conn) -> Result<(), diesel::r2d2::Error> {
         conn.batch_execute(
             // temp_store: savepoint sub-journals stay in memory instead of temp files (one
-            // savepoint per write in a group commit); cache_size: a batch of hundreds of
-            // writes must not spill dirty pages mid-transaction.
+            // savepoint per write in a group commit).
             "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-             PRAGMA temp_store = MEMORY; PRAGMA cache_size = -32768;",
+             PRAGMA temp_store = MEMORY;",
         )
         .map_err(diesel::r2d2::Error::QueryError)
     }
