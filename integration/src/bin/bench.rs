@@ -10,11 +10,16 @@
 //! `switchboard-bench ai-stream` streams AI tokens: agents append fragments to their message
 //! at a fixed rate while each stream's subscribers check every fragment arrives once, in
 //! order (see `bench/ai_stream.rs`).
+//!
+//! `switchboard-bench idle` opens many idle `/api/realtime/ws` sockets, holds them, and
+//! reports connect times, server RSS per socket and sockets kept (see `bench/idle.rs`).
 
 #[path = "bench/ai_stream.rs"]
 mod ai_stream;
 #[path = "bench/api.rs"]
 mod api;
+#[path = "bench/idle.rs"]
+mod idle;
 #[path = "bench/poster.rs"]
 mod poster;
 #[path = "bench/report.rs"]
@@ -39,6 +44,7 @@ use tokio::time::Instant;
 
 use crate::ai_stream::{AiStreamArgs, AiStreamParams};
 use crate::api::Api;
+use crate::idle::IdleArgs;
 use crate::poster::{PostResult, PostShared, PosterTask};
 use crate::report::{Correctness, Report, Window};
 use crate::server::{AppCreds, ProcSample, ServerProc};
@@ -69,6 +75,9 @@ enum Command {
     Quick(QuickArgs),
     /// AI token streams: agents append fragments at a fixed rate, subscribers check them.
     AiStream(AiStreamArgs),
+    /// Many idle WebSocket connections: connect time, server RSS per socket, CPU while idle,
+    /// sockets still open after the hold.
+    Idle(IdleArgs),
 }
 
 /// Which server to load and where the results go (shared by every run).
@@ -163,6 +172,7 @@ fn main() -> ExitCode {
     let threads = match &cli.command {
         Command::Quick(a) => a.target.threads,
         Command::AiStream(a) => a.target.threads,
+        Command::Idle(a) => a.target.threads,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -179,6 +189,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Quick(args) => quick(args).await,
             Command::AiStream(args) => ai_stream_only(args).await,
+            Command::Idle(args) => idle_only(args).await,
         }
     });
     match outcome {
@@ -370,6 +381,19 @@ async fn ai_stream_only(args: AiStreamArgs) -> Result<bool, String> {
     let path = report::write_results(&args.target.results_dir, "ai-stream", &ai.to_json())?;
     println!("results written to {}", path.display());
     Ok(ai.passed())
+}
+
+/// `switchboard-bench idle`: one run, its own results file.
+async fn idle_only(args: IdleArgs) -> Result<bool, String> {
+    idle::preflight(&args)?;
+    let mut target = Target::open(&args.target).await?;
+    let outcome = idle::run(&args, &target).await;
+    target.stop(outcome.is_err());
+    let report = outcome?;
+    report.print();
+    let path = report::write_results(&args.target.results_dir, "idle", &report.to_json())?;
+    println!("results written to {}", path.display());
+    Ok(report.passed())
 }
 
 fn check_loopback(base: &str) -> Result<(), String> {
