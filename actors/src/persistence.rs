@@ -176,10 +176,13 @@ struct Writer {
     max_batch: usize,
 }
 
+/// An event as stored, with its payload still as a value (not parsed back from the row).
+type StagedEvent = (EventRow, serde_json::Value);
+
 /// One write of a batch after its savepoint: its drafts with cursors, or its error.
 type Staged = (
     oneshot::Sender<WriteResult>,
-    ApiResult<Vec<EventRow>>,
+    ApiResult<Vec<StagedEvent>>,
     Vec<Option<Vec<String>>>,
 );
 
@@ -263,7 +266,7 @@ impl Writer {
             let result = result.map(|rows| {
                 rows.into_iter()
                     .zip(recipients)
-                    .map(|(row, r)| {
+                    .map(|((row, payload), r)| {
                         let ev = Event::build(
                             row.id,
                             Some(row.cursor),
@@ -272,7 +275,7 @@ impl Writer {
                             row.channel_id,
                             row.seq,
                             row.created_at,
-                            serde_json::from_str(&row.payload).unwrap_or(serde_json::Value::Null),
+                            payload,
                             r,
                         );
                         committed.push(ev.clone());
@@ -298,7 +301,7 @@ fn stage_write(
     write: Write,
     cursors: &mut HashMap<String, i64>,
     seqs: &mut HashMap<String, i64>,
-) -> ApiResult<Vec<EventRow>> {
+) -> ApiResult<Vec<StagedEvent>> {
     if let Some((channel, first, last)) = &write.channel_seqs {
         let committed = match seqs.get(channel) {
             Some(s) => *s,
@@ -333,7 +336,7 @@ fn stage_write(
                 created_at: now.clone(),
             };
             queries::insert_event(conn, &row, draft.recipients.as_deref())?;
-            rows.push(row);
+            rows.push((row, draft.payload));
         }
         cursors.insert(write.workspace_id.clone(), next);
     }

@@ -157,20 +157,35 @@ fn load_replay(
         is_guest,
         guest_channels,
     };
-    let mut out = Vec::new();
+    let mut rows = Vec::new();
     let mut from = after;
     while from < tail {
         let page =
             queries::events_after_for(&mut conn, workspace_id, viewer_id, from, tail, REPLAY_PAGE)?;
         let Some(last) = page.last() else { break };
         from = last.cursor;
-        for row in page {
-            let ev = row.into_event();
-            if viewer.may_see(None, ev.channel_id.as_deref()) {
-                out.push(ev);
-            }
-        }
+        rows.extend(page);
     }
+    // The connection goes back to the pool before the CPU work: a reconnect storm must not
+    // hold every connection while frames are built.
+    drop(conn);
+    // Compaction needs `message.*` payloads, and only when a run of appends is possible.
+    let appends = rows
+        .iter()
+        .filter(|r| r.event_type == "message.appended")
+        .count();
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        if !viewer.may_see(None, row.channel_id.as_deref()) {
+            continue;
+        }
+        let parse = appends >= 2 && row.event_type.starts_with("message.");
+        out.push(row.into_replayed(parse));
+    }
+    if appends < 2 {
+        return Ok(Ok(out));
+    }
+    let mut conn = registry.pool().get()?;
     let out = crate::compaction::compact_appends(out, |channel, serial, seq| {
         queries::text_at(&mut conn, channel, serial, seq)
             .map_err(|e| log::warn!("compaction read failed: {e}"))
@@ -237,6 +252,12 @@ impl Actor for RealtimeSession {
             Ok::<_, ApiError>((tail, events))
         };
         ctx.wait(replay.into_actor(self).map(|res, act, ctx| match res {
+            // No connection free (a reconnect storm): the client retries with its cursor.
+            Err(e) if e.code == crate::error::ErrorCode::Backpressure => Self::close(
+                ctx,
+                close_code::TRY_AGAIN_LATER,
+                "server busy; reconnect with after_cursor",
+            ),
             Err(e) => {
                 log::error!("replay failed: {e}");
                 Self::close(ctx, 1011, "internal error");

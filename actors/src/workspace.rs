@@ -84,6 +84,9 @@ pub struct WorkspaceActor {
     id: String,
     dispatched: i64,
     sessions: HashMap<u64, SessionEntry>,
+    /// Sessions of each entity: private events (most chat traffic) go to their recipients'
+    /// sessions without looking at every other socket of the workspace.
+    by_entity: HashMap<String, Vec<u64>>,
     registry: Arc<Registry>,
 }
 
@@ -93,8 +96,28 @@ impl WorkspaceActor {
             id,
             dispatched,
             sessions: HashMap::new(),
+            by_entity: HashMap::new(),
             registry,
         }
+    }
+
+    fn add_session(&mut self, id: u64, entry: SessionEntry) {
+        self.by_entity
+            .entry(entry.entity_id.clone())
+            .or_default()
+            .push(id);
+        self.sessions.insert(id, entry);
+    }
+
+    fn remove_session(&mut self, id: u64) -> Option<SessionEntry> {
+        let entry = self.sessions.remove(&id)?;
+        if let Some(ids) = self.by_entity.get_mut(&entry.entity_id) {
+            ids.retain(|s| *s != id);
+            if ids.is_empty() {
+                self.by_entity.remove(&entry.entity_id);
+            }
+        }
+        Some(entry)
     }
 
     /// Keeps guests' channel sets and roles current from the events themselves.
@@ -128,26 +151,41 @@ impl WorkspaceActor {
     fn fan_out(&mut self, ev: &Arc<Event>, ephemeral: bool) {
         let mut overflowed = Vec::new();
         let mut delivered = 0u64;
-        for (id, s) in &self.sessions {
-            let viewer = Viewer {
-                entity_id: &s.entity_id,
-                is_guest: s.is_guest,
-                guest_channels: &s.guest_channels,
-            };
-            if !viewer.may_see(ev.recipients.as_deref(), ev.channel_id.as_deref()) {
-                continue;
-            }
-            match s.recipient.try_send(Outbound::Event(ev.clone())) {
+        let mut send =
+            |id: u64, s: &SessionEntry| match s.recipient.try_send(Outbound::Event(ev.clone())) {
                 Ok(()) => delivered += 1,
-                Err(SendError::Full(_)) if !ephemeral => overflowed.push(*id),
+                Err(SendError::Full(_)) if !ephemeral => overflowed.push(id),
                 Err(_) => {}
+            };
+        match ev.recipients.as_deref() {
+            // A private event reaches its recipients only: look them up.
+            Some(recipients) => {
+                for entity in recipients {
+                    for id in self.by_entity.get(entity).into_iter().flatten() {
+                        if let Some(s) = self.sessions.get(id) {
+                            send(*id, s);
+                        }
+                    }
+                }
+            }
+            None => {
+                for (id, s) in &self.sessions {
+                    let viewer = Viewer {
+                        entity_id: &s.entity_id,
+                        is_guest: s.is_guest,
+                        guest_channels: &s.guest_channels,
+                    };
+                    if viewer.may_see(None, ev.channel_id.as_deref()) {
+                        send(*id, s);
+                    }
+                }
             }
         }
         if let Some(m) = crate::METRICS.get() {
             m.deliveries.inc_by(delivered);
         }
         for id in overflowed {
-            if let Some(s) = self.sessions.remove(&id) {
+            if let Some(s) = self.remove_session(id) {
                 s.recipient.do_send(Outbound::Overflow);
                 if let Some(m) = crate::METRICS.get() {
                     m.overflows.inc();
@@ -170,7 +208,7 @@ impl Handler<Register> for WorkspaceActor {
     type Result = i64;
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> i64 {
-        self.sessions.insert(
+        self.add_session(
             msg.session_id,
             SessionEntry {
                 recipient: msg.recipient,
@@ -187,7 +225,7 @@ impl Handler<Unregister> for WorkspaceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Unregister, ctx: &mut Self::Context) {
-        self.sessions.remove(&msg.session_id);
+        self.remove_session(msg.session_id);
         if self.sessions.is_empty() {
             ctx.run_later(IDLE_STOP_AFTER, |act, ctx| {
                 if act.sessions.is_empty() {
@@ -234,14 +272,13 @@ impl Handler<CloseEntity> for WorkspaceActor {
     type Result = ();
 
     fn handle(&mut self, msg: CloseEntity, _: &mut Self::Context) {
-        let ids: Vec<u64> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.entity_id == msg.entity_id)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = self
+            .by_entity
+            .get(&msg.entity_id)
+            .cloned()
+            .unwrap_or_default();
         for id in ids {
-            if let Some(s) = self.sessions.remove(&id) {
+            if let Some(s) = self.remove_session(id) {
                 s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
             }
         }
@@ -252,6 +289,7 @@ impl Handler<CloseAll> for WorkspaceActor {
     type Result = ();
 
     fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) {
+        self.by_entity.clear();
         for (_, s) in self.sessions.drain() {
             s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
         }

@@ -113,6 +113,66 @@ impl Event {
         })
     }
 
+    /// An event read back from the log: the frame is spliced from the stored payload text, so
+    /// a replay does not parse and re-serialize every payload. `payload` is what the caller
+    /// needs parsed (`Value::Null` when nothing reads it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_stored(
+        id: String,
+        cursor: i64,
+        event_type: String,
+        workspace_id: String,
+        channel_id: Option<String>,
+        seq: Option<i64>,
+        created_at: String,
+        payload_text: &str,
+        payload: Value,
+    ) -> Arc<Self> {
+        #[derive(Serialize)]
+        struct Head<'a> {
+            id: &'a str,
+            cursor: String,
+            #[serde(rename = "type")]
+            event_type: &'a str,
+            workspace_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            channel_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<i64>,
+            created_at: &'a str,
+        }
+        let head = Head {
+            id: &id,
+            cursor: crate::ids::cursor_string(cursor),
+            event_type: &event_type,
+            workspace_id: &workspace_id,
+            channel_id: channel_id.as_deref(),
+            seq,
+            created_at: &created_at,
+        };
+        let mut frame = serde_json::to_string(&head).unwrap_or_default();
+        frame.pop();
+        frame.push_str(",\"payload\":");
+        frame.push_str(if payload_text.is_empty() {
+            "null"
+        } else {
+            payload_text
+        });
+        frame.push('}');
+        Arc::new(Self {
+            id,
+            cursor: Some(cursor),
+            event_type,
+            workspace_id,
+            channel_id,
+            seq,
+            created_at,
+            payload,
+            recipients: None,
+            frame: ByteString::from(frame),
+        })
+    }
+
     pub fn to_json(&self) -> Value {
         serde_json::from_str(&self.frame).unwrap_or(Value::Null)
     }
@@ -174,6 +234,34 @@ mod tests {
         assert!(g.may_see(None, Some("c1")));
         assert!(!g.may_see(None, Some("c2")));
         assert!(g.may_see(None, None));
+    }
+
+    #[test]
+    fn a_stored_frame_equals_a_built_one() {
+        let payload = serde_json::json!({"message_id": "m1", "data": "a\"b"});
+        let built = Event::build(
+            "e".into(),
+            Some(9),
+            "message.created".into(),
+            "1".into(),
+            Some("c".into()),
+            Some(2),
+            "t".into(),
+            payload.clone(),
+            None,
+        );
+        let stored = Event::from_stored(
+            "e".into(),
+            9,
+            "message.created".into(),
+            "1".into(),
+            Some("c".into()),
+            Some(2),
+            "t".into(),
+            &payload.to_string(),
+            Value::Null,
+        );
+        assert_eq!(built.frame, stored.frame);
     }
 
     #[test]

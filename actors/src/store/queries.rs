@@ -804,23 +804,17 @@ pub fn insert_event(
     diesel::insert_into(events::table)
         .values(row)
         .execute(conn)?;
-    if let Some(rs) = recipients {
-        let values: Vec<_> = rs
-            .iter()
-            .map(|r| {
-                (
-                    event_recipients::workspace_id.eq(&row.workspace_id),
-                    event_recipients::cursor.eq(row.cursor),
-                    event_recipients::entity_id.eq(r),
-                )
-            })
-            .collect();
-        for chunk in values.chunks(300) {
-            diesel::insert_into(event_recipients::table)
-                .values(chunk)
-                .on_conflict_do_nothing()
-                .execute(conn)?;
-        }
+    // One single-row statement per recipient: its prepared form is cached, where a
+    // multi-row insert of varying length is prepared anew every time.
+    for r in recipients.unwrap_or_default() {
+        diesel::insert_into(event_recipients::table)
+            .values((
+                event_recipients::workspace_id.eq(&row.workspace_id),
+                event_recipients::cursor.eq(row.cursor),
+                event_recipients::entity_id.eq(r),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)?;
     }
     Ok(())
 }

@@ -326,17 +326,29 @@ pub struct EventRow {
 }
 
 impl EventRow {
+    /// The event as fanned out live; its payload is parsed.
     pub fn into_event(self) -> std::sync::Arc<crate::domain::event::Event> {
-        crate::domain::event::Event::build(
+        self.into_replayed(true)
+    }
+
+    /// The event as replayed: the frame reuses the stored payload text; the payload value is
+    /// parsed only when `parse_payload` (replay compaction reads `message.*` payloads).
+    pub fn into_replayed(self, parse_payload: bool) -> std::sync::Arc<crate::domain::event::Event> {
+        let payload = if parse_payload {
+            json_or(&self.payload, Value::Null)
+        } else {
+            Value::Null
+        };
+        crate::domain::event::Event::from_stored(
             self.id,
-            Some(self.cursor),
+            self.cursor,
             self.event_type,
             self.workspace_id,
             self.channel_id,
             self.seq,
             self.created_at,
-            json_or(&self.payload, Value::Null),
-            None,
+            &self.payload,
+            payload,
         )
     }
 }

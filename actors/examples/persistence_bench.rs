@@ -1,0 +1,145 @@
+//! Durable appends through the persistence actor alone (no HTTP, no actors in front): the
+//! writer's ceiling. Each write is what an AI-stream append commits: a version row, the
+//! message's new state and one `message.appended` event with its recipients, with a
+//! contiguous channel seq, group-committed with WAL and `synchronous=FULL`.
+//!
+//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [db path]`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use switchboard_actors::broker::Broker;
+use switchboard_actors::domain::channel::new_implicit;
+use switchboard_actors::domain::event::{Event, EventDraft};
+use switchboard_actors::domain::message::{Message, NewMessage};
+use switchboard_actors::metrics::Metrics;
+use switchboard_actors::persistence::{Persistence, PersistenceConfig, Write};
+use switchboard_actors::store::rows::{VersionRow, WorkspaceRow};
+use switchboard_actors::store::{self, queries, DatabaseUrl};
+
+/// Counts what would be fanned out; the bench measures the writer, not delivery.
+struct CountingBroker(std::sync::atomic::AtomicUsize);
+
+impl Broker for CountingBroker {
+    fn publish(&self, events: Vec<Arc<Event>>) {
+        self.0
+            .fetch_add(events.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+    fn publish_ephemeral(&self, _: Arc<Event>) {}
+}
+
+fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
+    std::env::args()
+        .nth(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), String> {
+    let writes: i64 = arg(1, 200_000);
+    let in_flight: usize = arg(2, 16_384);
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let default_path = dir.path().join("bench.db").display().to_string();
+    let path: String = arg(3, default_path);
+    let pool = store::open(&DatabaseUrl::parse(&format!("sqlite://{path}"))?, 4)?;
+    let now = switchboard_actors::ids::now_rfc3339();
+    let channel =
+        new_implicit("chn_bench".into(), "1".into(), "bench", &now).map_err(|e| e.to_string())?;
+    let mut message: Message = NewMessage {
+        data: Some(json!("")),
+        ..Default::default()
+    }
+    .into_message(&channel.id, "agent", 1, &now);
+    {
+        let mut conn = pool.get().map_err(|e| e.to_string())?;
+        queries::insert_workspace(
+            &mut conn,
+            &WorkspaceRow {
+                id: "1".into(),
+                app_key: "bench".into(),
+                secret: "bench".into(),
+                name: "bench".into(),
+                settings: "{}".into(),
+                last_cursor: 0,
+                pruned_through: 0,
+                created_at: now.clone(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        queries::insert_channel(&mut conn, &channel).map_err(|e| e.to_string())?;
+        queries::insert_message(&mut conn, &message, "1").map_err(|e| e.to_string())?;
+        queries::set_channel_last_seq(&mut conn, &channel.id, 1).map_err(|e| e.to_string())?;
+    }
+    let broker = Arc::new(CountingBroker(Default::default()));
+    let metrics = Arc::new(Metrics::new());
+    let (persistence, _writer) =
+        Persistence::start(&pool, broker.clone(), metrics, PersistenceConfig::default())?;
+    let recipients: Vec<String> = (0..6).map(|i| format!("member{i}")).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut failed = 0usize;
+    runtime.block_on(async {
+        let mut pending = std::collections::VecDeque::new();
+        for seq in 2..writes + 2 {
+            let fragment = "tok ";
+            if let serde_json::Value::String(s) = &mut message.data {
+                // A token stream's text, rotated like a real one at 4 KiB.
+                if s.len() > 4096 {
+                    s.clear();
+                }
+                s.push_str(fragment);
+            }
+            message.version_serial = switchboard_actors::ids::version_serial(seq);
+            let stored = message.clone();
+            let row = VersionRow {
+                channel_id: channel.id.clone(),
+                seq,
+                message_serial: message.message_serial.clone(),
+                action: "append".into(),
+                actor: Some("agent".into()),
+                op_id: None,
+                body: json!({"data": fragment, "length": 4}).to_string(),
+                created_at: now.clone(),
+                fingerprint: None,
+            };
+            let draft = EventDraft::new(
+                "message.appended",
+                json!({"message_id": message.message_serial, "author_id": "agent",
+                       "fragment": fragment, "length": 4, "version_serial": message.version_serial}),
+            )
+            .channel(&channel.id)
+            .seq(seq)
+            .private_to(Some(recipients.clone()));
+            let fut = persistence.enqueue(Write {
+                workspace_id: "1".into(),
+                channel_seqs: Some((channel.id.clone(), seq, seq)),
+                apply: Box::new(move |conn| {
+                    queries::insert_version(conn, &row)?;
+                    queries::save_message_state(conn, &stored)?;
+                    Ok(true)
+                }),
+                events: vec![draft],
+            });
+            pending.push_back(fut);
+            if pending.len() >= in_flight {
+                if let Some(f) = pending.pop_front() {
+                    failed += usize::from(f.await.is_err());
+                }
+            }
+        }
+        for f in pending {
+            failed += usize::from(f.await.is_err());
+        }
+    });
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "persistence: {writes} durable appends in {secs:.2} s = {:.0} appends/s ({failed} failed, {} events published)",
+        writes as f64 / secs,
+        broker.0.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    Ok(())
+}
