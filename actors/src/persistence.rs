@@ -334,8 +334,12 @@ fn stage_write(
                 payload: serde_json::to_string(&draft.payload).map_err(ApiError::internal)?,
                 is_private: draft.recipients.is_some(),
                 created_at: now.clone(),
+                recipients: draft
+                    .recipients
+                    .as_deref()
+                    .map(crate::store::rows::recipients_text),
             };
-            queries::insert_event(conn, &row, draft.recipients.as_deref())?;
+            queries::insert_event(conn, &row)?;
             rows.push((row, draft.payload));
         }
         cursors.insert(write.workspace_id.clone(), next);

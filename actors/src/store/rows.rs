@@ -323,6 +323,21 @@ pub struct EventRow {
     pub payload: String,
     pub is_private: bool,
     pub created_at: String,
+    /// Private events: `,a,b,` (see [`recipients_text`]); `None` for public ones.
+    pub recipients: Option<String>,
+}
+
+/// The stored form of a recipient list: ids between commas, so `instr` finds `,id,`.
+pub fn recipients_text(recipients: &[String]) -> String {
+    let mut s = String::from(",");
+    for r in recipients {
+        s.push_str(r);
+        s.push(',');
+    }
+    if recipients.is_empty() {
+        s.push(',');
+    }
+    s
 }
 
 impl EventRow {

@@ -131,14 +131,7 @@ diesel::table! {
         payload -> Text,
         is_private -> Bool,
         created_at -> Text,
-    }
-}
-
-diesel::table! {
-    event_recipients (workspace_id, cursor, entity_id) {
-        workspace_id -> Text,
-        cursor -> BigInt,
-        entity_id -> Text,
+        recipients -> Nullable<Text>,
     }
 }
 
@@ -152,7 +145,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     message_versions,
     reactions,
     events,
-    event_recipients,
 );
 
 diesel::joinable!(channel_members -> channels (channel_id));
