@@ -13,21 +13,37 @@
 //!
 //! `switchboard-bench idle` opens many idle `/api/realtime/ws` sockets, holds them, and
 //! reports connect times, server RSS per socket and sockets kept (see `bench/idle.rs`).
+//!
+//! `switchboard-bench fanout` puts N subscribers on one public channel, spread over worker
+//! processes (`switchboard-bench worker`, hidden), and publishes P messages/s to it: sustained
+//! deliveries/s, latency, loss/duplicates/order, server CPU and RSS (see `bench/fanout.rs`).
+//!
+//! `switchboard-bench chat` runs R private rooms × M members, one socket each, posting at a
+//! total open-loop rate (see `bench/chat.rs`); `switchboard-bench reconnect` drops C clients,
+//! posts E events, and reconnects them all at once with their cursor (see `bench/reconnect.rs`).
 
 #[path = "bench/ai_stream.rs"]
 mod ai_stream;
 #[path = "bench/api.rs"]
 mod api;
+#[path = "bench/chat.rs"]
+mod chat;
+#[path = "bench/fanout.rs"]
+mod fanout;
 #[path = "bench/idle.rs"]
 mod idle;
 #[path = "bench/poster.rs"]
 mod poster;
+#[path = "bench/reconnect.rs"]
+mod reconnect;
 #[path = "bench/report.rs"]
 mod report;
 #[path = "bench/server.rs"]
 mod server;
 #[path = "bench/subscriber.rs"]
 mod subscriber;
+#[path = "bench/workers.rs"]
+mod workers;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -78,6 +94,16 @@ enum Command {
     /// Many idle WebSocket connections: connect time, server RSS per socket, CPU while idle,
     /// sockets still open after the hold.
     Idle(IdleArgs),
+    /// N subscribers on one public channel, P publishes/s: sustained deliveries/s, latency,
+    /// loss, server CPU and RSS per socket; sockets spread over worker processes.
+    Fanout(fanout::FanoutArgs),
+    /// A worker process of `fanout` (started by the bench itself; job on stdin).
+    #[command(hide = true)]
+    Worker(workers::WorkerArgs),
+    /// R rooms × M members posting at a total rate: post-to-receive latency, loss, order.
+    Chat(chat::ChatArgs),
+    /// C clients drop and reconnect with their cursor, each catching up E events.
+    Reconnect(reconnect::ReconnectArgs),
 }
 
 /// Which server to load and where the results go (shared by every run).
@@ -173,6 +199,10 @@ fn main() -> ExitCode {
         Command::Quick(a) => a.target.threads,
         Command::AiStream(a) => a.target.threads,
         Command::Idle(a) => a.target.threads,
+        Command::Fanout(a) => a.target.threads,
+        Command::Worker(a) => a.threads,
+        Command::Chat(a) => a.target.threads,
+        Command::Reconnect(a) => a.target.threads,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -190,6 +220,10 @@ fn main() -> ExitCode {
             Command::Quick(args) => quick(args).await,
             Command::AiStream(args) => ai_stream_only(args).await,
             Command::Idle(args) => idle_only(args).await,
+            Command::Fanout(args) => fanout::main(args).await,
+            Command::Worker(args) => workers::worker_main(args).await,
+            Command::Chat(args) => chat::chat_only(args).await,
+            Command::Reconnect(args) => reconnect::reconnect_only(args).await,
         }
     });
     match outcome {

@@ -31,9 +31,9 @@ use crate::subscriber::Ws;
 use crate::{random_tag, sample, Target, TargetArgs};
 
 /// Files the bench needs besides its sockets (HTTP pool, stdio, runtime, logs).
-const FD_MARGIN: u64 = 256;
-/// The bench may hold at most this many open files.
-const FD_CAP: u64 = 20_000;
+pub(crate) const FD_MARGIN: u64 = 256;
+/// A process of the bench may hold at most this many open files.
+pub(crate) const FD_CAP: u64 = 20_000;
 /// Concurrent entity creations.
 const SETUP_CONCURRENCY: usize = 16;
 /// Error messages kept for the report.
@@ -87,7 +87,7 @@ impl IdleArgs {
 }
 
 /// Soft and hard `Max open files` of a process (`self` or a pid), from /proc.
-fn nofile_limits(pid: &str) -> Option<(u64, u64)> {
+pub(crate) fn nofile_limits(pid: &str) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     let line = text.lines().find(|l| l.starts_with("Max open files"))?;
     let mut nums = line
@@ -172,13 +172,14 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
-/// TCP connect, upgrade, and the `realtime.ready` frame, within `within`.
-async fn connect_once(
+/// TCP connect (from `route`'s source address when given), upgrade, and the `realtime.ready`
+/// frame, within `within`; the socket and the ready frame's cursor.
+pub(crate) async fn connect_once(
     url: &str,
     token: &str,
     route: Option<(SocketAddr, Ipv4Addr)>,
     within: Duration,
-) -> Result<Ws, String> {
+) -> Result<(Ws, String), String> {
     let attempt = async {
         let mut req = url
             .into_client_request()
@@ -212,13 +213,16 @@ async fn connect_once(
         };
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
-                if t.as_str().contains("\"realtime.ready\"") {
-                    Ok(ws)
-                } else {
-                    Err(format!(
-                        "first frame is not realtime.ready: {}",
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                match (
+                    v.get("type").and_then(Value::as_str),
+                    v.get("cursor").and_then(Value::as_str),
+                ) {
+                    (Some("realtime.ready"), Some(cursor)) => Ok((ws, cursor.to_string())),
+                    _ => Err(format!(
+                        "first frame is not realtime.ready with a cursor: {}",
                         api::snippet(t.as_bytes())
-                    ))
+                    )),
                 }
             }
             Some(Ok(Message::Close(c))) => Err(format!("closed before ready: {c:?}")),
@@ -296,7 +300,7 @@ impl ConnectJob {
             }
             let started = Instant::now();
             match connect_once(&self.url, &self.token, self.route, self.within.min(left)).await {
-                Ok(ws) => {
+                Ok((ws, _)) => {
                     let micros = started.elapsed().as_micros() as u64;
                     self.shared.established.fetch_add(1, Ordering::Relaxed);
                     self.shared.open.fetch_add(1, Ordering::Relaxed);
@@ -648,7 +652,7 @@ async fn progress_line(shared: Arc<Shared>, mut stop: watch::Receiver<bool>, pid
 }
 
 /// The server's address when `base` is `http://127.x.y.z:port`.
-fn loopback_v4(base: &str) -> Option<SocketAddr> {
+pub(crate) fn loopback_v4(base: &str) -> Option<SocketAddr> {
     let authority = base.strip_prefix("http://")?.split('/').next()?;
     let addr: SocketAddr = authority.parse().ok()?;
     (addr.is_ipv4() && addr.ip().is_loopback()).then_some(addr)

@@ -1,0 +1,956 @@
+//! `reconnect`: C clients drop and reconnect with their cursor, each catching up E events
+//! (issue: "1,000 clients each catching up 500 events: all caught up in ≤ 5 s, none
+//! missing").
+//!
+//! Every client is a workspace member; one public channel (created by a poster with a second
+//! poster as its other member) carries the events, and a public channel's events reach every
+//! member of the workspace. 1. Each client connects once, notes the `realtime.ready` cursor
+//! and disconnects. 2. The poster posts E messages (closed loop, `--post-concurrency` in
+//! flight): each client now has E `message.created` events to catch up, and the workspace
+//! tail is E events past every client's cursor (within `realtime.max_replay`, default 5000).
+//! 3. All clients reconnect at once with `after_cursor` and read until they hold every
+//! acknowledged post. Each client checks its events: the bench channel only, seqs 1..E
+//! contiguous, cursors strictly increasing, each post exactly once. Times run from the moment
+//! the reconnect storm starts: to a client's `realtime.ready`, to its last missing event, and
+//! to the last client caught up (the total).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use futures_util::StreamExt as _;
+use hdrhistogram::Histogram;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::api::{self, Api};
+use crate::chat::{
+    connect, create_humans, describe_proc, frame_stamp, histogram, mib, print_verdict, quantiles,
+    row, stamp, Frame, CONNECT_WITHIN, KEEP_ERRORS, SETUP_CONCURRENCY,
+};
+use crate::poster::reason;
+use crate::report::{cpu_delta, hist_json, ms, opt, proc_json, write_results};
+use crate::server::{self, ProcSample};
+use crate::subscriber::{cursor_gt, Ws};
+use crate::{now_ns, random_tag, sample, Target, TargetArgs};
+
+/// The server's default `realtime.max_replay`: a cursor further behind gets 4001.
+const DEFAULT_MAX_REPLAY: usize = 5000;
+/// Read buffer of a catching-up socket (a replay arrives as one burst).
+const READ_BUFFER: usize = 64 * 1024;
+
+#[derive(Args, Clone, Debug)]
+pub struct ReconnectArgs {
+    /// Clients: workspace members, one socket each.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Events each client catches up (messages posted while all are disconnected).
+    #[arg(long, default_value_t = 500)]
+    pub events: usize,
+    /// Socket handshakes in flight at once for the first connect (the reconnect is all at
+    /// once).
+    #[arg(long, default_value_t = 32)]
+    pub connect_concurrency: usize,
+    /// Posts in flight at once while the clients are away.
+    #[arg(long, default_value_t = 16)]
+    pub post_concurrency: usize,
+    /// Seconds from the start of the reconnect until a client not caught up gives up.
+    #[arg(long, default_value_t = 60)]
+    pub catchup_timeout: u64,
+    /// Overall bound in seconds (setup, posting, reconnect); on expiry the run reports.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+impl ReconnectArgs {
+    fn validate(&self) -> Result<(), String> {
+        let at_least_one = [
+            (self.clients, "--clients"),
+            (self.events, "--events"),
+            (self.connect_concurrency, "--connect-concurrency"),
+            (self.post_concurrency, "--post-concurrency"),
+            (self.catchup_timeout as usize, "--catchup-timeout"),
+        ];
+        if let Some((_, flag)) = at_least_one.iter().find(|(v, _)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
+        }
+        if self.clients > 19_000 {
+            return Err("--clients must be at most 19,000".into());
+        }
+        if self.timeout <= self.catchup_timeout {
+            return Err("--timeout must be longer than --catchup-timeout".into());
+        }
+        if self.events > DEFAULT_MAX_REPLAY {
+            eprintln!(
+                "warning: --events {} is over the default realtime.max_replay ({DEFAULT_MAX_REPLAY}): \
+                 the server must run with a larger SWITCHBOARD_REALTIME_MAX_REPLAY, else every \
+                 reconnect is closed with 4001",
+                self.events
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One client as set up: its token and the cursor it left with.
+struct Client {
+    token: String,
+    cursor: String,
+}
+
+/// Counters the clients bump and the progress line reads.
+#[derive(Default)]
+struct Progress {
+    ready: AtomicU64,
+    caught_up: AtomicU64,
+    ended: AtomicU64,
+    events: AtomicU64,
+}
+
+/// One client's reconnect.
+struct ClientTally {
+    client: usize,
+    /// From the storm's start to `realtime.ready`, µs.
+    ready_us: Option<u64>,
+    /// From the storm's start to holding every acknowledged post, µs.
+    caught_up_us: Option<u64>,
+    /// Times each post arrived, saturating.
+    received: Vec<u8>,
+    message_frames: u64,
+    other_frames: u64,
+    seq_gaps: u64,
+    seq_repeats: u64,
+    cursor_regressions: u64,
+    wrong_channel: u64,
+    foreign: u64,
+    unparsable: u64,
+    error: Option<String>,
+}
+
+struct ClientTask {
+    ws_url: Arc<String>,
+    token: String,
+    cursor: String,
+    channel_id: Arc<str>,
+    /// Acknowledged posts: what "caught up" means.
+    expected: u64,
+    go: watch::Receiver<Option<Instant>>,
+    stop: watch::Receiver<bool>,
+    catchup_deadline: Duration,
+    progress: Arc<Progress>,
+    tally: ClientTally,
+}
+
+impl ClientTask {
+    async fn run(mut self) -> ClientTally {
+        let started = match self.go.wait_for(Option::is_some).await {
+            Ok(v) => *v,
+            Err(_) => None,
+        };
+        if let Some(started) = started {
+            self.reconnect(started).await;
+        } else {
+            self.tally.error = Some("the reconnect was never started".into());
+        }
+        self.progress.ended.fetch_add(1, Ordering::Relaxed);
+        self.tally
+    }
+
+    async fn reconnect(&mut self, started: Instant) {
+        let deadline = started + self.catchup_deadline;
+        let within = deadline.saturating_duration_since(Instant::now());
+        let mut ws = match connect(
+            &self.ws_url,
+            &self.token,
+            Some(&self.cursor),
+            READ_BUFFER,
+            within,
+        )
+        .await
+        {
+            Ok((ws, _ready_cursor)) => ws,
+            Err(e) => {
+                self.tally.error = Some(format!("reconnect: {e}"));
+                return;
+            }
+        };
+        self.tally.ready_us = Some(started.elapsed().as_micros() as u64);
+        self.progress.ready.fetch_add(1, Ordering::Relaxed);
+        let mut unique = 0u64;
+        let mut last_seq = 0i64;
+        while unique < self.expected {
+            let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(n) => n,
+                Err(_) => {
+                    self.tally.error = Some(format!(
+                        "not caught up within {} s ({unique} of {})",
+                        self.catchup_deadline.as_secs(),
+                        self.expected
+                    ));
+                    break;
+                }
+            };
+            match next {
+                Some(Ok(Message::Text(t))) => {
+                    if self.handle(t.as_str(), &mut last_seq) {
+                        unique += 1;
+                    }
+                }
+                Some(Ok(Message::Close(c))) => {
+                    self.tally.error = Some(format!("server closed the socket: {c:?}"));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    self.tally.error = Some(format!("ws read: {e}"));
+                    break;
+                }
+                None => {
+                    self.tally.error = Some("ws ended".into());
+                    break;
+                }
+            }
+        }
+        if unique >= self.expected {
+            self.tally.caught_up_us = Some(started.elapsed().as_micros() as u64);
+            self.progress.caught_up.fetch_add(1, Ordering::Relaxed);
+            // Hold the socket (reading, so nothing piles up) until every client is done: a
+            // close would add work to the server while others still catch up.
+            let stop = self.stop.clone();
+            self.hold(&mut ws, stop, &mut last_seq).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    }
+
+    async fn hold(&mut self, ws: &mut Ws, mut stop: watch::Receiver<bool>, last_seq: &mut i64) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                m = ws.next() => match m {
+                    Some(Ok(Message::Text(t))) => {
+                        self.handle(t.as_str(), last_seq);
+                    }
+                    Some(Ok(_)) => {}
+                    _ => return,
+                },
+            }
+        }
+    }
+
+    /// Books one frame; `true` for a post seen for the first time.
+    fn handle(&mut self, text: &str, last_seq: &mut i64) -> bool {
+        let t = &mut self.tally;
+        let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
+            t.unparsable += 1;
+            return false;
+        };
+        if let Some(c) = f.cursor {
+            if !cursor_gt(c, &self.cursor) {
+                t.cursor_regressions += 1;
+            }
+            self.cursor.clear();
+            self.cursor.push_str(c);
+        }
+        if f.ty != "message.created" {
+            t.other_frames += 1;
+            return false;
+        }
+        t.message_frames += 1;
+        self.progress.events.fetch_add(1, Ordering::Relaxed);
+        if f.channel_id != Some(&*self.channel_id) {
+            t.wrong_channel += 1;
+            return false;
+        }
+        if let Some(seq) = f.seq {
+            if seq <= *last_seq {
+                t.seq_repeats += 1;
+            } else {
+                if seq != *last_seq + 1 {
+                    t.seq_gaps += 1;
+                }
+                *last_seq = seq;
+            }
+        }
+        let Some(count) = frame_stamp(&f).and_then(|(k, _)| t.received.get_mut(k)) else {
+            t.foreign += 1;
+            return false;
+        };
+        *count = count.saturating_add(1);
+        *count == 1
+    }
+}
+
+/// `switchboard-bench reconnect`: one run, its own results file. `Ok(true)` when every
+/// check passed (the 5 s target is reported, not enforced).
+pub async fn reconnect_only(args: ReconnectArgs) -> Result<bool, String> {
+    args.validate()?;
+    let mut target = Target::open(&args.target).await?;
+    let outcome = run(&args, &target).await;
+    target.stop(outcome.is_err());
+    let report = outcome?;
+    report.print();
+    let path = write_results(&args.target.results_dir, "reconnect", &report.to_json())?;
+    println!("results written to {}", path.display());
+    Ok(report.passed())
+}
+
+async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, String> {
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let client = api::http_client(args.post_concurrency + SETUP_CONCURRENCY)?;
+    let api = Api {
+        client: client.clone(),
+        base: target.base.clone(),
+        creds: target.creds.clone(),
+    };
+    eprintln!(
+        "reconnect: {} clients, {} events each",
+        args.clients, args.events
+    );
+    let server_idle = sample(target.server_pid);
+
+    // Entities, tokens, the public channel.
+    let tag = random_tag();
+    let poster = format!("bench-{tag}-poster");
+    let second = format!("bench-{tag}-poster2");
+    let ids: Vec<String> = (0..args.clients)
+        .map(|i| format!("bench-{tag}-c{i}"))
+        .chain([poster.clone(), second.clone()])
+        .collect();
+    let setup_started = Instant::now();
+    create_humans(&api, &ids, deadline).await?;
+    let poster_token = api::mint_token(&api.creds, &poster, 3600)?;
+    let channel_id: Arc<str> = api
+        .create_channel(&poster_token, &format!("bench-{tag}-replay"), &[second])
+        .await?
+        .into();
+    eprintln!(
+        "reconnect: created {} entities and a public channel in {:.2}s",
+        ids.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+
+    // 1. Connect once, note the cursor, disconnect.
+    let ws_url = Arc::new(target.base.replacen("http://", "ws://", 1));
+    let first_started = Instant::now();
+    let firsts = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(ids.iter().take(args.clients).enumerate().map(|(i, id)| {
+            let ws_url = ws_url.clone();
+            let creds = &api.creds;
+            async move {
+                let token = api::mint_token(creds, id, 3600)?;
+                let (mut ws, cursor) = connect(&ws_url, &token, None, 4096, CONNECT_WITHIN)
+                    .await
+                    .map_err(|e| format!("client {i} first connect: {e}"))?;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                Ok::<_, String>(Client { token, cursor })
+            }
+        }))
+        .buffered(args.connect_concurrency)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
+    let clients = firsts.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let first_connect_secs = first_started.elapsed().as_secs_f64();
+    eprintln!(
+        "reconnect: {} clients connected, noted their cursor and left in {first_connect_secs:.2}s",
+        clients.len()
+    );
+
+    // 2. Post E messages while they are away.
+    let posts = post_all(&client, target, &channel_id, &poster_token, args, deadline).await?;
+    let acked = posts.acked.iter().filter(|a| **a).count() as u64;
+    eprintln!(
+        "reconnect: {acked}/{} posts acknowledged in {:.2}s",
+        args.events, posts.secs
+    );
+    // Let the server settle (sessions of the first connects gone, commits flushed).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // 3. Everyone reconnects at once.
+    let progress = Arc::new(Progress::default());
+    let (go_tx, go_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut handles = Vec::with_capacity(clients.len());
+    for (i, c) in clients.into_iter().enumerate() {
+        let task = ClientTask {
+            ws_url: ws_url.clone(),
+            token: c.token,
+            cursor: c.cursor,
+            channel_id: channel_id.clone(),
+            expected: acked,
+            go: go_rx.clone(),
+            stop: stop_rx.clone(),
+            catchup_deadline: Duration::from_secs(args.catchup_timeout),
+            progress: progress.clone(),
+            tally: ClientTally {
+                client: i,
+                ready_us: None,
+                caught_up_us: None,
+                received: vec![0; args.events],
+                message_frames: 0,
+                other_frames: 0,
+                seq_gaps: 0,
+                seq_repeats: 0,
+                cursor_regressions: 0,
+                wrong_channel: 0,
+                foreign: 0,
+                unparsable: 0,
+                error: None,
+            },
+        };
+        handles.push(tokio::spawn(task.run()));
+    }
+    drop(go_rx);
+    drop(stop_rx);
+    // The tasks wait on `go`; each starts its clock at the instant sent with it.
+    tokio::task::yield_now().await;
+    let server_before = sample(target.server_pid);
+    let client_before = server::sample_proc("self");
+    let metrics_before = api.metrics().await;
+    let stop_progress = Arc::new(AtomicBool::new(false));
+    let progress_task = tokio::spawn(progress_line(
+        progress.clone(),
+        stop_progress.clone(),
+        args.clients as u64,
+        acked * args.clients as u64,
+        target.server_pid,
+    ));
+    let started = Instant::now();
+    let storm_deadline = (started + Duration::from_secs(args.catchup_timeout + 2)).min(deadline);
+    let _ = go_tx.send(Some(started));
+    let total = args.clients as u64;
+    while progress.caught_up.load(Ordering::Relaxed) + progress_failed(&progress) < total
+        && Instant::now() < storm_deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let storm_secs = started.elapsed().as_secs_f64();
+    let server_after = sample(target.server_pid);
+    let client_after = server::sample_proc("self");
+    let metrics_after = api.metrics().await;
+    let _ = stop_tx.send(true);
+    let mut tallies = Vec::with_capacity(handles.len());
+    for h in handles {
+        tallies.push(h.await.map_err(|e| format!("client task: {e}"))?);
+    }
+    stop_progress.store(true, Ordering::Relaxed);
+    let _ = progress_task.await;
+    let (log_lines, log_sample) = target.log_problems();
+    let mut report = ReconnectReport {
+        args: args.clone(),
+        base: target.base.clone(),
+        server_pid: target.server_pid,
+        server_started_here: target.child.is_some(),
+        first_connect_secs,
+        posts,
+        acked,
+        storm_secs,
+        ready: histogram()?,
+        caught_up: histogram()?,
+        checks: Checks::default(),
+        server_idle,
+        server_before,
+        server_after,
+        server_end: sample(target.server_pid),
+        client_before,
+        client_after,
+        metrics_before,
+        metrics_after,
+        timed_out: Instant::now() >= deadline,
+        server_log_problems: log_lines,
+        server_log_sample: log_sample,
+    };
+    report.tally(&tallies);
+    Ok(report)
+}
+
+/// Clients whose task ended before the stop: only those that did not catch up (an error or
+/// the catch-up deadline), since a caught-up client holds its socket until the stop.
+fn progress_failed(p: &Progress) -> u64 {
+    p.ended.load(Ordering::Relaxed)
+}
+
+/// The posting phase.
+struct Posts {
+    /// Acknowledged (201) by post index.
+    acked: Vec<bool>,
+    statuses: BTreeMap<u16, u64>,
+    errors: Vec<String>,
+    rtt: Histogram<u64>,
+    secs: f64,
+}
+
+async fn post_all(
+    client: &reqwest::Client,
+    target: &Target,
+    channel_id: &str,
+    token: &str,
+    args: &ReconnectArgs,
+    deadline: Instant,
+) -> Result<Posts, String> {
+    let url = format!("{}/api/channels/{channel_id}/messages", target.base);
+    let auth = api::bearer(token)?;
+    let started = Instant::now();
+    let answers = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter((0..args.events).map(|k| {
+            let request = client
+                .post(&url)
+                .header(AUTHORIZATION, auth.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .body(format!(r#"{{"data":"{}"}}"#, stamp(k, now_ns())));
+            async move {
+                let sent = Instant::now();
+                let answer = match request.send().await {
+                    Err(e) => Err((0, format!("transport: {e}"))),
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        match (status, r.bytes().await) {
+                            (201, Ok(_)) => Ok(()),
+                            (_, Ok(b)) => Err((status, reason(status, &b))),
+                            (_, Err(e)) => Err((status, format!("reading the answer: {e}"))),
+                        }
+                    }
+                };
+                (k, answer, sent.elapsed().as_micros() as u64)
+            }
+        }))
+        .buffer_unordered(args.post_concurrency)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "reconnect: timed out posting".to_string())?;
+    let mut posts = Posts {
+        acked: vec![false; args.events],
+        statuses: BTreeMap::new(),
+        errors: Vec::new(),
+        rtt: histogram()?,
+        secs: started.elapsed().as_secs_f64(),
+    };
+    for (k, answer, rtt_us) in answers {
+        match answer {
+            Ok(()) => {
+                posts.acked[k] = true;
+                *posts.statuses.entry(201).or_insert(0) += 1;
+                posts.rtt.saturating_record(rtt_us.max(1));
+            }
+            Err((status, e)) => {
+                *posts.statuses.entry(status).or_insert(0) += 1;
+                if posts.errors.len() < KEEP_ERRORS {
+                    posts.errors.push(e);
+                }
+            }
+        }
+    }
+    Ok(posts)
+}
+
+/// Prints ready / caught-up clients and events received once a second until told to stop.
+async fn progress_line(
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    clients: u64,
+    expected_events: u64,
+    pid: Option<u32>,
+) {
+    let start = Instant::now();
+    let mut last = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        let events = progress.events.load(Ordering::Relaxed);
+        eprintln!(
+            "[{:>5.1}s] ready {}/{clients}  caught up {}/{clients}  events {events}/{expected_events} (+{}/s){}",
+            start.elapsed().as_secs_f64(),
+            progress.ready.load(Ordering::Relaxed),
+            progress.caught_up.load(Ordering::Relaxed),
+            events - last,
+            describe_proc(sample(pid)),
+        );
+        last = events;
+    }
+}
+
+#[derive(Default)]
+struct Checks {
+    caught_up: u64,
+    expected_events: u64,
+    events: u64,
+    missing: u64,
+    duplicates: u64,
+    seq_gaps: u64,
+    seq_repeats: u64,
+    cursor_regressions: u64,
+    wrong_channel: u64,
+    foreign: u64,
+    unparsable: u64,
+    other_frames: u64,
+    errors: u64,
+    error_sample: Vec<String>,
+    /// Largest time from the storm's start to a client caught up, µs.
+    last_caught_up_us: Option<u64>,
+}
+
+struct ReconnectReport {
+    args: ReconnectArgs,
+    base: String,
+    server_pid: Option<u32>,
+    server_started_here: bool,
+    first_connect_secs: f64,
+    posts: Posts,
+    acked: u64,
+    /// From the storm's start until every client was caught up or gave up.
+    storm_secs: f64,
+    /// Storm start → `realtime.ready`, µs.
+    ready: Histogram<u64>,
+    /// Storm start → caught up, µs.
+    caught_up: Histogram<u64>,
+    checks: Checks,
+    server_idle: Option<ProcSample>,
+    server_before: Option<ProcSample>,
+    server_after: Option<ProcSample>,
+    server_end: Option<ProcSample>,
+    client_before: Option<ProcSample>,
+    client_after: Option<ProcSample>,
+    metrics_before: BTreeMap<String, f64>,
+    metrics_after: BTreeMap<String, f64>,
+    timed_out: bool,
+    server_log_problems: u64,
+    server_log_sample: Vec<String>,
+}
+
+impl ReconnectReport {
+    fn tally(&mut self, tallies: &[ClientTally]) {
+        let c = &mut self.checks;
+        for t in tallies {
+            if let Some(us) = t.ready_us {
+                self.ready.saturating_record(us.max(1));
+            }
+            if let Some(us) = t.caught_up_us {
+                self.caught_up.saturating_record(us.max(1));
+                c.caught_up += 1;
+                c.last_caught_up_us = c.last_caught_up_us.max(Some(us));
+            }
+            c.expected_events += self.acked;
+            c.events += t.message_frames;
+            for (k, n) in t.received.iter().enumerate() {
+                let n = u64::from(*n);
+                if n == 0 && self.posts.acked.get(k).copied().unwrap_or(false) {
+                    c.missing += 1;
+                }
+                c.duplicates += n.saturating_sub(1);
+            }
+            c.seq_gaps += t.seq_gaps;
+            c.seq_repeats += t.seq_repeats;
+            c.cursor_regressions += t.cursor_regressions;
+            c.wrong_channel += t.wrong_channel;
+            c.foreign += t.foreign;
+            c.unparsable += t.unparsable;
+            c.other_frames += t.other_frames;
+            if let Some(e) = &t.error {
+                c.errors += 1;
+                if c.error_sample.len() < KEEP_ERRORS {
+                    c.error_sample.push(format!("client {}: {e}", t.client));
+                }
+            }
+        }
+    }
+
+    fn failures(&self) -> Vec<String> {
+        let c = &self.checks;
+        let mut out = Vec::new();
+        let mut check = |n: u64, what: &str| {
+            if n > 0 {
+                out.push(format!("{n} {what}"));
+            }
+        };
+        check(
+            self.args.clients as u64 - c.caught_up.min(self.args.clients as u64),
+            "clients not caught up",
+        );
+        check(c.missing, "missing events");
+        check(c.duplicates, "duplicate events");
+        check(c.seq_gaps, "seq gaps");
+        check(c.seq_repeats, "repeated or out-of-order seqs");
+        check(c.cursor_regressions, "cursor regressions");
+        check(c.wrong_channel, "events of another channel");
+        check(c.foreign, "messages without this run's stamp");
+        check(c.unparsable, "unparsable frames");
+        check(
+            self.args.events as u64 - self.acked.min(self.args.events as u64),
+            "failed posts",
+        );
+        check(c.errors, "client errors");
+        if self.timed_out {
+            out.push("the run hit --timeout".into());
+        }
+        out
+    }
+
+    fn passed(&self) -> bool {
+        self.failures().is_empty()
+    }
+
+    fn total_secs(&self) -> Option<f64> {
+        let c = &self.checks;
+        (c.caught_up == self.args.clients as u64)
+            .then_some(c.last_caught_up_us)
+            .flatten()
+            .map(|us| us as f64 / 1e6)
+    }
+
+    fn metric_delta(&self, name: &str) -> Option<f64> {
+        Some(self.metrics_after.get(name)? - self.metrics_before.get(name).copied().unwrap_or(0.0))
+    }
+
+    fn targets(&self) -> Vec<(String, bool)> {
+        let total = self.total_secs();
+        vec![
+            (
+                format!(
+                    "all {} clients caught up in {} s ≤ 5 s",
+                    self.args.clients,
+                    opt(total, 2)
+                ),
+                total.is_some_and(|t| t <= 5.0),
+            ),
+            (
+                format!("{} events missing = 0", self.checks.missing),
+                self.checks.missing == 0 && self.checks.caught_up == self.args.clients as u64,
+            ),
+        ]
+    }
+
+    fn print(&self) {
+        let a = &self.args;
+        let c = &self.checks;
+        println!();
+        println!("switchboard-bench reconnect");
+        println!("===========================");
+        row(
+            "scenario",
+            format!(
+                "{} clients reconnect at once, {} events each to catch up",
+                a.clients, a.events
+            ),
+        );
+        row(
+            "server",
+            format!(
+                "{} (pid {}{})",
+                self.base,
+                opt(self.server_pid.map(f64::from), 0),
+                if self.server_started_here {
+                    ", started by the bench"
+                } else {
+                    ""
+                }
+            ),
+        );
+        row(
+            "first connects (note cursor, leave)",
+            format!("{:.2} s", self.first_connect_secs),
+        );
+        row(
+            "posts while away acked / in",
+            format!(
+                "{} / {} in {:.2} s (HTTP p50 {:.2} ms, statuses {:?})",
+                self.acked,
+                a.events,
+                self.posts.secs,
+                ms(self.posts.rtt.value_at_quantile(0.5)),
+                self.posts.statuses
+            ),
+        );
+        for e in &self.posts.errors {
+            println!("  post error: {e}");
+        }
+        println!("-- reconnect storm (times from its start)");
+        row(
+            "clients caught up",
+            format!("{} / {}", c.caught_up, a.clients),
+        );
+        row("all caught up after", opt(self.total_secs(), 3) + " s");
+        row("ready p50/p90/p99/p99.9/max ms", quantiles(&self.ready));
+        row(
+            "caught up p50/p90/p99/p99.9/max ms",
+            quantiles(&self.caught_up),
+        );
+        row(
+            "events received / expected",
+            format!("{} / {}", c.events, c.expected_events),
+        );
+        row(
+            "events/s delivered",
+            format!(
+                "{:.0}",
+                if self.storm_secs > 0.0 {
+                    c.events as f64 / self.storm_secs
+                } else {
+                    0.0
+                }
+            ),
+        );
+        println!("-- server process");
+        let cpu = cpu_delta(self.server_before, self.server_after);
+        row(
+            "CPU s during the storm",
+            format!(
+                "{} over {:.2} s wall ({} µs per event)",
+                opt(cpu, 2),
+                self.storm_secs,
+                opt(
+                    cpu.filter(|_| c.events > 0)
+                        .map(|s| s * 1e6 / c.events as f64),
+                    1
+                )
+            ),
+        );
+        row(
+            "RSS idle / before / after storm (MiB)",
+            format!(
+                "{} / {} / {} (peak {})",
+                opt(mib(self.server_idle), 1),
+                opt(mib(self.server_before), 1),
+                opt(mib(self.server_after), 1),
+                opt(self.server_end.map(|s| s.hwm_kb as f64 / 1024.0), 1)
+            ),
+        );
+        row(
+            "deliveries queued (server metric)",
+            opt(self.metric_delta("switchboard_deliveries_total"), 0),
+        );
+        row(
+            "server WARN/ERROR log lines",
+            if self.server_started_here {
+                self.server_log_problems.to_string()
+            } else {
+                "n/a".into()
+            },
+        );
+        row(
+            "bench client CPU s during the storm",
+            opt(cpu_delta(self.client_before, self.client_after), 2),
+        );
+        println!("-- correctness");
+        row(
+            "missing / duplicate",
+            format!("{} / {}", c.missing, c.duplicates),
+        );
+        row(
+            "seq gaps / repeats / cursor regressions",
+            format!(
+                "{} / {} / {}",
+                c.seq_gaps, c.seq_repeats, c.cursor_regressions
+            ),
+        );
+        row(
+            "wrong channel / foreign / other / bad",
+            format!(
+                "{} / {} / {} / {}",
+                c.wrong_channel, c.foreign, c.other_frames, c.unparsable
+            ),
+        );
+        row("client errors", c.errors.to_string());
+        for e in &c.error_sample {
+            println!("  client error: {e}");
+        }
+        for l in &self.server_log_sample {
+            println!("  server log: {l}");
+        }
+        println!("-- targets");
+        for (name, met) in self.targets() {
+            row(if met { "met" } else { "MISSED" }, name);
+        }
+        print_verdict(&self.failures(), c.events, c.expected_events);
+    }
+
+    fn to_json(&self) -> Value {
+        let a = &self.args;
+        let c = &self.checks;
+        json!({
+            "scenario": "reconnect",
+            "finished_at": chrono::Utc::now().to_rfc3339(),
+            "passed": self.passed(),
+            "failures": self.failures(),
+            "targets": self.targets().into_iter().map(|(name, met)| json!({"target": name, "met": met})).collect::<Vec<_>>(),
+            "config": {
+                "clients": a.clients,
+                "events": a.events,
+                "connect_concurrency": a.connect_concurrency,
+                "post_concurrency": a.post_concurrency,
+                "catchup_timeout_secs": a.catchup_timeout,
+                "timeout_secs": a.timeout,
+                "client_threads": a.target.threads,
+                "server": self.base,
+                "server_started_by_bench": self.server_started_here,
+            },
+            "setup": {
+                "first_connect_secs": self.first_connect_secs,
+                "posts_acknowledged": self.acked,
+                "posting_secs": self.posts.secs,
+                "post_statuses": self.posts.statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                "post_errors": self.posts.errors,
+                "http_post_round_trip": hist_json(&self.posts.rtt),
+            },
+            "storm": {
+                "clients_caught_up": c.caught_up,
+                "all_caught_up_secs": self.total_secs(),
+                "storm_secs": self.storm_secs,
+                "ready": hist_json(&self.ready),
+                "caught_up": hist_json(&self.caught_up),
+                "events": c.events,
+                "expected_events": c.expected_events,
+            },
+            "correctness": {
+                "missing": c.missing,
+                "duplicates": c.duplicates,
+                "seq_gaps": c.seq_gaps,
+                "seq_repeats": c.seq_repeats,
+                "cursor_regressions": c.cursor_regressions,
+                "wrong_channel": c.wrong_channel,
+                "foreign": c.foreign,
+                "unparsable": c.unparsable,
+                "other_frames": c.other_frames,
+                "client_errors": c.errors,
+                "client_error_sample": c.error_sample,
+                "timed_out": self.timed_out,
+            },
+            "server": {
+                "pid": self.server_pid,
+                "idle": proc_json(self.server_idle),
+                "before_storm": proc_json(self.server_before),
+                "after_storm": proc_json(self.server_after),
+                "end": proc_json(self.server_end),
+                "cpu_secs_storm": cpu_delta(self.server_before, self.server_after),
+                "log_warn_error_lines": self.server_log_problems,
+                "log_sample": self.server_log_sample,
+                "metrics_delta": {
+                    "deliveries_queued": self.metric_delta("switchboard_deliveries_total"),
+                    "sessions_gauge_after": self.metrics_after.get("switchboard_sessions"),
+                },
+            },
+            "client": {
+                "cpu_secs_storm": cpu_delta(self.client_before, self.client_after),
+                "after": proc_json(self.client_after),
+            },
+        })
+    }
+}
