@@ -26,6 +26,11 @@ bench-quick: ## 20k messages from 50 HTTP clients, 100 WebSocket subscribers
 	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench
 	./target/release/switchboard-bench quick
 
+bench: ## every scenario at its target size (~4 min), merged into bench/results/<date>.json
+	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench
+	$(CARGO) build --release -p switchboard-actors --example persistence_bench
+	./bench/run-all.sh
+
 fmt:
 	$(CARGO) fmt --all
 

@@ -136,10 +136,18 @@ fn main() -> Result<(), String> {
         }
     });
     let secs = started.elapsed().as_secs_f64();
+    let published = broker.0.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "persistence: {writes} durable appends in {secs:.2} s = {:.0} appends/s ({failed} failed, {} events published)",
+        "persistence: {writes} durable appends in {secs:.2} s = {:.0} appends/s ({failed} failed, {published} events published)",
         writes as f64 / secs,
-        broker.0.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    // The last line is the result for `make bench` to collect.
+    println!(
+        "{}",
+        json!({"scenario": "persistence", "writes": writes, "in_flight": in_flight,
+               "secs": secs, "appends_per_sec": writes as f64 / secs, "failed": failed,
+               "events_published": published,
+               "passed": failed == 0 && published == writes as usize})
     );
     Ok(())
 }

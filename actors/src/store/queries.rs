@@ -493,19 +493,20 @@ pub fn versions_of(
 /// Writes the latest state of a message after an update, delete or append. The reply
 /// counters are left alone: they have their own increments.
 pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
-    let row = MessageRow::from_message(m, "");
+    // Only the fields a version can change are encoded: this runs once per append.
+    let data = (!m.data.is_null()).then(|| to_json_text(&m.data));
     diesel::update(messages::table.find((&m.channel_id, &m.message_serial)))
         .set((
-            messages::name.eq(row.name),
-            messages::data.eq(row.data),
-            messages::extras.eq(row.extras),
-            messages::deleted.eq(row.deleted),
-            messages::version_serial.eq(row.version_serial),
-            messages::updated_at.eq(row.updated_at),
-            messages::last_action.eq(row.last_action),
-            messages::append_count.eq(row.append_count),
-            messages::stream_status.eq(row.stream_status),
-            messages::last_append_at.eq(row.last_append_at),
+            messages::name.eq(&m.name),
+            messages::data.eq(data),
+            messages::extras.eq(to_json_text(&m.extras)),
+            messages::deleted.eq(m.deleted),
+            messages::version_serial.eq(&m.version_serial),
+            messages::updated_at.eq(&m.updated_at),
+            messages::last_action.eq(m.last_action),
+            messages::append_count.eq(m.append_count),
+            messages::stream_status.eq(m.stream_status.as_str()),
+            messages::last_append_at.eq(&m.last_append_at),
         ))
         .execute(conn)
 }
