@@ -20,6 +20,11 @@ use crate::settings::AiTransportLimits;
 use crate::store::queries;
 use crate::store::rows::VersionRow;
 
+/// Open streams whose latest state stays in memory between appends, and the largest text
+/// kept that way: a bound on this actor's memory (≈ 64 × 256 KiB at most).
+const HOT_OPEN_STREAMS: usize = 64;
+const HOT_TEXT_MAX: usize = 256 * 1024;
+
 /// The latest state of a message with writes possibly in flight.
 pub(super) struct HotMessage {
     pub(super) message: Message,
@@ -101,11 +106,18 @@ impl ChannelActor {
     }
 
     /// Once nothing of a message is in flight the store holds its latest state (and its
-    /// op_ids), so the hot copy goes: memory stays proportional to writes in flight.
+    /// op_ids), so the hot copy goes — except for a small number of open streams, whose next
+    /// append would otherwise read the whole text back from the store.
     pub(super) fn release_hot(&mut self, serial: &str) {
+        let keep_open_streams = self.hot.len() <= HOT_OPEN_STREAMS;
         if let Some(h) = self.hot.get_mut(serial) {
             h.pending = h.pending.saturating_sub(1);
-            if h.pending == 0 {
+            let streaming = h.message.stream_status == StreamStatus::Open
+                && h.message
+                    .data
+                    .as_str()
+                    .is_some_and(|d| d.len() <= HOT_TEXT_MAX);
+            if h.pending == 0 && !(streaming && keep_open_streams) {
                 self.hot.remove(serial);
             }
         }
