@@ -32,6 +32,8 @@ mod chat;
 mod fanout;
 #[path = "bench/idle.rs"]
 mod idle;
+#[path = "bench/plot.rs"]
+mod plot;
 #[path = "bench/poster.rs"]
 mod poster;
 #[path = "bench/reconnect.rs"]
@@ -152,6 +154,10 @@ pub struct QuickArgs {
     /// Run only the post scenario, not the `ai-stream` run after it.
     #[arg(long)]
     pub skip_ai_stream: bool,
+    /// Write an SVG of the post scenario's post-to-receive latency percentiles per second
+    /// here (and add a `timeline` to the JSON).
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<PathBuf>,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -360,6 +366,18 @@ async fn quick_then_ai_stream(args: &QuickArgs, target: &Target) -> Result<bool,
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let report = run_scenario(args, target, deadline).await?;
     report.print();
+    if let (Some(path), Some(points)) = (&args.plot, &report.timeline) {
+        let subtitle = format!(
+            "{} messages from {} HTTP posters over {} channels, {} subscribers",
+            args.messages, args.posters, args.channels, args.subscribers
+        );
+        plot::write_svg(
+            path,
+            "switchboard-bench quick: post-to-receive latency per second",
+            &subtitle,
+            points,
+        )?;
+    }
     let mut results = report.to_json();
     let mut passed = report.passed();
     if !args.skip_ai_stream {
@@ -580,6 +598,7 @@ async fn run_scenario(
         failed: AtomicU64::new(0),
         abort: AtomicBool::new(false),
     });
+    let timeline = plot::Recorder::new(args.plot.is_some(), now_ns());
     let mut sub_handles = Vec::with_capacity(sockets.len());
     for (i, ws, cursor) in sockets {
         let task = SubTask {
@@ -592,7 +611,10 @@ async fn run_scenario(
             shared: sub_shared.clone(),
             deadline,
             drain_idle: Duration::from_secs(args.drain_idle),
-            result: SubResult::new(plan.slots)?,
+            result: SubResult {
+                timeline: timeline.clone(),
+                ..SubResult::new(plan.slots)?
+            },
         };
         sub_handles.push(tokio::spawn(task.run()));
     }
@@ -602,6 +624,7 @@ async fn run_scenario(
     let server_before = sample(server_pid);
     let client_before = server::sample_proc("self");
     let post_start_ns = now_ns();
+    timeline.set_origin(post_start_ns);
     let mut post_handles = Vec::with_capacity(args.posters);
     for (p, token) in poster_tokens.iter().enumerate() {
         let task = PosterTask {
@@ -717,6 +740,7 @@ async fn run_scenario(
         metrics_after,
         server_log_problems: log_lines,
         server_log_sample: log_sample,
+        timeline: timeline.snapshot().map(|t| t.points(post_start_ns)),
     };
     Ok(report)
 }

@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api::{self, Api};
+use crate::plot::Recorder;
 use crate::report::Window;
 use crate::server::{self, ProcSample};
 use crate::subscriber::{self, Ws};
@@ -80,6 +81,10 @@ pub struct AiStreamParams {
     /// Overall bound in seconds (setup, appending, drain); on expiry the run reports.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout: u64,
+    /// Write an SVG of append-to-receive latency percentiles per second here (and add a
+    /// `timeline` to the JSON).
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 impl Default for AiStreamParams {
@@ -93,6 +98,7 @@ impl Default for AiStreamParams {
             appends_per_message: DEFAULT_APPENDS_PER_MESSAGE,
             drain_idle: DEFAULT_DRAIN_IDLE_SECS,
             timeout: DEFAULT_TIMEOUT_SECS,
+            plot: None,
         }
     }
 }
@@ -145,6 +151,8 @@ pub struct Progress {
     pub acked: AtomicU64,
     pub failed: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Append-to-receive latency by second of receipt (`--plot`; off otherwise).
+    pub timeline: Recorder,
 }
 
 /// What one stream's subscribers wait for: `u64::MAX` while it appends, then the number of
@@ -194,7 +202,11 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         setup_started.elapsed().as_secs_f64()
     );
 
-    let progress = Arc::new(Progress::default());
+    let progress = Arc::new(Progress {
+        timeline: Recorder::new(params.plot.is_some(), now_ns()),
+        ..Progress::default()
+    });
+    let timeline = progress.timeline.clone();
     let ends: Vec<Arc<StreamEnd>> = (0..streams.len())
         .map(|_| {
             Arc::new(StreamEnd {
@@ -213,6 +225,7 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         ..Samples::default()
     };
     let start_ns = now_ns();
+    timeline.set_origin(start_ns);
     let streamers = spawn_streamers(params, &client, target, &streams, &progress, deadline)?;
     let stop_progress = Arc::new(AtomicBool::new(false));
     let progress_task = tokio::spawn(progress_line(
@@ -237,7 +250,7 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
     samples.metrics_after = api.metrics().await;
 
     let (log_lines, log_sample) = target.log_problems();
-    report::build(report::Inputs {
+    let mut report = report::build(report::Inputs {
         params: params.clone(),
         target,
         connect_secs,
@@ -249,7 +262,25 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         timed_out: Instant::now() >= deadline,
         server_log_problems: log_lines,
         server_log_sample: log_sample,
-    })
+    })?;
+    report.timeline = timeline.snapshot().map(|t| t.points(start_ns));
+    if let (Some(path), Some(points)) = (&params.plot, &report.timeline) {
+        let subtitle = format!(
+            "{} streams x {} appends/s for {} s, {} subscribers per stream, {} appends per message",
+            params.streams,
+            params.rate,
+            params.duration,
+            params.subscribers,
+            params.appends_per_message
+        );
+        crate::plot::write_svg(
+            path,
+            "switchboard-bench ai-stream: append-to-receive latency per second",
+            &subtitle,
+            points,
+        )?;
+    }
+    Ok(report)
 }
 
 /// Entities (one agent and its subscribers per stream), their tokens, and one private group

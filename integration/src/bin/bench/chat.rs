@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{self, Api};
+use crate::plot::{Point, Recorder};
 use crate::poster::reason;
 use crate::report::{cpu_delta, hist_json, ms, opt, proc_json, write_results, Window};
 use crate::server::{self, ProcSample};
@@ -75,6 +76,10 @@ pub struct ChatArgs {
     /// Overall bound in seconds (setup, posting, drain); on expiry the run reports.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Write an SVG of post-to-receive latency percentiles per second here (and add a
+    /// `timeline` to the JSON).
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -295,6 +300,7 @@ struct SocketTask {
     deadline: Instant,
     drain_idle: Duration,
     tally: SocketTally,
+    timeline: Recorder,
 }
 
 impl SocketTask {
@@ -386,8 +392,9 @@ impl SocketTask {
             return false;
         };
         *count = count.saturating_add(1);
-        r.hist
-            .saturating_record((recv_ns.saturating_sub(sent_ns) / 1_000).max(1));
+        let latency_us = (recv_ns.saturating_sub(sent_ns) / 1_000).max(1);
+        r.hist.saturating_record(latency_us);
+        self.timeline.record(recv_ns, latency_us);
         *count == 1
     }
 }
@@ -547,6 +554,14 @@ pub async fn chat_only(args: ChatArgs) -> Result<bool, String> {
     target.stop(outcome.is_err());
     let report = outcome?;
     report.print();
+    if let (Some(path), Some(points)) = (&args.plot, &report.timeline) {
+        let title = "switchboard-bench chat: post-to-receive latency per second";
+        let subtitle = format!(
+            "{} rooms x {} members, {} posts/s for {} s, max {} in flight",
+            args.rooms, args.members, args.rate, args.duration, args.max_in_flight
+        );
+        crate::plot::write_svg(path, title, &subtitle, points)?;
+    }
     let path = write_results(&args.target.results_dir, "chat", &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
@@ -618,6 +633,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
             })
         })
         .collect();
+    let timeline = Recorder::new(args.plot.is_some(), now_ns());
     let mut sockets: Vec<JoinHandle<SocketTally>> = Vec::with_capacity(connected.len());
     for (r, m, ws, cursor) in connected {
         let task = SocketTask {
@@ -646,6 +662,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
                 last_delivery_ns: 0,
                 error: None,
             },
+            timeline: timeline.clone(),
         };
         sockets.push(tokio::spawn(task.run()));
     }
@@ -684,6 +701,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
         },
     };
     let start_ns = now_ns();
+    timeline.set_origin(start_ns);
     let stop_progress = Arc::new(AtomicBool::new(false));
     let progress_task = tokio::spawn(progress_line(
         progress.clone(),
@@ -735,6 +753,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
         latency: histogram()?,
         checks: Checks::default(),
         posted,
+        timeline: timeline.snapshot().map(|t| t.points(start_ns)),
     };
     report.tally_sockets(&tallies, &per_room)?;
     Ok(report)
@@ -887,6 +906,8 @@ struct ChatReport {
     timed_out: bool,
     server_log_problems: u64,
     server_log_sample: Vec<String>,
+    /// Post-to-receive latency per second since the first post (`--plot`).
+    timeline: Option<Vec<Point>>,
 }
 
 impl ChatReport {
@@ -1195,7 +1216,7 @@ impl ChatReport {
         let a = &self.args;
         let c = &self.checks;
         let p = &self.posted;
-        json!({
+        let mut v = json!({
             "scenario": "chat",
             "finished_at": chrono::Utc::now().to_rfc3339(),
             "passed": self.passed(),
@@ -1277,7 +1298,11 @@ impl ChatReport {
                 "cpu_secs": cpu_delta(self.client_before, self.client_after),
                 "after": proc_json(self.client_after),
             },
-        })
+        });
+        if let (Some(points), Some(o)) = (&self.timeline, v.as_object_mut()) {
+            o.insert("timeline".into(), crate::plot::timeline_json(points));
+        }
+        v
     }
 }
 

@@ -34,6 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{self, Api};
 use crate::idle::{self, FD_CAP, FD_MARGIN};
+use crate::plot::{Point, Recorder, Timeline};
 use crate::poster::{reason, retry_after};
 use crate::report::{cpu_delta, hist_json, opt, proc_json};
 use crate::server::{self, AppCreds, ProcSample};
@@ -104,6 +105,10 @@ pub struct FanoutArgs {
     /// Fail the run if the p99 send-to-receive latency (ms) is above this.
     #[arg(long)]
     pub expect_p99_ms: Option<f64>,
+    /// Write an SVG of send-to-receive latency percentiles per second here (and add a
+    /// `timeline` to the JSON); the workers send per-second histograms.
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -202,6 +207,9 @@ pub struct FanoutJob {
     pub epoch_ns: u64,
     /// The worker stops by itself this long after it starts.
     pub max_secs: u64,
+    /// Keep per-second latency histograms (from `epoch_ns`) for `--plot`.
+    #[serde(default)]
+    pub plot: bool,
 }
 
 /// Additive delivery checks: per socket, per worker, per run.
@@ -271,6 +279,9 @@ pub struct WorkerReport {
     pub bins: Vec<u64>,
     pub cpu_secs: f64,
     pub rss_kb: u64,
+    /// `--plot`: non-empty seconds since `epoch_ns` as (bin, µs histogram V2 hex).
+    #[serde(default)]
+    pub timeline: Vec<(usize, String)>,
 }
 
 /// What the coordinator tells the subscribers.
@@ -300,6 +311,8 @@ struct SockCtx {
     deadline: Instant,
     /// Send-to-receive latency, µs.
     hist: Mutex<Histogram<u64>>,
+    /// The same latencies by second of receipt since `epoch_ns` (`--plot`).
+    timeline: Recorder,
     bins: Vec<AtomicU64>,
     delivered: AtomicU64,
     open: AtomicU64,
@@ -316,6 +329,7 @@ impl SockCtx {
             reconnect_within: Duration::from_secs(job.connect_timeout_secs),
             deadline,
             hist: Mutex::new(latency_hist()?),
+            timeline: Recorder::new(job.plot, job.epoch_ns),
             bins: (0..=job.max_secs).map(|_| AtomicU64::new(0)).collect(),
             delivered: AtomicU64::new(0),
             open: AtomicU64::new(0),
@@ -438,11 +452,12 @@ impl Check {
             *byte |= bit;
             self.unique += 1;
         }
-        let latency_us = recv_ns.saturating_sub(sent_ns) / 1_000;
+        let latency_us = (recv_ns.saturating_sub(sent_ns) / 1_000).max(1);
         ctx.hist
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(latency_us.max(1));
+            .saturating_record(latency_us);
+        ctx.timeline.record(recv_ns, latency_us);
     }
 
     /// Loss against the acknowledged publishes (unknown without a drain).
@@ -828,6 +843,10 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
         bins: ctx.bins.iter().map(|b| b.load(Ordering::Relaxed)).collect(),
         cpu_secs: me.cpu_secs,
         rss_kb: me.rss_kb,
+        timeline: match ctx.timeline.snapshot() {
+            Some(t) => t.to_wire()?,
+            None => Vec::new(),
+        },
     };
     let mut line = serde_json::to_value(&report).map_err(|e| format!("report: {e}"))?;
     if let Some(o) = line.as_object_mut() {
@@ -1028,6 +1047,18 @@ pub async fn main(args: FanoutArgs) -> Result<bool, String> {
     target.stop(outcome.is_err());
     let report = outcome?;
     report.print();
+    if let (Some(path), Some(points)) = (&args.plot, report.timeline()) {
+        let subtitle = format!(
+            "{} subscribers on one channel, {} publishes/s for {} s, {} worker processes",
+            args.subscribers, args.rate, args.duration, report.workers
+        );
+        crate::plot::write_svg(
+            path,
+            "switchboard-bench fanout: send-to-receive latency per second",
+            &subtitle,
+            &points,
+        )?;
+    }
     let path = crate::report::write_results(&args.target.results_dir, "fanout", &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
@@ -1176,6 +1207,7 @@ async fn drive(
             drain_idle_secs: args.drain_idle,
             epoch_ns: plan.epoch_ns,
             max_secs: plan.max_secs + 10,
+            plot: args.plot.is_some(),
         };
         first += sockets;
         let line = serde_json::to_value(&job).map_err(|e| format!("job: {e}"))?;
@@ -1292,6 +1324,7 @@ async fn publish_and_drain(
 
     // 4. Merge the workers' reports.
     let mut merged = Merged::new()?;
+    merged.timeline = args.plot.is_some().then(|| Timeline::new(plan.epoch_ns));
     for (i, s) in set.states.iter().enumerate() {
         match s.take_report() {
             Some(v) => {
@@ -1365,6 +1398,8 @@ struct Merged {
     bins: Vec<u64>,
     worker_cpu_secs: f64,
     worker_rss_kb: u64,
+    /// Per-second latency histograms merged over the workers (`--plot`).
+    timeline: Option<Timeline>,
 }
 
 impl Merged {
@@ -1385,6 +1420,7 @@ impl Merged {
             bins: Vec::new(),
             worker_cpu_secs: 0.0,
             worker_rss_kb: 0,
+            timeline: None,
         })
     }
 
@@ -1421,6 +1457,9 @@ impl Merged {
         }
         self.worker_cpu_secs += r.cpu_secs;
         self.worker_rss_kb += r.rss_kb;
+        if let Some(t) = self.timeline.as_mut() {
+            t.merge_wire(&r.timeline)?;
+        }
         Ok(())
     }
 }
@@ -1480,6 +1519,14 @@ fn secs(a: u64, b: u64) -> f64 {
 impl FanoutReport {
     fn expected_deliveries(&self) -> u64 {
         self.published * self.merged.established
+    }
+
+    /// Latency per second since the first publish (`--plot`).
+    fn timeline(&self) -> Option<Vec<Point>> {
+        self.merged
+            .timeline
+            .as_ref()
+            .map(|t| t.points(self.pub_start_ns))
     }
 
     fn publish_secs(&self) -> f64 {
@@ -1853,7 +1900,7 @@ impl FanoutReport {
         let a = &self.args;
         let m = &self.merged;
         let t = &m.tally;
-        json!({
+        let mut v = json!({
             "scenario": "fanout",
             "finished_at": chrono::Utc::now().to_rfc3339(),
             "passed": self.passed(),
@@ -1933,7 +1980,11 @@ impl FanoutReport {
                 "worker_notes": self.worker_notes,
                 "socket_errors_sample": m.socket_errors,
             },
-        })
+        });
+        if let (Some(points), Some(o)) = (self.timeline(), v.as_object_mut()) {
+            o.insert("timeline".into(), crate::plot::timeline_json(&points));
+        }
+        v
     }
 }
 
@@ -1950,6 +2001,7 @@ mod tests {
             reconnect_within: Duration::from_secs(1),
             deadline: Instant::now(),
             hist: Mutex::new(latency_hist().expect("histogram")),
+            timeline: Recorder::default(),
             bins: (0..10).map(|_| AtomicU64::new(0)).collect(),
             delivered: AtomicU64::new(0),
             open: AtomicU64::new(0),

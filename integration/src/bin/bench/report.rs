@@ -174,6 +174,8 @@ pub struct Report {
     pub metrics_after: BTreeMap<String, f64>,
     pub server_log_problems: u64,
     pub server_log_sample: Vec<String>,
+    /// Post-to-receive latency per second since the first post (`--plot`).
+    pub timeline: Option<Vec<crate::plot::Point>>,
 }
 
 /// Microseconds as milliseconds.
@@ -454,7 +456,7 @@ impl Report {
     pub fn to_json(&self) -> Value {
         let c = &self.correctness;
         let a = &self.args;
-        json!({
+        let mut v = json!({
             "scenario": "quick",
             "finished_at": chrono::Utc::now().to_rfc3339(),
             "passed": self.passed(),
@@ -527,6 +529,10 @@ impl Report {
                 "post_errors": c.post_first_errors,
                 "timed_out": c.timed_out,
             },
-        })
+        });
+        if let (Some(points), Some(o)) = (&self.timeline, v.as_object_mut()) {
+            o.insert("timeline".into(), crate::plot::timeline_json(points));
+        }
+        v
     }
 }

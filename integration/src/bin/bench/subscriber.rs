@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::plot::Recorder;
 use crate::{now_ns, Plan};
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -84,6 +85,8 @@ pub struct SubResult {
     pub error: Option<String>,
     pub first_delivery_ns: u64,
     pub last_delivery_ns: u64,
+    /// Where each latency also goes, by second of receipt (`--plot`).
+    pub timeline: Recorder,
 }
 
 impl SubResult {
@@ -107,6 +110,7 @@ impl SubResult {
             error: None,
             first_delivery_ns: 0,
             last_delivery_ns: 0,
+            timeline: Recorder::default(),
         })
     }
 }
@@ -342,8 +346,9 @@ fn handle_text(
         *unique += 1;
     }
     *count = count.saturating_add(1);
-    let latency_us = recv_ns.saturating_sub(stamp.t) / 1_000;
-    r.hist.saturating_record(latency_us.max(1));
+    let latency_us = (recv_ns.saturating_sub(stamp.t) / 1_000).max(1);
+    r.hist.saturating_record(latency_us);
+    r.timeline.record(recv_ns, latency_us);
 }
 
 #[cfg(test)]

@@ -366,6 +366,7 @@ impl Checker {
             self.distinct += 1;
             let latency_us = (recv_ns / 1_000).saturating_sub(sent_us);
             self.tally.latency.saturating_record(latency_us.max(1));
+            self.progress.timeline.record(recv_ns, latency_us.max(1));
         }
         *count = count.saturating_add(1);
     }

@@ -239,6 +239,8 @@ pub struct AiStreamReport {
     pub timed_out: bool,
     pub server_log_problems: u64,
     pub server_log_sample: Vec<String>,
+    /// Append-to-receive latency per second since the first tick (`--plot`).
+    pub timeline: Option<Vec<crate::plot::Point>>,
 }
 
 fn histogram() -> Result<Histogram<u64>, String> {
@@ -286,6 +288,7 @@ pub fn build(i: Inputs<'_>) -> Result<AiStreamReport, String> {
         timed_out: i.timed_out,
         server_log_problems: i.server_log_problems,
         server_log_sample: i.server_log_sample,
+        timeline: None,
     })
 }
 
@@ -590,7 +593,7 @@ impl AiStreamReport {
 
     pub fn to_json(&self) -> Value {
         let (a, d, p, s) = (&self.appends, &self.deliveries, &self.params, &self.samples);
-        json!({
+        let mut v = json!({
             "scenario": "ai-stream",
             "finished_at": chrono::Utc::now().to_rfc3339(),
             "passed": self.passed(),
@@ -653,7 +656,11 @@ impl AiStreamReport {
                 "cpu_secs": cpu_delta(s.client_before, s.client_after),
             },
             "correctness": self.correctness_json(),
-        })
+        });
+        if let (Some(points), Some(o)) = (&self.timeline, v.as_object_mut()) {
+            o.insert("timeline".into(), crate::plot::timeline_json(points));
+        }
+        v
     }
 
     fn correctness_json(&self) -> Value {
