@@ -19,6 +19,8 @@ pub struct Config {
     pub workers: usize,
     /// How often old message versions are purged (workspaces with a retention window).
     pub purge_interval: Duration,
+    /// fsync on every commit (`full`, the default) or only at checkpoints (`normal`).
+    pub durability: switchboard_actors::store::Durability,
 }
 
 impl Default for Config {
@@ -32,6 +34,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             workers: 2,
             purge_interval: Duration::from_secs(60),
+            durability: Default::default(),
         }
     }
 }
@@ -53,6 +56,7 @@ const KEYS: &[(&str, &str)] = &[
         "SWITCHBOARD_REALTIME_HEARTBEAT_SECONDS",
     ),
     ("workers", "SWITCHBOARD_WORKERS"),
+    ("durability", "SWITCHBOARD_DURABILITY"),
     (
         "versioned_messages.purge_interval_seconds",
         "SWITCHBOARD_VERSIONED_MESSAGES_PURGE_INTERVAL_SECONDS",
@@ -107,6 +111,7 @@ impl Config {
                 self.session.client_timeout = Duration::from_secs(s * 3);
             }
             "workers" => self.workers = num(v)?.clamp(1, 64) as usize,
+            "durability" => self.durability = switchboard_actors::store::Durability::parse(v)?,
             "versioned_messages.purge_interval_seconds" => {
                 self.purge_interval = Duration::from_secs(num(v)?.clamp(1, 86_400) as u64)
             }
@@ -155,5 +160,15 @@ mod tests {
         assert_eq!(v.get("realtime.max_replay").map(String::as_str), Some("10"));
         let mut c = Config::default();
         assert!(c.set("nope", "1").is_err());
+    }
+
+    #[test]
+    fn durability_is_full_unless_asked() {
+        use switchboard_actors::store::Durability;
+        let mut c = Config::default();
+        assert_eq!(c.durability, Durability::Full);
+        c.set("durability", "normal").expect("normal");
+        assert_eq!(c.durability, Durability::Normal);
+        assert!(c.set("durability", "off").is_err());
     }
 }

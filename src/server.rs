@@ -18,7 +18,7 @@ use crate::http::{self, AppState};
 
 pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     let url = store::DatabaseUrl::parse(&config.database)?;
-    let pool = store::open(&url, 16)?;
+    let pool = store::open_with(&url, 16, config.durability)?;
     if let Some(spec) = &config.bootstrap_app {
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         let w = crate::workspaces::bootstrap(&mut conn, spec)?;

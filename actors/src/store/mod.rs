@@ -43,23 +43,57 @@ impl DatabaseUrl {
     }
 }
 
+/// How a commit reaches the disk (SQLite `synchronous` in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is fsynced before it is acknowledged: survives a power cut.
+    #[default]
+    Full,
+    /// Commits are written to the WAL but fsynced only at checkpoints: survives a crash of
+    /// the process, not of the machine. Removes the fsync from every write's latency.
+    Normal,
+}
+
+impl Durability {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!("durability must be full or normal, not '{other}'")),
+        }
+    }
+}
+
 #[derive(Debug)]
-struct Pragmas;
+struct Pragmas(Durability);
 
 impl CustomizeConnection<Conn, diesel::r2d2::Error> for Pragmas {
     fn on_acquire(&self, conn: &mut Conn) -> Result<(), diesel::r2d2::Error> {
-        conn.batch_execute(
+        let synchronous = match self.0 {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.batch_execute(&format!(
             // temp_store: savepoint sub-journals stay in memory instead of temp files (one
             // savepoint per write in a group commit).
-            "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-             PRAGMA temp_store = MEMORY;",
-        )
+            "PRAGMA busy_timeout = 5000; PRAGMA synchronous = {synchronous}; \
+             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+        ))
         .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
 /// Opens (creating the file and its folder) and migrates the database, returning a pool.
 pub fn open(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, String> {
+    open_with(url, max_size, Durability::Full)
+}
+
+/// [`open`] with a chosen commit durability.
+pub fn open_with(
+    url: &DatabaseUrl,
+    max_size: u32,
+    durability: Durability,
+) -> Result<DbPool, String> {
     if let Some(parent) = std::path::Path::new(&url.path).parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent)
@@ -78,7 +112,7 @@ pub fn open(url: &DatabaseUrl, max_size: u32) -> Result<DbPool, String> {
     let pool = Pool::builder()
         .max_size(max_size)
         .connection_timeout(Duration::from_secs(5))
-        .connection_customizer(Box::new(Pragmas))
+        .connection_customizer(Box::new(Pragmas(durability)))
         .build(manager)
         .map_err(|e| format!("cannot open database {}: {e}", url.path))?;
     let mut conn = pool
