@@ -8,11 +8,6 @@ mod workspaces;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the server allocates per request and per frame on several threads; glibc's
-/// allocator showed up at ~8% of the server's CPU in profiles (locks and consolidation).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "switchboard",
