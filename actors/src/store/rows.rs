@@ -200,7 +200,7 @@ impl From<&Channel> for ChannelRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = messages, treat_none_as_null = true)]
+#[diesel(table_name = messages, treat_none_as_null = true, treat_none_as_default_value = false)]
 pub struct MessageRow {
     pub channel_id: String,
     pub message_serial: String,
@@ -298,7 +298,7 @@ impl MessageRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = message_versions)]
+#[diesel(table_name = message_versions, treat_none_as_default_value = false)]
 pub struct VersionRow {
     pub channel_id: String,
     pub seq: i64,
@@ -312,7 +312,7 @@ pub struct VersionRow {
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = events)]
+#[diesel(table_name = events, treat_none_as_default_value = false)]
 pub struct EventRow {
     pub workspace_id: String,
     pub cursor: i64,
