@@ -82,6 +82,31 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/channels/{id}/read", web::post().to(mark_read));
 }
 
+/// `{message, event[, status]}` written straight to text: the event is already a JSON frame,
+/// so it is embedded as is (this is the answer to every post and every streamed append).
+fn message_and_event(
+    message: &switchboard_actors::domain::message::Message,
+    event: &Option<std::sync::Arc<Event>>,
+    status: Option<&str>,
+) -> ApiResult<String> {
+    let mut body = String::from("{\"message\":");
+    body.push_str(&serde_json::to_string(message).map_err(ApiError::internal)?);
+    body.push_str(",\"event\":");
+    body.push_str(event.as_ref().map_or("null", |e| &e.frame));
+    if let Some(s) = status {
+        body.push_str(",\"status\":");
+        body.push_str(&serde_json::to_string(s).map_err(ApiError::internal)?);
+    }
+    body.push('}');
+    Ok(body)
+}
+
+fn raw_json(status: StatusCode, body: String) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(body)
+}
+
 fn event_json(e: &Option<std::sync::Arc<Event>>) -> Value {
     e.as_ref().map(|e| e.to_json()).unwrap_or(Value::Null)
 }
@@ -624,9 +649,9 @@ async fn post_message(
     } else {
         StatusCode::OK
     };
-    Ok(json(
+    Ok(raw_json(
         status,
-        &json!({"message": out.message, "event": event_json(&out.event)}),
+        message_and_event(&out.message, &out.event, None)?,
     ))
 }
 
@@ -787,10 +812,9 @@ async fn mutate_message(
         &caller.workspace.settings,
     )
     .await?;
-    Ok(json(
+    Ok(raw_json(
         StatusCode::OK,
-        &json!({"message": out.message, "event": event_json(&out.event),
-                "status": versions::status_word(&out)}),
+        message_and_event(&out.message, &out.event, Some(versions::status_word(&out)))?,
     ))
 }
 

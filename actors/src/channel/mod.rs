@@ -338,7 +338,7 @@ impl Handler<PostMessage> for ChannelActor {
                 root,
             }) => {
                 let seq = message.history_serial;
-                self.hold_hot(&message);
+                self.hold_hot(message.clone());
                 Box::pin(
                     self.submit(Some((seq, seq)), apply, events)
                         .map(move |res, act, _| {

@@ -92,17 +92,23 @@ pub struct MutationOutcome {
 
 impl ChannelActor {
     /// Pins a message's state while a write of it is in flight.
-    pub(super) fn hold_hot(&mut self, message: &Message) {
-        let h = self
-            .hot
-            .entry(message.message_serial.clone())
-            .or_insert_with(|| HotMessage {
-                message: message.clone(),
-                pending: 0,
-                ops: HashMap::new(),
-            });
-        h.message = message.clone();
-        h.pending += 1;
+    pub(super) fn hold_hot(&mut self, message: Message) {
+        match self.hot.get_mut(&message.message_serial) {
+            Some(h) => {
+                h.message = message;
+                h.pending += 1;
+            }
+            None => {
+                self.hot.insert(
+                    message.message_serial.clone(),
+                    HotMessage {
+                        message,
+                        pending: 1,
+                        ops: HashMap::new(),
+                    },
+                );
+            }
+        }
     }
 
     /// Once nothing of a message is in flight the store holds its latest state (and its
@@ -335,7 +341,7 @@ impl ChannelActor {
                 }
             }
         }
-        self.hold_hot(&next);
+        self.hold_hot(next.clone());
         if let (Some(op), Some(h)) = (&mutation.body.op_id, self.hot.get_mut(&next.message_serial))
         {
             h.ops
