@@ -144,16 +144,6 @@ async fn channel_view(state: &State, channel: Channel, viewer: &str) -> ApiResul
     Ok(v)
 }
 
-fn channel_actor(
-    state: &State,
-    caller: &Caller,
-    id: &str,
-) -> ApiResult<actix::Addr<switchboard_actors::channel::ChannelActor>> {
-    state
-        .registry
-        .channel(&caller.workspace.id, id, &state.persistence)
-}
-
 async fn me(caller: Caller) -> HttpResult<HttpResponse> {
     let w = &caller.workspace;
     Ok(json(
@@ -495,11 +485,14 @@ async fn get_channel(
     caller: Caller,
     path: web::Path<String>,
 ) -> HttpResult<HttpResponse> {
-    let addr = channel_actor(&state, &caller, &path)?;
-    let channel = addr
-        .send(GetChannel {
-            viewer: caller.entity.clone(),
-        })
+    let channel = state
+        .ask_channel(
+            &caller.workspace.id,
+            &path,
+            GetChannel {
+                viewer: caller.entity.clone(),
+            },
+        )
         .await??;
     let view = channel_view(&state, channel, &caller.entity.id).await?;
     Ok(json(StatusCode::OK, &json!({"channel": view})))
@@ -512,12 +505,15 @@ async fn patch_channel(
     body: web::Json<ChannelPatch>,
 ) -> HttpResult<HttpResponse> {
     caller.entity.check_can_write(&ids::now_rfc3339())?;
-    let addr = channel_actor(&state, &caller, &path)?;
-    let (channel, event) = addr
-        .send(PatchChannel {
-            actor: caller.entity.clone(),
-            patch: body.into_inner(),
-        })
+    let (channel, event) = state
+        .ask_channel(
+            &caller.workspace.id,
+            &path,
+            PatchChannel {
+                actor: caller.entity.clone(),
+                patch: body.into_inner(),
+            },
+        )
         .await??;
     let view = channel_view(&state, channel, &caller.entity.id).await?;
     Ok(json(
@@ -533,13 +529,16 @@ async fn membership(
     change: MembershipChange,
 ) -> HttpResult<HttpResponse> {
     caller.entity.check_can_write(&ids::now_rfc3339())?;
-    let addr = channel_actor(&state, &caller, id)?;
-    let out = addr
-        .send(ChangeMembership {
-            actor: caller.entity.clone(),
-            change,
-            limits: limits(&caller),
-        })
+    let out = state
+        .ask_channel(
+            &caller.workspace.id,
+            id,
+            ChangeMembership {
+                actor: caller.entity.clone(),
+                change,
+                limits: limits(&caller),
+            },
+        )
         .await??;
     let view = channel_view(&state, out.channel, &caller.entity.id).await?;
     Ok(json(
@@ -609,11 +608,14 @@ async fn list_join_requests(
     caller: Caller,
     path: web::Path<String>,
 ) -> HttpResult<HttpResponse> {
-    let addr = channel_actor(&state, &caller, &path)?;
-    let channel = addr
-        .send(GetChannel {
-            viewer: caller.entity.clone(),
-        })
+    let channel = state
+        .ask_channel(
+            &caller.workspace.id,
+            &path,
+            GetChannel {
+                viewer: caller.entity.clone(),
+            },
+        )
         .await??;
     channel.check_modifier(&caller.entity)?;
     let cid = channel.id.clone();
@@ -633,13 +635,16 @@ async fn post_message(
     path: web::Path<String>,
     body: web::Json<NewMessage>,
 ) -> HttpResult<HttpResponse> {
-    let addr = channel_actor(&state, &caller, &path)?;
-    let out = addr
-        .send(PostMessage {
-            author: Author::Member(caller.entity.clone()),
-            input: body.into_inner(),
-            limits: limits(&caller),
-        })
+    let out = state
+        .ask_channel(
+            &caller.workspace.id,
+            &path,
+            PostMessage {
+                author: Author::Member(caller.entity.clone()),
+                input: body.into_inner(),
+                limits: limits(&caller),
+            },
+        )
         .await??;
     if let Some(summary) = out.summary {
         state.broker.publish_ephemeral(summary);
@@ -657,12 +662,15 @@ async fn post_message(
 
 /// Checks the caller may read the channel; returns it.
 async fn readable(state: &State, caller: &Caller, id: &str) -> ApiResult<Channel> {
-    let addr = channel_actor(state, caller, id)?;
-    addr.send(GetChannel {
-        viewer: caller.entity.clone(),
-    })
-    .await
-    .map_err(|e| ApiError::backpressure(e.to_string()))?
+    state
+        .ask_channel(
+            &caller.workspace.id,
+            id,
+            GetChannel {
+                viewer: caller.entity.clone(),
+            },
+        )
+        .await?
 }
 
 #[derive(Deserialize)]
@@ -794,7 +802,6 @@ async fn mutate_message(
 ) -> HttpResult<HttpResponse> {
     let (id, serial, action) = path.into_inner();
     let action = versions::parse_action(&action)?;
-    let addr = channel_actor(&state, &caller, &id)?;
     let actor = MutationActor::Member {
         entity: caller.entity.clone(),
         capabilities: caller.capabilities(),
@@ -804,7 +811,9 @@ async fn mutate_message(
     body.socket_id = None;
     body.client_id = None;
     let out = versions::mutate(
-        addr,
+        &state,
+        &caller.workspace.id,
+        &id,
         actor,
         serial,
         action,
@@ -832,14 +841,17 @@ async fn react(
     emoji: String,
     add: bool,
 ) -> HttpResult<HttpResponse> {
-    let addr = channel_actor(&state, &caller, &id)?;
-    let out = addr
-        .send(React {
-            actor: caller.entity.clone(),
-            message_serial: serial,
-            emoji,
-            add,
-        })
+    let out = state
+        .ask_channel(
+            &caller.workspace.id,
+            &id,
+            React {
+                actor: caller.entity.clone(),
+                message_serial: serial,
+                emoji,
+                add,
+            },
+        )
         .await??;
     if let Some(summary) = out.summary.clone() {
         state.broker.publish_ephemeral(summary);
@@ -894,12 +906,15 @@ async fn mark_read(
     path: web::Path<String>,
     body: web::Json<ReadBody>,
 ) -> HttpResult<HttpResponse> {
-    let addr = channel_actor(&state, &caller, &path)?;
-    let out = addr
-        .send(MarkRead {
-            actor: caller.entity.clone(),
-            seq: body.seq,
-        })
+    let out = state
+        .ask_channel(
+            &caller.workspace.id,
+            &path,
+            MarkRead {
+                actor: caller.entity.clone(),
+                seq: body.seq,
+            },
+        )
         .await??;
     Ok(json(
         StatusCode::OK,

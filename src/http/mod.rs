@@ -52,6 +52,39 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Asks a channel's actor. An actor that stopped for being idle between the lookup and
+    /// the send never saw the message (it stops only with no write in flight, ten minutes
+    /// after its last message), so the message goes once more to a fresh actor.
+    pub async fn ask_channel<M>(
+        &self,
+        workspace_id: &str,
+        channel_id: &str,
+        msg: M,
+    ) -> ApiResult<M::Result>
+    where
+        M: actix::Message + Clone + Send + 'static,
+        M::Result: Send,
+        switchboard_actors::channel::ChannelActor: actix::Handler<M>,
+    {
+        for attempt in 0..2 {
+            let addr = self
+                .registry
+                .channel(workspace_id, channel_id, &self.persistence)?;
+            match addr.send(msg.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(actix::MailboxError::Closed) if attempt == 0 => continue,
+                Err(e) => {
+                    return Err(ApiError::backpressure(format!(
+                        "the channel is unavailable ({e}); retry"
+                    )))
+                }
+            }
+        }
+        Err(ApiError::backpressure("the channel is unavailable; retry"))
+    }
+}
+
 /// 1 MiB: the HTTP body limit of SPEC §7.
 pub const MAX_BODY: usize = 1 << 20;
 

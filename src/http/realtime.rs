@@ -236,13 +236,14 @@ async fn ephemeral(
     map.insert("user_id".into(), json!(caller.entity.id));
     let recipients = match &body.channel_id {
         Some(id) => {
-            let addr = state
-                .registry
-                .channel(&caller.workspace.id, id, &state.persistence)?;
-            let channel = addr
-                .send(GetChannel {
-                    viewer: caller.entity.clone(),
-                })
+            let channel = state
+                .ask_channel(
+                    &caller.workspace.id,
+                    id,
+                    GetChannel {
+                        viewer: caller.entity.clone(),
+                    },
+                )
                 .await??;
             channel.check_member(&caller.entity)?;
             if channel.channel_type == switchboard_actors::domain::channel::ChannelType::Direct {

@@ -164,21 +164,22 @@ async fn trigger(
     let mut acks = Map::new();
     for name in channels {
         let channel = channel_named(&state, &ws, &name, true).await?;
-        let addr = state
-            .registry
-            .channel(&ws.id, &channel.id, &state.persistence)?;
-        let out = addr
-            .send(PostMessage {
-                author: Author::Server {
-                    client_id: creator.clone(),
+        let out = state
+            .ask_channel(
+                &ws.id,
+                &channel.id,
+                PostMessage {
+                    author: Author::Server {
+                        client_id: creator.clone(),
+                    },
+                    input: NewMessage {
+                        data: Some(b.data.clone()),
+                        name: Some(b.name.clone()),
+                        ..Default::default()
+                    },
+                    limits,
                 },
-                input: NewMessage {
-                    data: Some(b.data.clone()),
-                    name: Some(b.name.clone()),
-                    ..Default::default()
-                },
-                limits,
-            })
+            )
             .await??;
         let m = out.message;
         acks.insert(
@@ -243,10 +244,17 @@ async fn mutate(
         },
     };
     let channel = channel_named(&state, &ws, &channel_name, false).await?;
-    let addr = state
-        .registry
-        .channel(&ws.id, &channel.id, &state.persistence)?;
-    let out = versions::mutate(addr, actor, serial, action, b, &ws.settings).await?;
+    let out = versions::mutate(
+        &state,
+        &ws.id,
+        &channel.id,
+        actor,
+        serial,
+        action,
+        b,
+        &ws.settings,
+    )
+    .await?;
     Ok(json(
         StatusCode::OK,
         &json!({

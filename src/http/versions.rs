@@ -1,12 +1,9 @@
 //! What the chat API and the server API share about versioned messages: the item projection,
 //! version and history paging, and sending a mutation to the channel actor.
 
-use actix::Addr;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use switchboard_actors::channel::{
-    ChannelActor, Mutate, MutationActor, MutationOutcome, VersionSettings,
-};
+use switchboard_actors::channel::{Mutate, MutationActor, MutationOutcome, VersionSettings};
 use switchboard_actors::domain::message::Message;
 use switchboard_actors::domain::versioned::{Action, Mutation, MutationBody};
 use switchboard_actors::error::{ApiError, ApiResult, ErrorCode};
@@ -275,8 +272,11 @@ pub fn parse_action(raw: &str) -> ApiResult<Action> {
 }
 
 /// Sends a validated mutation to the channel's actor.
+#[allow(clippy::too_many_arguments)]
 pub async fn mutate(
-    addr: Addr<ChannelActor>,
+    state: &State,
+    workspace_id: &str,
+    channel_id: &str,
     actor: MutationActor,
     serial: String,
     action: Action,
@@ -284,17 +284,21 @@ pub async fn mutate(
     settings: &WorkspaceSettings,
 ) -> ApiResult<MutationOutcome> {
     let mutation = Mutation::parse(action, body)?;
-    addr.send(Mutate {
-        actor,
-        serial,
-        mutation,
-        settings: VersionSettings {
-            enabled: settings.versioned_messages.enabled,
-            ai: settings.ai_transport.clone(),
-        },
-    })
-    .await
-    .map_err(|e| ApiError::backpressure(format!("the channel is unavailable ({e}); retry")))?
+    state
+        .ask_channel(
+            workspace_id,
+            channel_id,
+            Mutate {
+                actor,
+                serial,
+                mutation,
+                settings: VersionSettings {
+                    enabled: settings.versioned_messages.enabled,
+                    ai: settings.ai_transport.clone(),
+                },
+            },
+        )
+        .await?
 }
 
 pub fn status_word(o: &MutationOutcome) -> &'static str {

@@ -39,7 +39,7 @@ pub struct ChannelLimits {
     pub max_attachments: usize,
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<Channel>")]
 pub struct GetChannel {
     pub viewer: Entity,
@@ -54,7 +54,7 @@ pub enum Author {
     Server { client_id: Option<String> },
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<PostOutcome>")]
 pub struct PostMessage {
     pub author: Author,
@@ -70,7 +70,7 @@ pub struct PostOutcome {
     pub summary: Option<Arc<Event>>,
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<ReactionOutcome>")]
 pub struct React {
     pub actor: Entity,
@@ -86,7 +86,7 @@ pub struct ReactionOutcome {
     pub summary: Option<Arc<Event>>,
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<ReadOutcome>")]
 pub struct MarkRead {
     pub actor: Entity,
@@ -108,7 +108,7 @@ pub enum MembershipChange {
     Reject(String),
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<MembershipOutcome>")]
 pub struct ChangeMembership {
     pub actor: Entity,
@@ -123,7 +123,7 @@ pub struct MembershipOutcome {
     pub status: &'static str,
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<(Channel, Option<Arc<Event>>)>")]
 pub struct PatchChannel {
     pub actor: Entity,

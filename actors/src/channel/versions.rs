@@ -69,7 +69,7 @@ pub struct VersionSettings {
     pub ai: AiTransportLimits,
 }
 
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "ApiResult<MutationOutcome>")]
 pub struct Mutate {
     pub actor: MutationActor,
