@@ -46,6 +46,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         metrics,
         config: Arc::new(config.clone()),
         auth_cache: Default::default(),
+        rate_limiter: Default::default(),
     });
     let system = actix_web::rt::System::new();
     let result: std::io::Result<()> = system.block_on(async move {

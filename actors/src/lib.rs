@@ -15,6 +15,7 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod persistence;
+pub mod rate_limit;
 pub mod registry;
 pub mod retention;
 pub mod session;

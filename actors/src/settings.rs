@@ -10,12 +10,31 @@ pub struct WorkspaceSettings {
     pub enable_client_messages: bool,
     pub allowed_origins: Vec<String>,
     pub webhooks: Vec<serde_json::Value>,
-    pub rate_limits: serde_json::Value,
+    pub rate_limits: RateLimits,
     pub versioned_messages: VersionedMessageLimits,
     pub ai_transport: AiTransportLimits,
     pub min_group_members: usize,
     pub max_channel_members: usize,
     pub max_attachments: usize,
+}
+
+/// Rate limits, off unless set (SPEC §5): `chat_api` per entity on every `/api` request,
+/// `client_events` per socket (the Pusher face).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_api: Option<RateLimit>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_events: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` sustained, up to `burst` at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -43,7 +62,7 @@ impl Default for WorkspaceSettings {
             enable_client_messages: false,
             allowed_origins: Vec::new(),
             webhooks: Vec::new(),
-            rate_limits: serde_json::json!({}),
+            rate_limits: RateLimits::default(),
             versioned_messages: VersionedMessageLimits::default(),
             ai_transport: AiTransportLimits::default(),
             min_group_members: 2,
@@ -95,8 +114,19 @@ impl WorkspaceSettings {
                 base.insert(k.clone(), v.clone());
             }
         }
-        serde_json::from_value(merged)
-            .map_err(|e| ApiError::invalid(format!("invalid settings: {e}")))
+        let next: Self = serde_json::from_value(merged)
+            .map_err(|e| ApiError::invalid(format!("invalid settings: {e}")))?;
+        for limit in [next.rate_limits.chat_api, next.rate_limits.client_events]
+            .into_iter()
+            .flatten()
+        {
+            if !(limit.per_second > 0.0 && limit.per_second.is_finite()) || limit.burst == 0 {
+                return Err(ApiError::invalid(
+                    "a rate limit needs per_second > 0 and burst >= 1",
+                ));
+            }
+        }
+        Ok(next)
     }
 }
 

@@ -177,9 +177,34 @@ impl actix_web::FromRequest for Caller {
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             let token = token.ok_or_else(|| ApiError::auth("missing bearer token"))?;
-            Ok(authenticate(&state, token).await?)
+            let caller = authenticate(&state, token).await?;
+            check_rate_limit(&state, &caller)?;
+            Ok(caller)
         })
     }
+}
+
+/// The workspace's `rate_limits.chat_api`, per entity, on every `/api` request.
+fn check_rate_limit(state: &AppState, caller: &Caller) -> ApiResult<()> {
+    let Some(limit) = caller.workspace.settings.rate_limits.chat_api else {
+        return Ok(());
+    };
+    let key = format!("{}/{}", caller.workspace.id, caller.entity.id);
+    state
+        .rate_limiter
+        .check(&key, limit, Instant::now())
+        .map_err(|wait| {
+            ApiError::new(
+                switchboard_actors::error::ErrorCode::RateLimited,
+                format!(
+                    "rate limit of {} requests per second (burst {}) exceeded; retry in {:.1} s",
+                    limit.per_second,
+                    limit.burst,
+                    wait.as_secs_f64()
+                ),
+            )
+            .retry_after(wait.as_secs_f64().ceil() as u64)
+        })
 }
 
 /// Verifies a signed server-API request for `app_id` and returns its workspace.

@@ -40,10 +40,15 @@ impl std::fmt::Display for HttpError {
 }
 
 pub fn envelope(code: ErrorCode, message: &str) -> HttpResponse {
+    envelope_retry(code, message, None)
+}
+
+/// The envelope, with `Retry-After` (seconds, default 1) on 429 and 503.
+pub fn envelope_retry(code: ErrorCode, message: &str, retry_after: Option<u64>) -> HttpResponse {
     let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut res = HttpResponse::build(status);
     if matches!(code, ErrorCode::RateLimited | ErrorCode::Backpressure) {
-        res.insert_header((header::RETRY_AFTER, "1"));
+        res.insert_header((header::RETRY_AFTER, retry_after.unwrap_or(1).to_string()));
     }
     res.json(serde_json::json!({"error": message, "code": code.as_str(), "status": code.status()}))
 }
@@ -54,7 +59,7 @@ impl ResponseError for HttpError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        envelope(self.0.code, &self.0.message)
+        envelope_retry(self.0.code, &self.0.message, self.0.retry_after)
     }
 }
 

@@ -31,6 +31,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
     pub auth_cache: auth::AuthCache,
+    /// Per-entity buckets of the chat API's rate limit.
+    pub rate_limiter: switchboard_actors::rate_limit::RateLimiter,
 }
 
 pub type State = web::Data<AppState>;
