@@ -120,28 +120,35 @@ impl WorkspaceActor {
         Some(entry)
     }
 
+    /// Applies `f` to each session of one entity (found through the index).
+    fn for_sessions_of(&mut self, entity_id: &str, mut f: impl FnMut(&mut SessionEntry)) {
+        for id in self.by_entity.get(entity_id).into_iter().flatten() {
+            if let Some(s) = self.sessions.get_mut(id) {
+                f(s);
+            }
+        }
+    }
+
     /// Keeps guests' channel sets and roles current from the events themselves.
     fn track_membership(&mut self, ev: &Event) {
         let entity = ev.payload.get("entity_id").and_then(|v| v.as_str());
         let channel = ev.channel_id.as_deref();
         match (ev.event_type.as_str(), entity, channel) {
             ("channel.member_added", Some(e), Some(c)) => {
-                for s in self.sessions.values_mut().filter(|s| s.entity_id == e) {
+                self.for_sessions_of(e, |s| {
                     s.guest_channels.insert(c.to_string());
-                }
+                });
             }
             ("channel.member_removed", Some(e), Some(c)) => {
-                for s in self.sessions.values_mut().filter(|s| s.entity_id == e) {
+                self.for_sessions_of(e, |s| {
                     s.guest_channels.remove(c);
-                }
+                });
             }
             ("member.moderation_updated", _, _) => {
                 let target = ev.payload.get("user_id").and_then(|v| v.as_str());
                 let role = ev.payload.get("role").and_then(|v| v.as_str());
                 if let (Some(t), Some(r)) = (target, role) {
-                    for s in self.sessions.values_mut().filter(|s| s.entity_id == t) {
-                        s.is_guest = r == "guest";
-                    }
+                    self.for_sessions_of(t, |s| s.is_guest = r == "guest");
                 }
             }
             _ => {}

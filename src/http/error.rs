@@ -19,14 +19,6 @@ impl From<ApiError> for HttpError {
     }
 }
 
-impl From<actix::MailboxError> for HttpError {
-    fn from(e: actix::MailboxError) -> Self {
-        Self(ApiError::backpressure(format!(
-            "the actor is unavailable ({e}); retry"
-        )))
-    }
-}
-
 impl From<actix_web::error::BlockingError> for HttpError {
     fn from(e: actix_web::error::BlockingError) -> Self {
         Self(ApiError::internal(e))
