@@ -216,14 +216,19 @@ pub async fn list_history(
             let next_cursor = has_more
                 .then(|| rows.last().map(|m| m.history_serial.to_string()))
                 .flatten();
-            let mut items = Vec::with_capacity(rows.len());
-            for m in &rows {
-                let latest = ids::parse_version_serial(&m.version_serial)
-                    .map(|seq| queries::version_at(conn, &cid, seq))
-                    .transpose()?
-                    .flatten();
-                items.push(latest_item(&name, m, latest.as_ref()));
-            }
+            let seqs: Vec<i64> = rows
+                .iter()
+                .filter_map(|m| ids::parse_version_serial(&m.version_serial))
+                .collect();
+            let latest = queries::versions_at(conn, &cid, &seqs)?;
+            let items = rows
+                .iter()
+                .map(|m| {
+                    let v = ids::parse_version_serial(&m.version_serial)
+                        .and_then(|seq| latest.get(&seq));
+                    latest_item(&name, m, v)
+                })
+                .collect();
             Ok(Listing {
                 items,
                 has_more,

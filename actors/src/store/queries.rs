@@ -537,6 +537,20 @@ pub fn version_at(conn: &mut Conn, channel_id: &str, seq: i64) -> QueryResult<Op
         .optional()
 }
 
+/// Several versions of a channel by seq, in one query (a history page's latest versions).
+pub fn versions_at(
+    conn: &mut Conn,
+    channel_id: &str,
+    seqs: &[i64],
+) -> QueryResult<std::collections::HashMap<i64, VersionRow>> {
+    let rows: Vec<VersionRow> = message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::seq.eq_any(seqs))
+        .select(VersionRow::as_select())
+        .load(conn)?;
+    Ok(rows.into_iter().map(|r| (r.seq, r)).collect())
+}
+
 /// One page of a message's versions: after (oldest first) or before (newest first) the
 /// version at `cursor_seq`.
 pub fn versions_page(
