@@ -307,15 +307,7 @@ async fn list_channels(
         .read(move |conn| {
             let ids =
                 queries::visible_channel_ids(conn, &ws, &who, !guest, after.as_deref(), limit)?;
-            let mut out = Vec::new();
-            for id in ids {
-                if let Some(c) = queries::channel(conn, &id)? {
-                    let last_read = queries::last_read_seq(conn, &id, &who)?.unwrap_or(0);
-                    let unread = queries::count_messages_after(conn, &id, last_read)?;
-                    out.push((c, last_read, unread));
-                }
-            }
-            Ok(out)
+            Ok(queries::channels_with_reads(conn, &ids, &who)?)
         })
         .await?;
     let next = (rows.len() as i64 == limit)

@@ -227,6 +227,76 @@ pub fn channel(conn: &mut Conn, channel_id: &str) -> QueryResult<Option<Channel>
     Ok(Some(row.into_channel(members)))
 }
 
+#[derive(QueryableByName)]
+struct UnreadRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    channel_id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    unread: i64,
+}
+
+/// Channels with `viewer`'s read pointer and unread count, in `ids` order, in three queries
+/// whatever the page size (a channel list is one page of these).
+pub fn channels_with_reads(
+    conn: &mut Conn,
+    ids: &[String],
+    viewer: &str,
+) -> QueryResult<Vec<(Channel, i64, i64)>> {
+    use std::collections::HashMap;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rows: HashMap<String, ChannelRow> = channels::table
+        .filter(channels::id.eq_any(ids))
+        .select(ChannelRow::as_select())
+        .load::<ChannelRow>(conn)?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    let mut members: HashMap<String, BTreeSet<String>> = HashMap::new();
+    let mut last_read: HashMap<String, i64> = HashMap::new();
+    let member_rows: Vec<(String, String, i64)> = channel_members::table
+        .filter(channel_members::channel_id.eq_any(ids))
+        .select((
+            channel_members::channel_id,
+            channel_members::entity_id,
+            channel_members::last_read_seq,
+        ))
+        .load(conn)?;
+    for (channel, entity, read) in member_rows {
+        if entity == viewer {
+            last_read.insert(channel.clone(), read);
+        }
+        members.entry(channel).or_default().insert(entity);
+    }
+    let placeholders = vec!["?"; ids.len()].join(",");
+    let mut unread_query = diesel::sql_query(format!(
+        "SELECT m.channel_id AS channel_id, COUNT(*) AS unread FROM messages m \
+         LEFT JOIN channel_members cm ON cm.channel_id = m.channel_id AND cm.entity_id = ? \
+         WHERE m.channel_id IN ({placeholders}) AND m.history_seq > COALESCE(cm.last_read_seq, 0) \
+         GROUP BY m.channel_id"
+    ))
+    .into_boxed::<diesel::sqlite::Sqlite>()
+    .bind::<diesel::sql_types::Text, _>(viewer.to_string());
+    for id in ids {
+        unread_query = unread_query.bind::<diesel::sql_types::Text, _>(id.clone());
+    }
+    let unread: HashMap<String, i64> = unread_query
+        .load::<UnreadRow>(conn)?
+        .into_iter()
+        .map(|r| (r.channel_id, r.unread))
+        .collect();
+    Ok(ids
+        .iter()
+        .filter_map(|id| {
+            let row = rows.remove(id)?;
+            let channel = row.into_channel(members.remove(id).unwrap_or_default());
+            let read = last_read.get(id).copied().unwrap_or(0);
+            Some((channel, read, unread.get(id).copied().unwrap_or(0)))
+        })
+        .collect())
+}
+
 pub fn channel_id_by_name(
     conn: &mut Conn,
     workspace_id: &str,
