@@ -1156,11 +1156,7 @@ impl ChatReport {
         );
         row(
             "server WARN/ERROR log lines",
-            if self.server_started_here {
-                self.server_log_problems.to_string()
-            } else {
-                "n/a".into()
-            },
+            crate::report::log_lines_cell(self.server_started_here, self.server_log_problems),
         );
         row(
             "bench client CPU s",

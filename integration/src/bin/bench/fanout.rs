@@ -1850,11 +1850,7 @@ impl FanoutReport {
         );
         row(
             "server WARN/ERROR log lines",
-            if self.server_started_here {
-                self.server_log_problems.to_string()
-            } else {
-                "n/a".into()
-            },
+            crate::report::log_lines_cell(self.server_started_here, self.server_log_problems),
         );
         println!("-- bench client");
         row(

@@ -516,11 +516,7 @@ impl IdleReport {
         );
         row(
             "server WARN/ERROR log lines",
-            if self.server_started_here {
-                self.server_log_problems.to_string()
-            } else {
-                "n/a".into()
-            },
+            crate::report::log_lines_cell(self.server_started_here, self.server_log_problems),
         );
         println!("-- bench client");
         row(

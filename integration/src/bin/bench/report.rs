@@ -373,11 +373,7 @@ impl Report {
         );
         row(
             "server WARN/ERROR log lines",
-            if self.server_started_here {
-                self.server_log_problems.to_string()
-            } else {
-                "n/a".into()
-            },
+            log_lines_cell(self.server_started_here, self.server_log_problems),
         );
         row(
             "bench client CPU s",
@@ -534,5 +530,14 @@ impl Report {
             o.insert("timeline".into(), crate::plot::timeline_json(points));
         }
         v
+    }
+}
+
+/// The server's WARN/ERROR line count; known only for a server this run started.
+pub fn log_lines_cell(started_here: bool, problems: u64) -> String {
+    if started_here {
+        problems.to_string()
+    } else {
+        "n/a".into()
     }
 }
