@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use switchboard_actors::pusher::session::PusherConfig;
 use switchboard_actors::session::SessionConfig;
 
 #[derive(Debug, Clone)]
@@ -16,11 +17,16 @@ pub struct Config {
     /// workspace; a workspace's own `allowed_origins` setting adds to it.
     pub allowed_origins: Vec<String>,
     pub session: SessionConfig,
+    /// The Pusher face's timeouts; its queue and replay budget follow `realtime.*`.
+    pub pusher: PusherConfig,
     pub workers: usize,
     /// How often old message versions are purged (workspaces with a retention window).
     pub purge_interval: Duration,
     /// fsync on every commit (`full`, the default) or only at checkpoints (`normal`).
     pub durability: switchboard_actors::store::Durability,
+    /// Serves the echo WebSocket at `/test/echo` (`testing.echo_route`): only the Autobahn
+    /// conformance test turns it on; otherwise the route does not exist.
+    pub echo_route: bool,
 }
 
 impl Default for Config {
@@ -32,9 +38,11 @@ impl Default for Config {
             admin_token: None,
             allowed_origins: Vec::new(),
             session: SessionConfig::default(),
+            pusher: PusherConfig::default(),
             workers: 2,
             purge_interval: Duration::from_secs(60),
             durability: Default::default(),
+            echo_route: false,
         }
     }
 }
@@ -55,12 +63,21 @@ const KEYS: &[(&str, &str)] = &[
         "realtime.heartbeat_seconds",
         "SWITCHBOARD_REALTIME_HEARTBEAT_SECONDS",
     ),
+    (
+        "pusher.activity_timeout_seconds",
+        "SWITCHBOARD_PUSHER_ACTIVITY_TIMEOUT_SECONDS",
+    ),
+    (
+        "pusher.pong_timeout_seconds",
+        "SWITCHBOARD_PUSHER_PONG_TIMEOUT_SECONDS",
+    ),
     ("workers", "SWITCHBOARD_WORKERS"),
     ("durability", "SWITCHBOARD_DURABILITY"),
     (
         "versioned_messages.purge_interval_seconds",
         "SWITCHBOARD_VERSIONED_MESSAGES_PURGE_INTERVAL_SECONDS",
     ),
+    ("testing.echo_route", "SWITCHBOARD_TESTING_ECHO_ROUTE"),
 ];
 
 impl Config {
@@ -110,10 +127,23 @@ impl Config {
                 self.session.heartbeat = Duration::from_secs(s);
                 self.session.client_timeout = Duration::from_secs(s * 3);
             }
+            "pusher.activity_timeout_seconds" => {
+                self.pusher.activity_timeout = Duration::from_secs(num(v)?.clamp(1, 3600) as u64)
+            }
+            "pusher.pong_timeout_seconds" => {
+                self.pusher.pong_timeout = Duration::from_secs(num(v)?.clamp(1, 600) as u64)
+            }
             "workers" => self.workers = num(v)?.clamp(1, 64) as usize,
             "durability" => self.durability = switchboard_actors::store::Durability::parse(v)?,
             "versioned_messages.purge_interval_seconds" => {
                 self.purge_interval = Duration::from_secs(num(v)?.clamp(1, 86_400) as u64)
+            }
+            "testing.echo_route" => {
+                self.echo_route = match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" | "" => false,
+                    _ => return Err(format!("{key} must be true or false")),
+                }
             }
             other => return Err(format!("unknown config key '{other}'")),
         }
@@ -170,5 +200,22 @@ mod tests {
         c.set("durability", "normal").expect("normal");
         assert_eq!(c.durability, Durability::Normal);
         assert!(c.set("durability", "off").is_err());
+    }
+
+    #[test]
+    fn echo_route_is_off_unless_asked() {
+        let mut c = Config::default();
+        assert!(!c.echo_route);
+        c.set("testing.echo_route", "true").expect("true");
+        assert!(c.echo_route);
+        c.set("testing.echo_route", "false").expect("false");
+        assert!(!c.echo_route);
+        assert!(c.set("testing.echo_route", "yes please").is_err());
+        let v = parse_file("[testing]\necho_route = true\n").expect("parse");
+        assert_eq!(
+            v.get("testing.echo_route").map(String::as_str),
+            Some("true")
+        );
+        assert!(KEYS.contains(&("testing.echo_route", "SWITCHBOARD_TESTING_ECHO_ROUTE")));
     }
 }

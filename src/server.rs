@@ -5,6 +5,7 @@ use std::sync::Arc;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use futures_util::FutureExt;
+use switchboard_actors::webhooks::{WebhookConfig, WebhookDispatcher};
 use switchboard_actors::broker::{Broker, LocalBroker};
 use switchboard_actors::error::close_code;
 use switchboard_actors::metrics::Metrics;
@@ -38,6 +39,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         PersistenceConfig::default(),
     )?;
     let purger = (pool.clone(), persistence.clone(), config.purge_interval);
+    let hooks_pool = pool.clone();
     let state = web::Data::new(AppState {
         pool,
         persistence: persistence.clone(),
@@ -51,6 +53,11 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     let system = actix_web::rt::System::new();
     let result: std::io::Result<()> = system.block_on(async move {
         switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);
+        // Webhooks leave from their own actor, never from a request or a hub.
+        match WebhookDispatcher::start(hooks_pool, WebhookConfig::default()) {
+            Ok(sink) => registry.set_webhook_sink(Box::new(move |ws, ev| sink.emit(ws, ev))),
+            Err(e) => log::error!("webhooks are off: {e}"),
+        }
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

@@ -158,4 +158,29 @@ pub mod close_code {
     pub const RESYNC_REQUIRED: u16 = 4001;
     /// Server shutting down: reconnect (Pusher's 4200 meaning).
     pub const RECONNECT: u16 = 4200;
+
+    /// The Pusher face (`/app/{key}`), with Pusher's and Sockudo's meanings: 4000–4099 do
+    /// not reconnect, 4100–4199 reconnect with backoff, 4200–4299 reconnect at once. Codes
+    /// below are sent in `pusher:error` frames; those marked "close" also close the socket.
+    pub mod pusher {
+        /// `pusher:error`: a frame that is not a protocol frame (non-JSON, binary).
+        pub const INVALID_FRAME: u16 = 4000;
+        /// Close: no workspace has this key.
+        pub const APP_NOT_FOUND: u16 = 4001;
+        /// Close at connect (origin, token) or on terminate; `pusher:error` for a refused
+        /// subscription or sign-in.
+        pub const UNAUTHORIZED: u16 = 4009;
+        /// Close: the outbound queue overflowed (a slow client); a presence channel full.
+        pub const OVER_CAPACITY: u16 = 4100;
+        /// Close: server shutting down.
+        pub const RECONNECT: u16 = 4200;
+        /// Close: no pong within the pong timeout after a server ping.
+        pub const PONG_TIMEOUT: u16 = 4201;
+        /// `pusher:error`: a channel error (bad name, missing channel data, history denied).
+        pub const CHANNEL_ERROR: u16 = 4300;
+        /// `pusher:error`: a client event refused (disabled, wrong channel, too big, rate).
+        pub const CLIENT_EVENT: u16 = 4301;
+        /// `pusher:error`: `resume` without channel positions (Sockudo reuses 4302).
+        pub const NO_POSITIONS: u16 = 4302;
+    }
 }

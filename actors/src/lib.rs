@@ -15,11 +15,13 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod persistence;
+pub mod pusher;
 pub mod rate_limit;
 pub mod registry;
 pub mod retention;
 pub mod session;
 pub mod settings;
+pub mod webhooks;
 pub mod store;
 pub mod workspace;
 

@@ -13,6 +13,9 @@ pub struct Metrics {
     pub deliveries: IntCounter,
     pub sessions: IntGauge,
     pub overflows: IntCounter,
+    pub webhooks_delivered: IntCounter,
+    pub webhooks_failed: IntCounter,
+    pub webhooks_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -32,6 +35,18 @@ impl Metrics {
         let overflows = counter(
             "switchboard_session_overflows_total",
             "Sockets closed for a full outbound queue",
+        );
+        let webhooks_delivered = counter(
+            "switchboard_webhooks_delivered_total",
+            "Webhook requests answered 2xx",
+        );
+        let webhooks_failed = counter(
+            "switchboard_webhooks_failed_total",
+            "Webhook requests given up after the last attempt",
+        );
+        let webhooks_dropped = counter(
+            "switchboard_webhooks_dropped_total",
+            "Webhook events dropped for a full queue",
         );
         let sessions = IntGauge::new("switchboard_sessions", "Open realtime sessions")
             .unwrap_or_else(|_| unreachable_metric());
@@ -63,6 +78,9 @@ impl Metrics {
             deliveries,
             sessions,
             overflows,
+            webhooks_delivered,
+            webhooks_failed,
+            webhooks_dropped,
         }
     }
 

@@ -15,7 +15,7 @@ use diesel::connection::Connection;
 use tokio::sync::oneshot;
 
 use crate::broker::Broker;
-use crate::domain::event::{Event, EventDraft};
+use crate::domain::event::{Event, EventDraft, LiveRoute};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::store::rows::EventRow;
@@ -183,7 +183,7 @@ type StagedEvent = (EventRow, serde_json::Value);
 type Staged = (
     oneshot::Sender<WriteResult>,
     ApiResult<Vec<StagedEvent>>,
-    Vec<Option<Vec<String>>>,
+    Vec<(Option<Vec<String>>, LiveRoute)>,
 );
 
 impl Writer {
@@ -230,8 +230,11 @@ impl Writer {
             let mut cursors: HashMap<String, i64> = HashMap::new();
             let mut seqs: HashMap<String, i64> = HashMap::new();
             for (write, reply) in writes {
-                let recipients: Vec<Option<Vec<String>>> =
-                    write.events.iter().map(|e| e.recipients.clone()).collect();
+                let recipients: Vec<(Option<Vec<String>>, LiveRoute)> = write
+                    .events
+                    .iter()
+                    .map(|e| (e.recipients.clone(), e.live.clone()))
+                    .collect();
                 let result = conn.transaction::<_, ApiError, _>(|conn| {
                     stage_write(conn, write, &mut cursors, &mut seqs)
                 });
@@ -266,8 +269,8 @@ impl Writer {
             let result = result.map(|rows| {
                 rows.into_iter()
                     .zip(recipients)
-                    .map(|((row, payload), r)| {
-                        let ev = Event::build(
+                    .map(|((row, payload), (r, live))| {
+                        let mut ev = Event::build_unshared(
                             row.id,
                             Some(row.cursor),
                             row.event_type,
@@ -278,6 +281,8 @@ impl Writer {
                             payload,
                             r,
                         );
+                        ev.live = live;
+                        let ev = Arc::new(ev);
                         committed.push(ev.clone());
                         ev
                     })

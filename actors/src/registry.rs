@@ -21,8 +21,12 @@ pub struct SocketIdentity {
     pub capabilities: Capabilities,
 }
 
+/// Where hub changes go as webhooks: (workspace id, one `events` entry).
+pub type WebhookSink = Box<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+
 pub struct Registry {
     pool: DbPool,
+    webhooks: std::sync::OnceLock<WebhookSink>,
     workspaces: Mutex<HashMap<String, Addr<WorkspaceActor>>>,
     channels: Mutex<HashMap<String, Addr<ChannelActor>>>,
     sockets: Mutex<HashMap<String, SocketIdentity>>,
@@ -32,6 +36,7 @@ impl Registry {
     pub fn new(pool: DbPool) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            webhooks: std::sync::OnceLock::new(),
             workspaces: Mutex::default(),
             channels: Mutex::default(),
             sockets: Mutex::default(),
@@ -117,6 +122,17 @@ impl Registry {
 }
 
 impl Registry {
+    /// Set once at start; without it webhooks are not sent (tests of the actors alone).
+    pub fn set_webhook_sink(&self, sink: WebhookSink) {
+        let _ = self.webhooks.set(sink);
+    }
+
+    pub fn emit_webhook(&self, workspace_id: &str, event: serde_json::Value) {
+        if let Some(sink) = self.webhooks.get() {
+            sink(workspace_id, event);
+        }
+    }
+
     pub fn add_socket(&self, socket_id: &str, identity: SocketIdentity) {
         lock(&self.sockets).insert(socket_id.to_string(), identity);
     }

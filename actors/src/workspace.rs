@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::domain::event::{Event, Viewer};
+use crate::pusher::hub::PusherHub;
 use crate::registry::Registry;
 
 /// How long a workspace actor with no sessions lives on.
@@ -81,13 +82,15 @@ struct SessionEntry {
 }
 
 pub struct WorkspaceActor {
-    id: String,
+    pub(crate) id: String,
     dispatched: i64,
     sessions: HashMap<u64, SessionEntry>,
     /// Sessions of each entity: private events (most chat traffic) go to their recipients'
     /// sessions without looking at every other socket of the workspace.
     by_entity: HashMap<String, Vec<u64>>,
-    registry: Arc<Registry>,
+    pub(crate) registry: Arc<Registry>,
+    /// Sockets of the Pusher face (`/app/{key}`), by channel name.
+    pub(crate) pusher: PusherHub,
 }
 
 impl WorkspaceActor {
@@ -98,6 +101,19 @@ impl WorkspaceActor {
             sessions: HashMap::new(),
             by_entity: HashMap::new(),
             registry,
+            pusher: PusherHub::default(),
+        }
+    }
+
+    /// Stops a while after the last socket of either face left.
+    pub(crate) fn stop_when_idle(&mut self, ctx: &mut Context<Self>) {
+        if self.sessions.is_empty() && self.pusher.is_empty() {
+            ctx.run_later(IDLE_STOP_AFTER, |act, ctx| {
+                if act.sessions.is_empty() && act.pusher.is_empty() {
+                    act.registry.remove_workspace(&act.id, &ctx.address());
+                    ctx.stop();
+                }
+            });
         }
     }
 
@@ -233,14 +249,7 @@ impl Handler<Unregister> for WorkspaceActor {
 
     fn handle(&mut self, msg: Unregister, ctx: &mut Self::Context) {
         self.remove_session(msg.session_id);
-        if self.sessions.is_empty() {
-            ctx.run_later(IDLE_STOP_AFTER, |act, ctx| {
-                if act.sessions.is_empty() {
-                    act.registry.remove_workspace(&act.id, &ctx.address());
-                    ctx.stop();
-                }
-            });
-        }
+        self.stop_when_idle(ctx);
     }
 }
 
@@ -262,6 +271,14 @@ impl Handler<Deliver> for WorkspaceActor {
             } else {
                 self.track_membership(ev);
                 self.fan_out(ev, false);
+            }
+            let overflowed = self.pusher.deliver(ev);
+            if !overflowed.is_empty() {
+                let mut hooks = Vec::new();
+                self.pusher.close_overflowed(overflowed, &mut hooks);
+                for h in hooks {
+                    self.registry.emit_webhook(&self.id, h);
+                }
             }
         }
     }
@@ -289,6 +306,16 @@ impl Handler<CloseEntity> for WorkspaceActor {
                 s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
             }
         }
+        let mut hooks = Vec::new();
+        self.pusher.close_user(
+            &msg.entity_id,
+            crate::error::close_code::pusher::UNAUTHORIZED,
+            msg.reason,
+            &mut hooks,
+        );
+        for h in hooks {
+            self.registry.emit_webhook(&self.id, h);
+        }
     }
 }
 
@@ -300,6 +327,7 @@ impl Handler<CloseAll> for WorkspaceActor {
         for (_, s) in self.sessions.drain() {
             s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
         }
+        self.pusher.close_all(msg.code, msg.reason);
     }
 }
 

@@ -575,7 +575,11 @@ impl TestServer {
 
     /// Connects without reading anything; returns the HTTP status on a refused upgrade.
     pub async fn ws_connect(&self, opts: WsOpts) -> Result<WsClient, WsConnectError> {
-        let mut url = format!("ws://{}/api/realtime/ws", self.addr());
+        let mut url = format!(
+            "ws://{}{}",
+            self.addr(),
+            opts.path.as_deref().unwrap_or("/api/realtime/ws")
+        );
         let mut params: Vec<String> = Vec::new();
         if let Some(c) = &opts.after_cursor {
             params.push(format!("after_cursor={}", urlencode(c)));
@@ -584,7 +588,7 @@ impl TestServer {
             params.push(format!("workspace_id={}", urlencode(w)));
         }
         if !params.is_empty() {
-            url.push('?');
+            url.push(if url.contains('?') { '&' } else { '?' });
             url.push_str(&params.join("&"));
         }
         let mut req = url
@@ -1026,6 +1030,8 @@ pub struct WsOpts {
     pub origin: Option<String>,
     /// SO_RCVBUF for the client socket (to make a slow reader).
     pub recv_buffer: Option<u32>,
+    /// Another endpoint than `/api/realtime/ws` (path and query), e.g. `/app/KEY?protocol=7`.
+    pub path: Option<String>,
 }
 
 #[derive(Debug)]
@@ -1160,6 +1166,11 @@ impl WsClient {
     /// Sends a close frame (best effort).
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
+    }
+
+    /// Sends any frame (binary, ping, close …).
+    pub async fn send_message(&mut self, msg: Message) {
+        self.stream.send(msg).await.expect("send frame");
     }
 
     /// Sends a text frame.

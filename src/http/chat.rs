@@ -635,6 +635,7 @@ async fn post_message(
                 author: Author::Member(caller.entity.clone()),
                 input: body.into_inner(),
                 limits: limits(&caller),
+                except_socket: None,
             },
         )
         .await??;

@@ -3,8 +3,11 @@
 pub mod admin;
 pub mod auth;
 pub mod chat;
+pub mod echo;
 pub mod error;
 pub mod ops;
+pub mod pusher_api;
+pub mod pusher_ws;
 pub mod realtime;
 pub mod server_api;
 pub mod server_messages;
@@ -103,6 +106,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics))
     .route("/admin/workspaces", web::post().to(admin::create_workspace))
+    .route("/app/{key}", web::get().to(pusher_ws::connect))
+    .route(
+        "/test/echo",
+        web::get()
+            .guard(actix_web::guard::fn_guard(echo::enabled))
+            .to(echo::echo),
+    )
     .service(web::scope("/apps/{app_id}").configure(server_api::routes))
     .service(
         web::scope("/api")

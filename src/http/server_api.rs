@@ -26,6 +26,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/settings", web::get().to(get_settings))
         .route("/settings", web::patch().to(patch_settings))
         .configure(super::server_messages::routes)
+        .configure(super::pusher_api::routes)
         .default_service(web::to(super::error::unknown_route));
 }
 

@@ -96,15 +96,23 @@ async fn channel_named(
 }
 
 #[derive(Deserialize)]
-struct TriggerBody {
+pub struct TriggerBody {
     name: String,
     data: Value,
     channel: Option<String>,
     channels: Option<Vec<String>>,
     socket_id: Option<String>,
+    /// `subscription_count`, `user_count` (comma-separated); any value also asks for the
+    /// message serials of each create.
     info: Option<Value>,
     /// Extension: names the creator, so `*_own` rights can match it later.
     client_id: Option<String>,
+}
+
+impl TriggerBody {
+    pub fn has_info(&self) -> bool {
+        self.info.is_some()
+    }
 }
 
 /// `POST /apps/{appId}/events`: one versioned create per channel.
@@ -116,24 +124,33 @@ async fn trigger(
 ) -> HttpResult<HttpResponse> {
     let ws = signed_app(&state, &req, &body, &path).await?;
     let b: TriggerBody = parse_body(&req, &body)?;
-    let channels: Vec<String> = match (b.channel, b.channels) {
-        (Some(c), None) => vec![c],
-        (None, Some(list)) => list,
+    let channels = check_trigger(&b)?;
+    let answer = publish(&state, &ws, b, channels).await?;
+    Ok(json(StatusCode::OK, &answer))
+}
+
+/// The channels of a trigger, after Pusher's limits: 100 channels, 200-byte names, 64 KiB
+/// of data. Checked for every event of a batch before any is published.
+pub fn check_trigger(b: &TriggerBody) -> ApiResult<Vec<String>> {
+    let channels: Vec<String> = match (&b.channel, &b.channels) {
+        (Some(c), None) => vec![c.clone()],
+        (None, Some(list)) => list.clone(),
         _ => {
-            return Err(ApiError::invalid("give exactly one of channel and channels").into());
+            return Err(ApiError::invalid(
+                "give exactly one of channel and channels",
+            ))
         }
     };
     if channels.is_empty() {
-        return Err(ApiError::invalid("channels must not be empty").into());
+        return Err(ApiError::invalid("channels must not be empty"));
     }
     if channels.len() > MAX_TRIGGER_CHANNELS {
         return Err(ApiError::limit(format!(
             "an event goes to at most {MAX_TRIGGER_CHANNELS} channels"
-        ))
-        .into());
+        )));
     }
     if !(1..=200).contains(&b.name.len()) {
-        return Err(ApiError::invalid("name must be 1..200 bytes").into());
+        return Err(ApiError::invalid("name must be 1..200 bytes"));
     }
     let data_len = match &b.data {
         Value::String(s) => s.len(),
@@ -143,18 +160,32 @@ async fn trigger(
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!("event data exceeds {MAX_EVENT_DATA} bytes"),
-        )
-        .into());
+        ));
     }
     for c in &channels {
         validation::pusher_channel_name(c)?;
     }
+    if let Some(c) = &b.client_id {
+        validation::entity_id(c)?;
+    }
+    Ok(channels)
+}
+
+/// Publishes one checked event: a versioned create on each channel. Answers `{}`, or with
+/// `info` the channels' serials and the asked counts.
+pub async fn publish(
+    state: &State,
+    ws: &Workspace,
+    b: TriggerBody,
+    channels: Vec<String>,
+) -> ApiResult<Value> {
     let creator = match (&b.client_id, &b.socket_id) {
-        (Some(c), _) => {
-            validation::entity_id(c)?;
-            Some(c.clone())
-        }
-        (None, Some(s)) => state.registry.socket(&ws.id, s).map(|s| s.entity_id),
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(s)) => state
+            .registry
+            .socket(&ws.id, s)
+            .map(|s| s.entity_id)
+            .filter(|e| !e.is_empty()),
         (None, None) => None,
     };
     let limits = ChannelLimits {
@@ -163,7 +194,7 @@ async fn trigger(
     };
     let mut acks = Map::new();
     for name in channels {
-        let channel = channel_named(&state, &ws, &name, true).await?;
+        let channel = channel_named(state, ws, &name, true).await?;
         let out = state
             .ask_channel(
                 &ws.id,
@@ -178,6 +209,7 @@ async fn trigger(
                         ..Default::default()
                     },
                     limits,
+                    except_socket: b.socket_id.clone(),
                 },
             )
             .await??;
@@ -192,12 +224,14 @@ async fn trigger(
             }),
         );
     }
-    let answer = if b.info.is_some() {
-        json!({ "channels": acks })
-    } else {
-        json!({})
+    let Some(info) = &b.info else {
+        return Ok(json!({}));
     };
-    Ok(json(StatusCode::OK, &answer))
+    let wanted = super::pusher_api::InfoFields::parse(info.as_str().unwrap_or(""));
+    for (name, ack) in acks.iter_mut() {
+        super::pusher_api::add_counts(state, &ws.id, name, wanted, ack).await;
+    }
+    Ok(json!({ "channels": acks }))
 }
 
 /// `POST .../channels/{channel}/messages/{serial}/update|delete|append`.
@@ -285,20 +319,6 @@ async fn get_message(
     ))
 }
 
-fn listing_json(channel: &str, page: &versions::Page, l: versions::Listing) -> Value {
-    let mut v = json!({
-        "channel": channel,
-        "direction": page.direction(),
-        "limit": page.limit,
-        "has_more": l.has_more,
-        "items": l.items,
-    });
-    if let Some(c) = l.next_cursor {
-        v["next_cursor"] = json!(c);
-    }
-    v
-}
-
 async fn list_versions(
     state: State,
     req: HttpRequest,
@@ -318,7 +338,7 @@ async fn list_versions(
         versions::list_versions(&state, &channel.id, &channel.name, &serial, &page).await?;
     Ok(json(
         StatusCode::OK,
-        &listing_json(&channel_name, &page, listing),
+        &versions::listing::listing_json(&channel_name, &page, listing),
     ))
 }
 
@@ -337,7 +357,7 @@ async fn history(
     let listing = versions::list_history(&state, &channel.id, &channel.name, &page).await?;
     Ok(json(
         StatusCode::OK,
-        &listing_json(&channel_name, &page, listing),
+        &versions::listing::listing_json(&channel_name, &page, listing),
     ))
 }
 

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::domain::channel::{Channel, ChannelPatch, ChannelType, JoinOutcome};
 use crate::domain::entity::Entity;
-use crate::domain::event::{Event, EventDraft};
+use crate::domain::event::{Event, EventDraft, LiveRoute};
 use crate::domain::message::{validate_emoji, Message, NewMessage};
 use crate::error::{ApiError, ApiResult};
 use crate::persistence::{Apply, Persistence, Write, WriteResult};
@@ -60,6 +60,8 @@ pub struct PostMessage {
     pub author: Author,
     pub input: NewMessage,
     pub limits: ChannelLimits,
+    /// A Pusher publisher's own socket, left out of the live delivery (`socket_id`).
+    pub except_socket: Option<String>,
 }
 
 pub struct PostOutcome {
@@ -183,6 +185,10 @@ impl ChannelActor {
         EventDraft::new(event_type, payload)
             .channel(&self.channel.id)
             .private_to(self.channel.private_recipients())
+            .live(LiveRoute {
+                channel_name: Some(Arc::from(self.channel.name.as_str())),
+                except_socket: None,
+            })
     }
 
     fn conn(&self) -> ApiResult<crate::store::PooledConn> {
@@ -417,9 +423,11 @@ impl ChannelActor {
         };
         let seq = self.last_seq + 1;
         let message = msg.input.into_message(&self.channel.id, &sender, seq, &now);
-        let mut events = vec![self
+        let mut created = self
             .draft("message.created", message.event_payload(self.direct_id()))
-            .seq(seq)];
+            .seq(seq);
+        created.live.except_socket = msg.except_socket.as_deref().map(Arc::from);
+        let mut events = vec![created];
         if let Some(root) = &root {
             let count = self
                 .reply_counts

@@ -15,6 +15,15 @@ pub struct EventDraft {
     pub payload: Value,
     /// `Some` for private events: only these entities ever receive it.
     pub recipients: Option<Vec<String>>,
+    pub live: LiveRoute,
+}
+
+/// How a committed event travels live, beyond what the log stores: the channel's name (the
+/// Pusher face subscribes by name) and the socket a publisher asked to leave out.
+#[derive(Debug, Clone, Default)]
+pub struct LiveRoute {
+    pub channel_name: Option<Arc<str>>,
+    pub except_socket: Option<Arc<str>>,
 }
 
 impl EventDraft {
@@ -25,7 +34,12 @@ impl EventDraft {
             seq: None,
             payload,
             recipients: None,
+            live: LiveRoute::default(),
         }
+    }
+    pub fn live(mut self, live: LiveRoute) -> Self {
+        self.live = live;
+        self
     }
     pub fn channel(mut self, channel_id: &str) -> Self {
         self.channel_id = Some(channel_id.to_string());
@@ -73,6 +87,8 @@ pub struct Event {
     pub recipients: Option<Arc<[String]>>,
     /// The JSON text frame, built once.
     pub frame: ByteString,
+    /// Live routing only; empty for events read back from the log.
+    pub live: LiveRoute,
 }
 
 impl Event {
@@ -88,6 +104,32 @@ impl Event {
         payload: Value,
         recipients: Option<Vec<String>>,
     ) -> Arc<Self> {
+        Arc::new(Self::build_unshared(
+            id,
+            cursor,
+            event_type,
+            workspace_id,
+            channel_id,
+            seq,
+            created_at,
+            payload,
+            recipients,
+        ))
+    }
+
+    /// As `build`, before it is shared: the caller may still set `live`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_unshared(
+        id: String,
+        cursor: Option<i64>,
+        event_type: String,
+        workspace_id: String,
+        channel_id: Option<String>,
+        seq: Option<i64>,
+        created_at: String,
+        payload: Value,
+        recipients: Option<Vec<String>>,
+    ) -> Self {
         let wire = EventWire {
             id: &id,
             cursor: cursor.map(crate::ids::cursor_string),
@@ -99,7 +141,7 @@ impl Event {
             payload: &payload,
         };
         let frame = ByteString::from(serde_json::to_string(&wire).unwrap_or_default());
-        Arc::new(Self {
+        Self {
             id,
             cursor,
             event_type,
@@ -110,7 +152,8 @@ impl Event {
             payload,
             recipients: recipients.map(Arc::from),
             frame,
-        })
+            live: LiveRoute::default(),
+        }
     }
 
     /// An event read back from the log: the frame is spliced from the stored payload text, so
@@ -170,6 +213,7 @@ impl Event {
             payload,
             recipients: None,
             frame: ByteString::from(frame),
+            live: LiveRoute::default(),
         })
     }
 

@@ -36,6 +36,8 @@ mod idle;
 mod plot;
 #[path = "bench/poster.rs"]
 mod poster;
+#[path = "bench/pusher.rs"]
+mod pusher;
 #[path = "bench/reconnect.rs"]
 mod reconnect;
 #[path = "bench/report.rs"]

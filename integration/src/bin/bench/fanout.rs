@@ -15,14 +15,25 @@
 //! (same host, one wall clock); workers count deliveries in 1 s bins, so the coordinator can
 //! give the sustained rate (the slowest 1 s window after `--warmup`). Server CPU and RSS come
 //! from the server's own /proc entries.
+//!
+//! `--face pusher` (see `bench/pusher.rs`) loads the Pusher face instead: no entities and no
+//! chat channel; the sockets connect to `/app/{key}` (`--protocol 2`: `?protocol=2`, `1`:
+//! `?protocol=7`), subscribe to the public channel `bench-fanout-<tag>` and answer the
+//! server's `pusher:ping`; the publisher sends signed `POST /apps/{id}/events` (event
+//! `bench`, the same `"<n>:<send ns>"` data). The same checks run on the `bench` events: V2's
+//! `serial` takes the place of `seq` (order, gaps; the first expected serial is the one
+//! `subscription_succeeded` announced), V1 frames carry none (loss and duplicates only). A
+//! 4100 close (the server's outbound queue for the socket overflowed) counts as an overflow
+//! close and ends the socket as failed: this version does not resume.
 
+use std::borrow::Cow;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
@@ -36,6 +47,7 @@ use crate::api::{self, Api};
 use crate::idle::{self, FD_CAP, FD_MARGIN};
 use crate::plot::{Point, Recorder, Timeline};
 use crate::poster::{reason, retry_after};
+use crate::pusher::{self, Face, FaceArgs, PusherFrame};
 use crate::report::{cpu_delta, hist_json, opt, proc_json};
 use crate::server::{self, AppCreds, ProcSample};
 use crate::subscriber::{cursor_gt, Ws};
@@ -55,9 +67,33 @@ const KEEP_ERRORS: usize = 5;
 /// Most subscriber bitmap memory (subscribers × publishes / 8) the workers may hold.
 const MAX_BITMAP_BYTES: usize = 512 << 20;
 
+/// `switchboard-bench fanout --help`: the faces and how to run them.
+pub const HELP: &str = "\
+Faces (--face):
+  chat (default)  Sockets on /api/realtime/ws, logged in as --members workspace entities; a
+                  publisher entity posts POST /api/channels/{id}/messages to one public chat
+                  channel; every message.created is checked (seq order and gaps, cursor); a
+                  1013 overflow close reconnects with the last cursor (at most 5 times).
+  pusher          Sockets on /app/{key}?protocol=2 (--protocol 2, Sockudo V2) or ?protocol=7
+                  (--protocol 1, plain Pusher), no token, no entities; each subscribes to the
+                  public channel bench-fanout-<tag> and answers pusher:ping with pusher:pong.
+                  Publishes are signed POST /apps/{id}/events (event \"bench\", data
+                  \"<n>:<send ns>\"). V2 checks order and gaps by `serial`; V1 frames have no
+                  serial (loss and duplicates only). A 4100 close (the server's outbound queue
+                  for the socket overflowed) is counted as an overflow close and the socket
+                  fails: no resume in this version.
+
+Examples:
+  switchboard-bench fanout --subscribers 10000 --rate 15 --duration 60
+  switchboard-bench fanout --face pusher --subscribers 10000 --rate 15 --duration 60
+  switchboard-bench fanout --face pusher --protocol 1 --subscribers 200 --rate 5 --duration 5
+  Another Pusher-compatible server on loopback (its app id, key and secret):
+  switchboard-bench fanout --face pusher --protocol 1 --url http://127.0.0.1:6001 \\
+      --app ID:KEY:SECRET --server-pid PID --subscribers 1000 --rate 10 --duration 30";
+
 #[derive(Args, Clone, Debug)]
 pub struct FanoutArgs {
-    /// WebSocket subscribers of /api/realtime/ws, all receiving the one public channel.
+    /// WebSocket subscribers, all receiving the one public channel.
     #[arg(long, default_value_t = 10_000)]
     pub subscribers: usize,
     /// Publishes per second (open loop).
@@ -72,7 +108,7 @@ pub struct FanoutArgs {
     /// Tokio threads per worker process.
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
-    /// Entities the sockets log in as, round-robin (default: one per subscriber).
+    /// Entities the sockets log in as, round-robin (default: one per subscriber; chat face).
     #[arg(long)]
     pub members: Option<usize>,
     /// Seconds at the start of publishing left out of the sustained (slowest 1 s) rate.
@@ -109,6 +145,8 @@ pub struct FanoutArgs {
     /// `timeline` to the JSON); the workers send per-second histograms.
     #[arg(long, value_name = "PATH.svg")]
     pub plot: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub face: FaceArgs,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -196,7 +234,13 @@ pub struct FanoutJob {
     pub first_socket: usize,
     pub sockets: usize,
     pub source_ips: u8,
+    /// Chat: the channel's id; Pusher: its name.
     pub channel_id: String,
+    #[serde(default)]
+    pub face: Face,
+    /// Pusher protocol version (1 or 2).
+    #[serde(default)]
+    pub protocol: u8,
     /// Publishes planned (message numbers 0..slots).
     pub slots: usize,
     pub connect_concurrency: usize,
@@ -227,8 +271,12 @@ pub struct Tally {
     /// `message.created` of another channel, or without this run's stamp.
     pub foreign: u64,
     pub unparsable: u64,
+    /// Chat: 1013 closes; Pusher: 4100 closes.
     pub overflow_closes: u64,
     pub reconnects: u64,
+    /// Pusher: `pusher:ping` frames answered with `pusher:pong` (counted in other frames too).
+    #[serde(default)]
+    pub pings: u64,
     /// Sockets that received every acknowledged publish and ended without an error.
     pub complete: u64,
     /// Sockets stopped by the deadline.
@@ -251,6 +299,7 @@ impl Tally {
         self.unparsable += o.unparsable;
         self.overflow_closes += o.overflow_closes;
         self.reconnects += o.reconnects;
+        self.pings += o.pings;
         self.complete += o.complete;
         self.timed_out += o.timed_out;
         self.socket_errors += o.socket_errors;

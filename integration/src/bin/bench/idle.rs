@@ -172,6 +172,36 @@ fn ws_config() -> WebSocketConfig {
         .write_buffer_size(0)
 }
 
+/// TCP connect (from `route`'s source address when given) and WebSocket upgrade of `req`.
+pub(crate) async fn open_ws(
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    route: Option<(SocketAddr, Ipv4Addr)>,
+) -> Result<Ws, String> {
+    let (ws, _) = match route {
+        Some((server, source)) => {
+            let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+            sock.bind(SocketAddr::from((source, 0)))
+                .map_err(|e| format!("bind {source}: {e}"))?;
+            let stream = sock
+                .connect(server)
+                .await
+                .map_err(|e| format!("tcp connect from {source}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            tokio_tungstenite::client_async_with_config(
+                req,
+                MaybeTlsStream::Plain(stream),
+                Some(ws_config()),
+            )
+            .await
+            .map_err(|e| format!("ws upgrade: {e}"))?
+        }
+        None => tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true)
+            .await
+            .map_err(|e| format!("ws connect: {e}"))?,
+    };
+    Ok(ws)
+}
+
 /// TCP connect (from `route`'s source address when given), upgrade, and the `realtime.ready`
 /// frame, within `within`; the socket and the ready frame's cursor.
 pub(crate) async fn connect_once(
@@ -189,28 +219,7 @@ pub(crate) async fn connect_once(
             HeaderValue::from_str(&format!("Bearer {token}"))
                 .map_err(|e| format!("ws auth header: {e}"))?,
         );
-        let (mut ws, _) = match route {
-            Some((server, source)) => {
-                let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-                sock.bind(SocketAddr::from((source, 0)))
-                    .map_err(|e| format!("bind {source}: {e}"))?;
-                let stream = sock
-                    .connect(server)
-                    .await
-                    .map_err(|e| format!("tcp connect from {source}: {e}"))?;
-                let _ = stream.set_nodelay(true);
-                tokio_tungstenite::client_async_with_config(
-                    req,
-                    MaybeTlsStream::Plain(stream),
-                    Some(ws_config()),
-                )
-                .await
-                .map_err(|e| format!("ws upgrade: {e}"))?
-            }
-            None => tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true)
-                .await
-                .map_err(|e| format!("ws connect: {e}"))?,
-        };
+        let mut ws = open_ws(req, route).await?;
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
