@@ -55,7 +55,11 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);
         // Webhooks leave from their own actor, never from a request or a hub.
         match WebhookDispatcher::start(hooks_pool, WebhookConfig::default()) {
-            Ok(sink) => registry.set_webhook_sink(Box::new(move |ws, ev| sink.emit(ws, ev))),
+            Ok(sink) => {
+                let on_change = sink.clone();
+                registry.set_settings_hook(Box::new(move |ws| on_change.settings_changed(ws)));
+                registry.set_webhook_sink(Box::new(move |ws, ev| sink.emit(ws, ev)));
+            }
             Err(e) => log::error!("webhooks are off: {e}"),
         }
         let server = HttpServer::new(move || {

@@ -23,10 +23,13 @@ pub struct SocketIdentity {
 
 /// Where hub changes go as webhooks: (workspace id, one `events` entry).
 pub type WebhookSink = Box<dyn Fn(&str, serde_json::Value) + Send + Sync>;
+/// Told when a workspace's settings change, so caches of them (webhooks) drop at once.
+pub type SettingsHook = Box<dyn Fn(&str) + Send + Sync>;
 
 pub struct Registry {
     pool: DbPool,
     webhooks: std::sync::OnceLock<WebhookSink>,
+    settings_changed: std::sync::OnceLock<SettingsHook>,
     workspaces: Mutex<HashMap<String, Addr<WorkspaceActor>>>,
     channels: Mutex<HashMap<String, Addr<ChannelActor>>>,
     sockets: Mutex<HashMap<String, SocketIdentity>>,
@@ -37,6 +40,7 @@ impl Registry {
         Arc::new(Self {
             pool,
             webhooks: std::sync::OnceLock::new(),
+            settings_changed: std::sync::OnceLock::new(),
             workspaces: Mutex::default(),
             channels: Mutex::default(),
             sockets: Mutex::default(),
@@ -125,6 +129,16 @@ impl Registry {
     /// Set once at start; without it webhooks are not sent (tests of the actors alone).
     pub fn set_webhook_sink(&self, sink: WebhookSink) {
         let _ = self.webhooks.set(sink);
+    }
+
+    pub fn set_settings_hook(&self, hook: SettingsHook) {
+        let _ = self.settings_changed.set(hook);
+    }
+
+    pub fn settings_changed(&self, workspace_id: &str) {
+        if let Some(hook) = self.settings_changed.get() {
+            hook(workspace_id);
+        }
     }
 
     pub fn emit_webhook(&self, workspace_id: &str, event: serde_json::Value) {

@@ -180,7 +180,7 @@ impl Counters {
 /// everything, for servers and tests without webhooks.
 #[derive(Clone)]
 pub struct WebhookSink {
-    inner: Option<(Recipient<WebhookEvent>, Arc<Counters>)>,
+    inner: Option<(Addr<WebhookDispatcher>, Arc<Counters>)>,
 }
 
 impl WebhookSink {
@@ -194,11 +194,11 @@ impl WebhookSink {
     }
 
     pub fn send(&self, event: WebhookEvent) {
-        let Some((recipient, counters)) = &self.inner else {
+        let Some((addr, counters)) = &self.inner else {
             return;
         };
         // A full mailbox means the dispatcher is behind: drop rather than slow the caller.
-        if let Err(SendError::Full(ev)) = recipient.try_send(event) {
+        if let Err(SendError::Full(ev)) = addr.try_send(event) {
             let total = counters.dropped(1);
             // Powers of two: a log line now and then, not one per event.
             if total.is_power_of_two() {
@@ -208,6 +208,19 @@ impl WebhookSink {
                     ev.workspace_id
                 );
             }
+        }
+    }
+
+    /// A workspace's settings changed (its webhooks, key or secret): the dispatcher forgets
+    /// what it cached and reads them again before the next delivery, so a webhook added to
+    /// an app with live traffic gets the very next events instead of losing those of the
+    /// cache's lifetime. Call it after the change is committed.
+    pub fn settings_changed(&self, workspace_id: impl Into<String>) {
+        if let Some((addr, _)) = &self.inner {
+            // A control message: past the mailbox bound, it must not be dropped.
+            addr.do_send(SettingsChanged {
+                workspace_id: workspace_id.into(),
+            });
         }
     }
 
@@ -255,6 +268,15 @@ pub struct WebhookDispatcher {
     queues: HashMap<String, Queue>,
     targets: HashMap<String, Cached>,
     loading: HashSet<String>,
+    /// Bumped by every [`SettingsChanged`]: a read that began before one is not cached.
+    epoch: u64,
+}
+
+/// See [`WebhookSink::settings_changed`].
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct SettingsChanged {
+    workspace_id: String,
 }
 
 impl WebhookDispatcher {
@@ -279,10 +301,11 @@ impl WebhookDispatcher {
             queues: HashMap::new(),
             targets: HashMap::new(),
             loading: HashSet::new(),
+            epoch: 0,
         };
         let addr = actor.start();
         Ok(WebhookSink {
-            inner: Some((addr.recipient(), counters)),
+            inner: Some((addr, counters)),
         })
     }
 
@@ -315,6 +338,7 @@ impl WebhookDispatcher {
         }
         let pool = self.pool.clone();
         let id = workspace_id.clone();
+        let epoch = self.epoch;
         let read = async move {
             actix_web::rt::task::spawn_blocking(move || {
                 let mut conn = pool.get().map_err(|e| e.to_string())?;
@@ -338,13 +362,16 @@ impl WebhookDispatcher {
                             })
                         })
                     });
-                    act.targets.insert(
-                        workspace_id.clone(),
-                        Cached {
-                            at: Instant::now(),
-                            target: target.clone(),
-                        },
-                    );
+                    // Settings changed during the read: use it once, cache nothing.
+                    if act.epoch == epoch {
+                        act.targets.insert(
+                            workspace_id.clone(),
+                            Cached {
+                                at: Instant::now(),
+                                target: target.clone(),
+                            },
+                        );
+                    }
                     act.dispatch(&workspace_id, target);
                 }
                 Err(e) => log::warn!("webhooks: cannot read workspace {workspace_id}: {e}"),
@@ -435,6 +462,15 @@ impl Handler<WebhookEvent> for WebhookDispatcher {
         if queue.events.len() >= self.config.max_batch {
             self.flush(&msg.workspace_id, ctx);
         }
+    }
+}
+
+impl Handler<SettingsChanged> for WebhookDispatcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: SettingsChanged, _: &mut Self::Context) {
+        self.targets.remove(&msg.workspace_id);
+        self.epoch = self.epoch.wrapping_add(1);
     }
 }
 
@@ -864,6 +900,39 @@ mod tests {
             rx.got()[0].events(),
             json!([{"name": "channel_occupied", "channel": "after"}])
         );
+    }
+
+    #[actix::test]
+    async fn settings_changed_drops_the_cache_at_once() {
+        let (base, rx) = receiver(&[]);
+        let (_dir, pool) = db(&[("1", json!({}))]);
+        let config = WebhookConfig {
+            // Without the notice, nothing would be read again during the test.
+            settings_ttl: Duration::from_secs(600),
+            ..fast()
+        };
+        let sink = WebhookDispatcher::start(pool.clone(), config).expect("start");
+        sink.send(WebhookEvent::channel_occupied("1", "before"));
+        // Read and cached as "no webhooks"; meanwhile events are dropped on arrival.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let settings = hooks(json!([{"url": format!("{base}/hook")}])).to_string();
+        queries::update_workspace_settings(&mut pool.get().expect("conn"), "1", &settings)
+            .expect("update");
+        sink.send(WebhookEvent::channel_occupied("1", "stale"));
+        sink.settings_changed("1");
+        sink.send(WebhookEvent::channel_occupied("1", "after"));
+        wait_for("one request", || rx.count() == 1).await;
+        assert_eq!(
+            rx.got()[0].events(),
+            json!([{"name": "channel_occupied", "channel": "after"}])
+        );
+        // Removing the webhook stops deliveries as soon as the notice arrives.
+        queries::update_workspace_settings(&mut pool.get().expect("conn"), "1", "{}")
+            .expect("update");
+        sink.settings_changed("1");
+        sink.send(WebhookEvent::channel_vacated("1", "after"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.count(), 1, "nothing after the webhook was removed");
     }
 
     #[actix::test]

@@ -250,12 +250,39 @@ async fn refused_events_answer_the_envelope_and_deliver_nothing() {
         .await;
     assert_error(&r, 401, "auth_failed");
 
+    // A socket_id that cannot be one: invalid_input (Pusher: "Invalid socket id").
+    for bad in ["abc", "1.", ".2", "1.2.3", "1.2 ", ""] {
+        let r = trigger_body(
+            &server,
+            &json!({"name": "e", "channel": ch, "data": "x", "socket_id": bad}),
+        )
+        .await;
+        assert_error(&r, 400, "invalid_input");
+    }
+
+    // An HTTP body over 1 MiB: 413 in the envelope, not a framework page.
+    let huge = "z".repeat(1024 * 1024 + 16);
+    let r = trigger_body(&server, &json!({"name": "e", "channel": ch, "data": huge})).await;
+    assert_error(&r, 413, "payload_too_large");
+
     // Nothing of the above reached the subscriber: the fence is the first thing it sees.
     fence(&server, &ch).await;
     let before = a.frames_before(&ch, "fence").await;
     assert!(before.is_empty(), "refused requests delivered: {before:?}");
 
-    // The limit itself is allowed.
+    // 100 channels are allowed.
+    let hundred: Vec<String> = (0..100).map(|i| format!("{ch}-h{i}")).collect();
+    let mut hundred_and_ch = vec![ch.clone()];
+    hundred_and_ch.extend(hundred.iter().take(99).cloned());
+    let (status, resp) = trigger_body(
+        &server,
+        &json!({"name": "wide", "channels": hundred_and_ch, "data": "w"}),
+    )
+    .await;
+    assert_eq!((status, &resp), (200, &json!({})), "{resp}");
+    assert_eq!(a.expect("wide", Some(&ch)).await["data"], json!("w"));
+
+    // The data limit itself is allowed.
     let exact = "y".repeat(64 * 1024);
     let (status, resp) = trigger_body(
         &server,
@@ -453,6 +480,32 @@ async fn channels_lists_the_occupied_ones_with_prefix_and_counts() {
         vec![pub1.clone(), pub2.clone()]
     );
 
+    // A GET may carry body_md5 of the empty body (the Python SDK does); another one is 401.
+    let (status, body) = server
+        .signed_with(
+            &server.app,
+            Method::GET,
+            &format!("/apps/{}/channels", server.app.id),
+            None,
+            SignOpts {
+                include_body_md5: Some(true),
+                extra_query: vec![("filter_by_prefix".into(), "other-".into())],
+                ..SignOpts::default()
+            },
+        )
+        .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"channels": {other.clone(): {}}}))
+    );
+    let r = get_with(
+        &server,
+        "/channels",
+        &[("body_md5", "0123456789abcdef0123456789abcdef")],
+    )
+    .await;
+    assert_error(&r, 401, "auth_failed");
+
     // Without info, each channel is an empty object (Pusher's shape).
     let (status, body) = get_with(&server, "/channels", &[("filter_by_prefix", "other-")]).await;
     assert_eq!(
@@ -629,7 +682,7 @@ async fn terminate_connections_closes_that_users_sockets_only() {
         .await;
     u2.join_presence(&server.app, &presence, "u2", json!({}))
         .await;
-    u2.expect("pusher_internal:member_added", Some(&presence))
+    u1a.expect("pusher_internal:member_added", Some(&presence))
         .await;
 
     let path = format!("/apps/{}/users/u1/terminate_connections", server.app.id);

@@ -277,5 +277,6 @@ async fn patch_settings(
             .map_err(Into::into)
     })
     .await?;
+    state.registry.settings_changed(&ws.id);
     Ok(json(StatusCode::OK, &next))
 }

@@ -165,10 +165,28 @@ pub fn check_trigger(b: &TriggerBody) -> ApiResult<Vec<String>> {
     for c in &channels {
         validation::pusher_channel_name(c)?;
     }
+    if let Some(s) = &b.socket_id {
+        if !is_socket_id(s) {
+            return Err(ApiError::invalid(format!(
+                "Invalid socket id: '{}'",
+                s.chars().take(64).collect::<String>()
+            )));
+        }
+    }
     if let Some(c) = &b.client_id {
         validation::entity_id(c)?;
     }
     Ok(channels)
+}
+
+/// Pusher's socket id shape, `digits.digits`: anything else cannot name a socket.
+fn is_socket_id(s: &str) -> bool {
+    s.len() <= 64
+        && s.split_once('.').is_some_and(|(a, b)| {
+            [a, b]
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))
+        })
 }
 
 /// Publishes one checked event: a versioned create on each channel. Answers `{}`, or with

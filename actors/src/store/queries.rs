@@ -971,6 +971,24 @@ pub fn prune_events(
     })
 }
 
+/// A channel's versions with `after < seq <= until`, oldest first (V2 `resume`).
+pub fn versions_after(
+    conn: &mut Conn,
+    channel_id: &str,
+    after: i64,
+    until: i64,
+    limit: i64,
+) -> QueryResult<Vec<VersionRow>> {
+    message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::seq.gt(after))
+        .filter(message_versions::seq.le(until))
+        .order(message_versions::seq.asc())
+        .limit(limit)
+        .select(VersionRow::as_select())
+        .load(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1054,20 +1072,3 @@ mod tests {
     }
 }
 
-/// A channel's versions with `after < seq <= until`, oldest first (V2 `resume`).
-pub fn versions_after(
-    conn: &mut Conn,
-    channel_id: &str,
-    after: i64,
-    until: i64,
-    limit: i64,
-) -> QueryResult<Vec<VersionRow>> {
-    message_versions::table
-        .filter(message_versions::channel_id.eq(channel_id))
-        .filter(message_versions::seq.gt(after))
-        .filter(message_versions::seq.le(until))
-        .order(message_versions::seq.asc())
-        .limit(limit)
-        .select(VersionRow::as_select())
-        .load(conn)
-}
