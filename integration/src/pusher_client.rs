@@ -7,10 +7,17 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::harness::{AppCreds, Frame, TestServer, WsClient, WsConnectError, WsOpts, FRAME_TIMEOUT};
+use crate::harness::{
+    AppCreds, Frame, TestServer, WsClient, WsConnectError, WsOpts, FRAME_TIMEOUT,
+};
 
 /// `key:hex(HMAC-SHA256(secret, "socket_id:channel[:channel_data]"))`.
-pub fn channel_auth(app: &AppCreds, socket_id: &str, channel: &str, channel_data: Option<&str>) -> String {
+pub fn channel_auth(
+    app: &AppCreds,
+    socket_id: &str,
+    channel: &str,
+    channel_data: Option<&str>,
+) -> String {
     let message = match channel_data {
         Some(d) => format!("{socket_id}:{channel}:{d}"),
         None => format!("{socket_id}:{channel}"),
@@ -72,7 +79,11 @@ impl PusherClient {
     pub async fn established(mut ws: WsClient, v2: bool) -> Self {
         let prefix = if v2 { "sockudo" } else { "pusher" };
         let v = ws.next_json(FRAME_TIMEOUT).await;
-        assert_eq!(v["event"], json!(format!("{prefix}:connection_established")), "{v}");
+        assert_eq!(
+            v["event"],
+            json!(format!("{prefix}:connection_established")),
+            "{v}"
+        );
         let data: Value =
             serde_json::from_str(v["data"].as_str().expect("data is a JSON string")).expect("json");
         PusherClient {
@@ -137,14 +148,20 @@ impl PusherClient {
         let frames = self
             .ws
             .collect_until(FRAME_TIMEOUT, |v| {
-                (v["event"] == json!(ok) && v["channel"] == json!(channel)) || v["event"] == json!(err)
+                (v["event"] == json!(ok) && v["channel"] == json!(channel))
+                    || v["event"] == json!(err)
             })
             .await;
         frames.last().cloned().expect("a frame")
     }
 
     /// Subscribes and asserts success.
-    pub async fn subscribe(&mut self, channel: &str, auth: Option<String>, channel_data: Option<String>) -> Value {
+    pub async fn subscribe(
+        &mut self,
+        channel: &str,
+        auth: Option<String>,
+        channel_data: Option<String>,
+    ) -> Value {
         let v = self.subscribe_with(channel, auth, channel_data).await;
         assert_eq!(
             v["event"],
@@ -199,7 +216,9 @@ impl PusherClient {
         let err = format!("{}:error", self.prefix);
         let frames = self
             .ws
-            .collect_until(FRAME_TIMEOUT, |v| v["event"] == json!(ok) || v["event"] == json!(err))
+            .collect_until(FRAME_TIMEOUT, |v| {
+                v["event"] == json!(ok) || v["event"] == json!(err)
+            })
             .await;
         frames.last().cloned().expect("a frame")
     }
@@ -222,7 +241,9 @@ impl PusherClient {
         let data = json!({"user_id": user_id, "user_info": user_info}).to_string();
         let auth = channel_auth(app, &self.socket_id, channel, Some(&data));
         let ok = self.subscribe(channel, Some(auth), Some(data)).await;
-        let s = ok["data"].as_str().unwrap_or_else(|| panic!("string data: {ok}"));
+        let s = ok["data"]
+            .as_str()
+            .unwrap_or_else(|| panic!("string data: {ok}"));
         serde_json::from_str(s).unwrap_or_else(|e| panic!("presence data is JSON ({e}): {ok}"))
     }
 
@@ -232,6 +253,27 @@ impl PusherClient {
             .send_text(&json!({"event": event, "channel": channel, "data": data}).to_string())
             .await;
     }
+}
+
+/// Asserts a refusal as Sockudo sends it: `pusher:error` (or `sockudo:error`) whose `data`
+/// is an object `{code, message}`, without a channel.
+pub fn assert_refused(frame: &Value, code: u64) {
+    assert!(
+        frame["event"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(":error")),
+        "expected an error frame: {frame}"
+    );
+    assert!(
+        frame["data"].is_object(),
+        "error data is an object: {frame}"
+    );
+    assert_eq!(error_code(frame), Some(code), "{frame}");
+    assert!(frame["data"]["message"].is_string(), "{frame}");
+    assert!(
+        frame.get("channel").is_none(),
+        "no channel on the error: {frame}"
+    );
 }
 
 /// The `data.code` of a `pusher:error` frame (data is an object there).

@@ -1,26 +1,15 @@
 //! Authorization on the Pusher face (SPEC §4, §6): private and encrypted channel signatures,
-//! presence members, `pusher:signin`, chat channels reached by name, and a deactivated
-//! entity's socket.
+//! presence members, `pusher:signin`, V2 tokens, and deactivated or blocked entities'
+//! sockets. Chat channels reached by name are in `pusher_chat.rs`.
 
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::harness::{uniq, TestServer, FRAME_TIMEOUT};
+use switchboard_integration::harness::{mint_token, uniq, TestServer, FRAME_TIMEOUT};
 use switchboard_integration::pusher_client::{
-    channel_auth, error_code, fence, signin_auth, string_data, trigger,
+    assert_refused, channel_auth, error_code, fence, signin_auth, string_data, trigger,
 };
-
-fn assert_refused(frame: &Value, code: u64) {
-    assert!(
-        frame["event"].as_str().is_some_and(|e| e.ends_with(":error")),
-        "expected an error frame: {frame}"
-    );
-    assert!(frame["data"].is_object(), "error data is an object: {frame}");
-    assert_eq!(error_code(frame), Some(code), "{frame}");
-    assert!(frame["data"]["message"].is_string(), "{frame}");
-    assert!(frame.get("channel").is_none(), "no channel on the error: {frame}");
-}
 
 // ------------------------------------------------------------------------- private
 
@@ -42,18 +31,27 @@ async fn private_and_encrypted_channels_need_this_sockets_signature() {
             assert_refused(&c.subscribe_with(&channel, Some(forged), None).await, 4009);
             // Right secret, other channel.
             let elsewhere = channel_auth(&app, &c.socket_id, "private-elsewhere", None);
-            assert_refused(&c.subscribe_with(&channel, Some(elsewhere), None).await, 4009);
+            assert_refused(
+                &c.subscribe_with(&channel, Some(elsewhere), None).await,
+                4009,
+            );
             // Another socket's signature.
             let stolen = channel_auth(&app, &other.socket_id, &channel, None);
             assert_refused(&c.subscribe_with(&channel, Some(stolen), None).await, 4009);
             // Garbage.
-            assert_refused(&c.subscribe_with(&channel, Some("x".into()), None).await, 4009);
+            assert_refused(
+                &c.subscribe_with(&channel, Some("x".into()), None).await,
+                4009,
+            );
             // Still usable, and the right signature succeeds.
             c.assert_alive().await;
             let ok = c.subscribe_private(&app, &channel).await;
             assert_eq!(ok["data"], json!("{}"), "{ok}");
             if v2 {
-                assert_eq!(ok["event"], json!("sockudo_internal:subscription_succeeded"));
+                assert_eq!(
+                    ok["event"],
+                    json!("sockudo_internal:subscription_succeeded")
+                );
             }
             trigger(&server, &channel, "secret", "s", None).await;
             assert_eq!(c.expect("secret", Some(&channel)).await["data"], json!("s"));
@@ -83,12 +81,20 @@ async fn presence_members_come_and_go_once_per_user() {
     // Unsigned channel data, or a signature over other channel data: refused.
     let mut ann = server.pusher("?protocol=2").await;
     let data = json!({"user_id": "ann", "user_info": {"name": "Ann"}}).to_string();
-    assert_refused(&ann.subscribe_with(&room, None, Some(data.clone())).await, 4009);
+    assert_refused(
+        &ann.subscribe_with(&room, None, Some(data.clone())).await,
+        4009,
+    );
     let other_data = json!({"user_id": "boss", "user_info": {}}).to_string();
     let sig = channel_auth(&app, &ann.socket_id, &room, Some(&other_data));
-    assert_refused(&ann.subscribe_with(&room, Some(sig), Some(data)).await, 4009);
+    assert_refused(
+        &ann.subscribe_with(&room, Some(sig), Some(data)).await,
+        4009,
+    );
 
-    let p = ann.join_presence(&app, &room, "ann", json!({"name": "Ann"})).await;
+    let p = ann
+        .join_presence(&app, &room, "ann", json!({"name": "Ann"}))
+        .await;
     assert_eq!(p["presence"]["count"], json!(2), "{p}");
     let mut ids: Vec<String> = p["presence"]["ids"]
         .as_array()
@@ -99,10 +105,19 @@ async fn presence_members_come_and_go_once_per_user() {
     ids.sort();
     assert_eq!(ids, ["ann", "w"], "{p}");
     assert_eq!(p["presence"]["hash"]["ann"], json!({"name": "Ann"}), "{p}");
-    assert_eq!(p["presence"]["hash"]["w"], json!({"name": "Watcher"}), "{p}");
+    assert_eq!(
+        p["presence"]["hash"]["w"],
+        json!({"name": "Watcher"}),
+        "{p}"
+    );
 
-    let added = watcher.expect("pusher_internal:member_added", Some(&room)).await;
-    assert_eq!(string_data(&added), json!({"user_id": "ann", "user_info": {"name": "Ann"}}));
+    let added = watcher
+        .expect("pusher_internal:member_added", Some(&room))
+        .await;
+    assert_eq!(
+        string_data(&added),
+        json!({"user_id": "ann", "user_info": {"name": "Ann"}})
+    );
     // The joiner is not told about itself.
     fence(&server, &room).await;
     let before = ann.frames_before(&room, "fence").await;
@@ -111,11 +126,16 @@ async fn presence_members_come_and_go_once_per_user() {
 
     // Ann's second socket: no second member_added, the count stays.
     let mut ann2 = server.pusher("?protocol=7").await;
-    let p = ann2.join_presence(&app, &room, "ann", json!({"name": "Ann"})).await;
+    let p = ann2
+        .join_presence(&app, &room, "ann", json!({"name": "Ann"}))
+        .await;
     assert_eq!(p["presence"]["count"], json!(2), "{p}");
     fence(&server, &room).await;
     let before = watcher.frames_before(&room, "fence").await;
-    assert!(before.is_empty(), "a second socket of ann is no new member: {before:?}");
+    assert!(
+        before.is_empty(),
+        "a second socket of ann is no new member: {before:?}"
+    );
 
     // Ann's second socket disconnects: she is still there.
     ann2.ws.close().await;
@@ -129,24 +149,36 @@ async fn presence_members_come_and_go_once_per_user() {
     let names: Vec<&Value> = frames.iter().map(|f| &f["event"]).collect();
     assert_eq!(
         names,
-        vec![&json!("pusher_internal:member_added"), &json!("pusher_internal:member_removed")],
+        vec![
+            &json!("pusher_internal:member_added"),
+            &json!("pusher_internal:member_removed")
+        ],
         "ann's second socket leaving changes nothing; bob comes and goes: {frames:?}"
     );
     assert_eq!(string_data(&frames[0])["user_id"], json!("bob"));
     assert_eq!(string_data(&frames[1]), json!({"user_id": "bob"}));
 
     // Ann's last socket unsubscribes: member_removed (V2 spelling to ann's watcher peers).
-    ann.send("sockudo:unsubscribe", json!({"channel": room})).await;
-    let removed = watcher.expect("pusher_internal:member_removed", Some(&room)).await;
+    ann.send("sockudo:unsubscribe", json!({"channel": room}))
+        .await;
+    let removed = watcher
+        .expect("pusher_internal:member_removed", Some(&room))
+        .await;
     assert_eq!(string_data(&removed), json!({"user_id": "ann"}));
 
     // A V2 subscriber sees member events under the sockudo_internal: prefix.
     let mut v2 = server.pusher("?protocol=2").await;
     v2.join_presence(&app, &room, "v2", json!({})).await;
     let mut carl = server.pusher("?protocol=7").await;
-    carl.join_presence(&app, &room, "carl", json!({"k": 1})).await;
-    let added = v2.expect("sockudo_internal:member_added", Some(&room)).await;
-    assert_eq!(string_data(&added), json!({"user_id": "carl", "user_info": {"k": 1}}));
+    carl.join_presence(&app, &room, "carl", json!({"k": 1}))
+        .await;
+    let added = v2
+        .expect("sockudo_internal:member_added", Some(&room))
+        .await;
+    assert_eq!(
+        string_data(&added),
+        json!({"user_id": "carl", "user_info": {"k": 1}})
+    );
 }
 
 // ------------------------------------------------------------------------- signin
@@ -168,76 +200,13 @@ async fn signin_needs_a_signature_over_socket_and_user_data() {
         c.assert_alive().await;
 
         let ok = c.signin(&app, &user_data).await;
-        assert_eq!(ok["event"], json!(format!("{}:signin_success", c.prefix)), "{ok}");
+        assert_eq!(
+            ok["event"],
+            json!(format!("{}:signin_success", c.prefix)),
+            "{ok}"
+        );
         assert_eq!(ok["data"]["user_data"], json!(user_data), "{ok}");
     }
-}
-
-// ------------------------------------------------------------------------- chat channels
-
-#[tokio::test]
-async fn chat_channels_are_subscribable_by_name_by_members() {
-    let server = TestServer::start().await;
-    let app = server.app.clone();
-    let alice = server.user("alice", "human", "member").await;
-    let bob = server.user("bob", "human", "member").await;
-    server.user("carol", "human", "member").await;
-    let name = uniq("team");
-    let ch = alice.create_group(&name, &["bob"], json!({})).await;
-    let cid = ch["id"].as_str().unwrap_or_else(|| panic!("{ch}")).to_string();
-
-    // Anonymous: no prefix, yet a chat channel needs a member or a signature.
-    let mut anon = server.pusher("?protocol=7").await;
-    assert_refused(&anon.subscribe_with(&name, None, None).await, 4009);
-
-    // A signed-in non-member of this private group.
-    let mut carol = server.pusher("?protocol=7").await;
-    carol.signin(&app, r#"{"id":"carol"}"#).await;
-    assert_refused(&carol.subscribe_with(&name, None, None).await, 4009);
-
-    // A signed-in member.
-    let mut bob_v1 = server.pusher("?protocol=7").await;
-    bob_v1.signin(&app, r#"{"id":"bob"}"#).await;
-    bob_v1.subscribe(&name, None, None).await;
-
-    // A V2 socket with the member's chat token needs no signature.
-    let mut bob_v2 = server
-        .pusher(&format!("?protocol=2&token={}", bob.token))
-        .await;
-    let ok = bob_v2.subscribe(&name, None, None).await;
-    assert_eq!(ok["stream_id"], json!(cid), "the stream of a chat channel is its id: {ok}");
-
-    // A channel auth signature also admits the anonymous socket.
-    let sig = channel_auth(&app, &anon.socket_id, &name, None);
-    anon.subscribe(&name, Some(sig), None).await;
-
-    // A message posted through the chat API reaches them.
-    let posted = alice.say(&cid, "hello team").await;
-    let ev = bob_v1.expect("message", Some(&name)).await;
-    assert_eq!(ev, json!({"event": "message", "channel": name, "data": "hello team"}));
-    let ev = bob_v2.expect("message", Some(&name)).await;
-    assert_eq!(ev["data"], json!("hello team"), "{ev}");
-    assert_eq!(ev["serial"], posted["message"]["history_serial"], "{ev} {posted}");
-    assert_eq!(ev["message_id"], posted["message"]["message_serial"], "{ev} {posted}");
-    anon.expect("message", Some(&name)).await;
-
-    // A trigger on the channel's name reaches a chat WebSocket of a member.
-    let mut chat_ws = server.ws(&alice.token, None).await;
-    trigger(&server, &name, "announce", "from the server", None).await;
-    let frames = chat_ws
-        .collect_until(FRAME_TIMEOUT, |f| f["type"] == json!("message.created"))
-        .await;
-    let ev = frames.last().unwrap_or_else(|| panic!("message.created"));
-    assert_eq!(ev["channel_id"], json!(cid), "{ev}");
-    assert_eq!(ev["payload"]["data"], json!("from the server"), "{ev}");
-    assert_eq!(bob_v1.expect("announce", Some(&name)).await["data"], json!("from the server"));
-
-    // A V2 token of a non-member does not open it either.
-    let carol_token = server.token_for("carol");
-    let mut carol_v2 = server
-        .pusher(&format!("?protocol=2&token={carol_token}"))
-        .await;
-    assert_refused(&carol_v2.subscribe_with(&name, None, None).await, 4009);
 }
 
 #[tokio::test]
@@ -286,7 +255,11 @@ async fn a_deactivated_entity_signed_in_on_a_pusher_socket_is_closed() {
 
     // A deactivated entity's token no longer opens a V2 socket.
     let (status, body) = server
-        .signed(Method::DELETE, &format!("/apps/{}/entities/erin", app.id), None)
+        .signed(
+            Method::DELETE,
+            &format!("/apps/{}/entities/erin", app.id),
+            None,
+        )
         .await;
     assert!(status == 200 || status == 204, "{status} {body}");
     let (_, code) = erin.ws.read_until_close(Duration::from_secs(5)).await;
@@ -297,4 +270,50 @@ async fn a_deactivated_entity_signed_in_on_a_pusher_socket_is_closed() {
         .unwrap_or_else(|e| panic!("{e:?}"));
     let (_, code) = again.read_until_close(FRAME_TIMEOUT).await;
     assert_eq!(code, Some(4009));
+}
+
+#[tokio::test]
+async fn a_blocked_member_signed_in_on_a_pusher_socket_is_closed() {
+    let server = TestServer::start().await;
+    let app = server.app.clone();
+    let owner = server.user("olga", "human", "owner").await;
+    server.user("mallory", "human", "member").await;
+    let mut m = server.pusher("?protocol=7").await;
+    m.signin(&app, r#"{"id":"mallory"}"#).await;
+    let mut bystander = server.pusher("?protocol=7").await;
+    bystander.signin(&app, r#"{"id":"olga"}"#).await;
+    let (status, body) = owner
+        .patch("/api/members/mallory", &json!({"blocked": true}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, code) = m.ws.read_until_close(Duration::from_secs(5)).await;
+    assert_eq!(code, Some(4009));
+    bystander.assert_alive().await;
+}
+
+#[tokio::test]
+async fn an_expiring_token_is_announced_and_can_be_refreshed() {
+    let server = TestServer::start().await;
+    server.user("tess", "human", "member").await;
+    server.user("other", "human", "member").await;
+    let now = chrono::Utc::now().timestamp();
+    let short = mint_token(
+        &server.app.key,
+        &server.app.secret,
+        &json!({"sub": "tess", "iat": now, "exp": now + 1}),
+    );
+    let mut c = server.pusher(&format!("?protocol=2&token={short}")).await;
+    let expired = c.expect("sockudo:token_expired", None).await;
+    assert_eq!(expired["data"]["code"], json!(40142), "{expired}");
+
+    // Another user's token does not refresh this socket.
+    c.send("sockudo:auth", json!({"token": server.token_for("other")}))
+        .await;
+    assert_refused(&c.expect_error().await, 4009);
+
+    c.send("sockudo:auth", json!({"token": server.token_for("tess")}))
+        .await;
+    let ok = c.expect("sockudo:auth_success", None).await;
+    assert_eq!(ok["data"]["client_id"], json!("tess"), "{ok}");
+    c.assert_alive().await;
 }

@@ -8,7 +8,9 @@ use switchboard_integration::pusher_client::{error_code, fence, patch_settings, 
 
 fn assert_client_event_refused(frame: &Value) {
     assert!(
-        frame["event"].as_str().is_some_and(|e| e.ends_with(":error")),
+        frame["event"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(":error")),
         "expected an error: {frame}"
     );
     assert_eq!(error_code(frame), Some(4301), "{frame}");
@@ -53,7 +55,8 @@ async fn enabled_client_events_reach_the_others_but_not_the_sender() {
     let mut c = server.pusher("?protocol=7").await;
     c.subscribe_private(&server.app, &ch).await;
 
-    a.client_event(&ch, "client-typing", json!("{\"who\":\"a\"}")).await;
+    a.client_event(&ch, "client-typing", json!("{\"who\":\"a\"}"))
+        .await;
     for r in [&mut b, &mut c] {
         let ev = r.expect("client-typing", Some(&ch)).await;
         // Data as sent; never stored: no serial, no extras, no user on a private channel.
@@ -66,7 +69,10 @@ async fn enabled_client_events_reach_the_others_but_not_the_sender() {
     fence(&server, &ch).await;
     for r in [&mut a, &mut b, &mut c] {
         let before = r.frames_before(&ch, "fence").await;
-        assert!(before.is_empty(), "the sender got its own event: {before:?}");
+        assert!(
+            before.is_empty(),
+            "the sender got its own event: {before:?}"
+        );
     }
 
     // Not a `client-` event on the channel of another kind: public and encrypted refuse.
@@ -103,7 +109,8 @@ async fn presence_client_events_carry_the_senders_user_id() {
     let mut b = server.pusher("?protocol=2").await;
     a.join_presence(&server.app, &room, "u-a", json!({})).await;
     b.join_presence(&server.app, &room, "u-b", json!({})).await;
-    a.client_event(&room, "client-wave", json!({"hi": true})).await;
+    a.client_event(&room, "client-wave", json!({"hi": true}))
+        .await;
     let ev = b.expect("client-wave", Some(&room)).await;
     assert_eq!(ev["user_id"], json!("u-a"), "{ev}");
     assert_eq!(ev["data"], json!({"hi": true}), "{ev}");
@@ -138,5 +145,8 @@ async fn the_client_event_rate_limit_refuses_beyond_the_burst() {
     assert!(before.is_empty(), "the third was relayed: {before:?}");
     // The limit is per socket: b may still send.
     b.client_event(&ch, "client-n", json!({"from": "b"})).await;
-    assert_eq!(a.expect("client-n", Some(&ch)).await["data"], json!({"from": "b"}));
+    assert_eq!(
+        a.expect("client-n", Some(&ch)).await["data"],
+        json!({"from": "b"})
+    );
 }

@@ -50,7 +50,11 @@ async fn v1_and_v2_connect_with_a_socket_id_and_answer_pings() {
     v1.send_raw(r#"{"event":"whatever","data":"{}"}"#).await;
     v1.send("pusher:ping", json!({})).await;
     let next = v1.ws.next_json(FRAME_TIMEOUT).await;
-    assert_eq!(next["event"], json!("pusher:pong"), "nothing before the pong: {next}");
+    assert_eq!(
+        next["event"],
+        json!("pusher:pong"),
+        "nothing before the pong: {next}"
+    );
     v1.subscribe("still-works", None, None).await;
 }
 
@@ -65,7 +69,9 @@ async fn an_unknown_key_gets_error_4001_then_close_4001() {
         let (frames, code) = ws.read_until_close(FRAME_TIMEOUT).await;
         assert_eq!(frames.len(), 1, "{frames:?}");
         assert!(
-            frames[0]["event"].as_str().is_some_and(|e| e.ends_with(":error")),
+            frames[0]["event"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(":error")),
             "{frames:?}"
         );
         assert_eq!(error_code(&frames[0]), Some(4001), "{frames:?}");
@@ -91,7 +97,10 @@ async fn v1_receives_triggered_events_in_plain_pusher_shape() {
     trigger(&server, &news, "story", "{\"id\":1}", None).await;
     let ev = a.expect("story", Some(&news)).await;
     // Exactly Pusher's three keys: no serial, no extras on V1.
-    assert_eq!(ev, json!({"event": "story", "channel": news, "data": "{\"id\":1}"}));
+    assert_eq!(
+        ev,
+        json!({"event": "story", "channel": news, "data": "{\"id\":1}"})
+    );
     assert_eq!(b.expect("story", Some(&news)).await, ev);
 
     // `channels`: one trigger, two channels, each frame names its channel.
@@ -105,7 +114,8 @@ async fn v1_receives_triggered_events_in_plain_pusher_shape() {
         .until(|v| v["event"] == json!("multi") && v["channel"] == json!(sports))
         .await;
     assert!(
-        got.iter().any(|v| v["event"] == json!("multi") && v["channel"] == json!(news)),
+        got.iter()
+            .any(|v| v["event"] == json!("multi") && v["channel"] == json!(news)),
         "the news copy came first: {got:?}"
     );
     let ev = a.expect("multi", Some(&news)).await;
@@ -123,8 +133,11 @@ async fn v1_receives_triggered_events_in_plain_pusher_shape() {
 
     // More than 100 channels is refused and reaches nobody.
     let many: Vec<String> = (0..101).map(|i| format!("{news}-{i}")).collect();
-    let (status, body) =
-        trigger_body(&server, &json!({"name": "x", "channels": many, "data": "x"})).await;
+    let (status, body) = trigger_body(
+        &server,
+        &json!({"name": "x", "channels": many, "data": "x"}),
+    )
+    .await;
     assert_eq!(status, 400, "{body}");
 
     // Unsubscribed: nothing more on news for `a`, while `b` still gets it.
@@ -147,7 +160,10 @@ async fn v2_frames_carry_serial_stream_id_message_id_and_action() {
     let mut v1 = server.pusher("?protocol=7").await;
     let ch = uniq("ticks");
     let ok = v2.subscribe(&ch, None, None).await;
-    assert_eq!(ok["event"], json!("sockudo_internal:subscription_succeeded"));
+    assert_eq!(
+        ok["event"],
+        json!("sockudo_internal:subscription_succeeded")
+    );
     assert_eq!(ok["data"], json!("{}"), "{ok}");
     v1.subscribe(&ch, None, None).await;
 
@@ -157,17 +173,33 @@ async fn v2_frames_carry_serial_stream_id_message_id_and_action() {
         trigger(&server, &ch, "tick", &format!("t{i}"), None).await;
         let ev = v2.expect("tick", Some(&ch)).await;
         assert_eq!(ev["data"], json!(format!("t{i}")), "{ev}");
-        assert!(ev["message_id"].as_str().is_some_and(|s| !s.is_empty()), "{ev}");
+        assert!(
+            ev["message_id"].as_str().is_some_and(|s| !s.is_empty()),
+            "{ev}"
+        );
         assert_eq!(
             ev["extras"]["headers"]["sockudo_action"],
             json!("message.create"),
             "{ev}"
         );
-        let sid = ev["stream_id"].as_str().unwrap_or_else(|| panic!("stream_id: {ev}"));
-        assert_eq!(*stream.get_or_insert(sid.to_string()), sid, "one stream: {ev}");
-        serials.push(ev["serial"].as_i64().unwrap_or_else(|| panic!("serial: {ev}")));
+        let sid = ev["stream_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("stream_id: {ev}"));
+        assert_eq!(
+            *stream.get_or_insert(sid.to_string()),
+            sid,
+            "one stream: {ev}"
+        );
+        serials.push(
+            ev["serial"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("serial: {ev}")),
+        );
         let plain = v1.expect("tick", Some(&ch)).await;
-        assert_eq!(plain, json!({"event": "tick", "channel": ch, "data": format!("t{i}")}));
+        assert_eq!(
+            plain,
+            json!({"event": "tick", "channel": ch, "data": format!("t{i}")})
+        );
     }
     assert_eq!(serials, vec![serials[0], serials[0] + 1, serials[0] + 2]);
     assert_eq!(serials[0], 1, "a new channel starts at serial 1");
@@ -191,8 +223,14 @@ async fn socket_id_in_a_trigger_leaves_out_that_socket_only() {
     other_v2.subscribe(&ch, None, None).await;
 
     trigger(&server, &ch, "said", "hello", Some(&me.socket_id)).await;
-    assert_eq!(other.expect("said", Some(&ch)).await["data"], json!("hello"));
-    assert_eq!(other_v2.expect("said", Some(&ch)).await["data"], json!("hello"));
+    assert_eq!(
+        other.expect("said", Some(&ch)).await["data"],
+        json!("hello")
+    );
+    assert_eq!(
+        other_v2.expect("said", Some(&ch)).await["data"],
+        json!("hello")
+    );
     fence(&server, &ch).await;
     let before = me.frames_before(&ch, "fence").await;
     assert!(before.is_empty(), "the excluded socket got: {before:?}");
@@ -234,12 +272,19 @@ async fn a_silent_client_is_pinged_then_closed_4201_an_answering_one_stays() {
         silent.ws.read_until_close(Duration::from_secs(8)),
     );
     assert_eq!(
-        frames.iter().map(|f| f["event"].clone()).collect::<Vec<_>>(),
+        frames
+            .iter()
+            .map(|f| f["event"].clone())
+            .collect::<Vec<_>>(),
         vec![json!("pusher:ping")],
         "one ping, then the close: {frames:?}"
     );
     assert_eq!(code, Some(4201));
-    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 // ------------------------------------------------------------------------- bad input
@@ -253,7 +298,12 @@ async fn bad_input_gets_4000_or_4009_and_other_sockets_keep_receiving() {
     let mut bad = server.pusher("?protocol=7").await;
 
     // Not JSON, JSON that is not a frame: error 4000, the socket stays.
-    for text in ["not json", "[1,2]", r#"{"data":{"channel":"x"}}"#, r#"{"event":7}"#] {
+    for text in [
+        "not json",
+        "[1,2]",
+        r#"{"data":{"channel":"x"}}"#,
+        r#"{"event":7}"#,
+    ] {
         bad.send_raw(text).await;
         let err = bad.expect_error().await;
         assert_eq!(error_code(&err), Some(4000), "{text}: {err}");
@@ -262,7 +312,9 @@ async fn bad_input_gets_4000_or_4009_and_other_sockets_keep_receiving() {
     }
 
     // A binary frame: error 4000, the socket stays.
-    bad.ws.send_message(Message::Binary(vec![1u8, 2, 3].into())).await;
+    bad.ws
+        .send_message(Message::Binary(vec![1u8, 2, 3].into()))
+        .await;
     let err = bad.expect_error().await;
     assert_eq!(error_code(&err), Some(4000), "{err}");
     bad.assert_alive().await;
@@ -305,10 +357,18 @@ async fn any_origin_by_default_then_only_the_allowed_ones() {
     let mut c = PusherClient::established(ws, false).await;
     c.assert_alive().await;
 
-    let settings = patch_settings(&server, &json!({"allowed_origins": ["https://ok.example"]})).await;
-    assert_eq!(settings["allowed_origins"], json!(["https://ok.example"]), "{settings}");
+    let settings =
+        patch_settings(&server, &json!({"allowed_origins": ["https://ok.example"]})).await;
+    assert_eq!(
+        settings["allowed_origins"],
+        json!(["https://ok.example"]),
+        "{settings}"
+    );
 
-    for (query, err_event) in [("?protocol=7", "pusher:error"), ("?protocol=2", "sockudo:error")] {
+    for (query, err_event) in [
+        ("?protocol=7", "pusher:error"),
+        ("?protocol=2", "sockudo:error"),
+    ] {
         let mut evil = server
             .pusher_connect(&key, query, Some("https://evil.example"))
             .await
@@ -346,7 +406,10 @@ async fn a_bogus_append_mode_is_refused_before_the_upgrade() {
         Ok(_) => panic!("expected HTTP 400, the upgrade was accepted"),
     }
     // The valid modes connect.
-    for q in ["?protocol=2&append_mode=full", "?protocol=2&append_mode=delta"] {
+    for q in [
+        "?protocol=2&append_mode=full",
+        "?protocol=2&append_mode=delta",
+    ] {
         server.pusher(q).await.assert_alive().await;
     }
 }

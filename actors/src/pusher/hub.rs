@@ -90,6 +90,9 @@ pub struct Join {
     pub session_id: u64,
     pub channel: String,
     pub member: Option<PresenceMember>,
+    /// The entity whose membership of a private chat channel admitted this socket (no
+    /// signature): it receives that channel's messages only while it stays a recipient.
+    pub via_member: Option<String>,
 }
 
 #[derive(Message)]
@@ -165,6 +168,8 @@ struct HubChannel {
     /// Presence: user id → (user_info, sockets of that user on this channel).
     members: HashMap<String, (Value, usize)>,
     presence: bool,
+    /// Sessions admitted by an entity's membership rather than a signature (see `Join`).
+    via_member: HashMap<u64, String>,
 }
 
 impl HubChannel {
@@ -235,6 +240,7 @@ impl PusherHub {
         let Some(member) = ch.subscribers.remove(&session_id) else {
             return;
         };
+        ch.via_member.remove(&session_id);
         let mut departed = None;
         if let Some(user) = member {
             if let Some((_, sockets)) = ch.members.get_mut(&user) {
@@ -291,6 +297,13 @@ impl PusherHub {
             };
             if d.except_socket.as_deref() == Some(&*s.socket_id) {
                 continue;
+            }
+            // A member removed from a private channel stops receiving it, as on the chat
+            // face; a re-added one receives it again.
+            if let (Some(recipients), Some(entity)) = (&ev.recipients, ch.via_member.get(&id)) {
+                if !recipients.contains(entity) {
+                    continue;
+                }
             }
             match s.recipient.try_send(PusherOutbound::Message(d.clone())) {
                 Ok(()) => delivered += 1,
@@ -403,13 +416,19 @@ impl Handler<Join> for WorkspaceActor {
                 return Err("the presence channel is full");
             }
         }
+        match &msg.via_member {
+            Some(entity) => ch.via_member.insert(msg.session_id, entity.clone()),
+            None => ch.via_member.remove(&msg.session_id),
+        };
         // A second subscribe of the same socket changes nothing but is answered again.
         if ch.subscribers.contains_key(&msg.session_id) {
             return Ok(ch.presence.then(|| ch.presence_data()));
         }
         session.channels.push(msg.channel.clone());
-        ch.subscribers
-            .insert(msg.session_id, msg.member.as_ref().map(|m| m.user_id.clone()));
+        ch.subscribers.insert(
+            msg.session_id,
+            msg.member.as_ref().map(|m| m.user_id.clone()),
+        );
         let mut hooks = Vec::new();
         if occupied {
             hooks.push(json!({"name": "channel_occupied", "channel": msg.channel}));
@@ -513,7 +532,10 @@ impl Handler<ChannelStatus> for WorkspaceActor {
     type Result = Option<ChannelStat>;
 
     fn handle(&mut self, msg: ChannelStatus, _: &mut Self::Context) -> Self::Result {
-        self.pusher.channels.get(&msg.name).map(|c| c.stat(&msg.name))
+        self.pusher
+            .channels
+            .get(&msg.name)
+            .map(|c| c.stat(&msg.name))
     }
 }
 

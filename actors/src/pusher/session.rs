@@ -95,6 +95,27 @@ struct Subscription {
     last_serial: i64,
     /// First serial delivered live: `resume` leaves out `[first_live, last_serial]`.
     first_live: Option<i64>,
+    /// The entity whose membership admitted the socket to a chat channel (no signature):
+    /// `resume` and `channel_history` check that it still may see the channel.
+    via_member: Option<String>,
+}
+
+/// Whether `via_member` (if any) still may see chat channel `name`.
+fn still_visible(
+    registry: &Registry,
+    workspace_id: &str,
+    name: &str,
+    via_member: Option<&str>,
+) -> Result<bool, ApiError> {
+    let Some(entity) = via_member else {
+        return Ok(true);
+    };
+    Ok(match lookup(registry, workspace_id, name, Some(entity))? {
+        Known::Chat {
+            visible_to_user, ..
+        } => visible_to_user,
+        _ => true,
+    })
 }
 
 pub struct PusherSession {
@@ -125,7 +146,10 @@ pub struct PusherSession {
 enum Known {
     /// Nothing was ever published under this name.
     Unknown,
-    Implicit { id: String, last_seq: i64 },
+    Implicit {
+        id: String,
+        last_seq: i64,
+    },
     Chat {
         id: String,
         last_seq: i64,
@@ -409,35 +433,63 @@ impl PusherSession {
         };
         let token_caps = self.token.as_ref().and_then(|t| t.capabilities.clone());
         let registry = self.registry.clone();
+        let after_join = (self.registry.clone(), app.workspace_id.clone(), channel.clone());
         let user = self.user_id.clone();
         let (session_id, ws_id) = (self.id, app.workspace_id.clone());
         let name = channel.clone();
         let work = async move {
-            let known = actix_web::web::block(move || {
-                lookup(&registry, &ws_id, &name, user.as_deref())
-            })
-            .await
-            .map_err(ApiError::internal)??;
+            let who = user.clone();
+            let known =
+                actix_web::web::block(move || lookup(&registry, &ws_id, &name, who.as_deref()))
+                    .await
+                    .map_err(ApiError::internal)??;
             if let Err(why) = may_subscribe(&channel, &known, signature_ok, token_caps.as_ref()) {
-                return Ok((channel, Err(why), known));
+                return Ok((channel, Err(why), None, None));
             }
             if kind == ChannelKind::Presence && member.is_none() {
-                return Ok((channel, Err("Channel requires authentication"), known));
+                return Ok((channel, Err("Channel requires authentication"), None, None));
             }
+            // Admitted by membership alone: that grant ends with the membership.
+            let via_member = match &known {
+                Known::Chat {
+                    visible_to_user: true,
+                    ..
+                } if !signature_ok => user,
+                _ => None,
+            };
             let joined = workspace
                 .send(Join {
                     session_id,
                     channel: channel.clone(),
                     member,
+                    via_member: via_member.clone(),
                 })
                 .await
                 .map_err(ApiError::internal)?;
-            Ok::<_, ApiError>((channel, joined, known))
+            // The position is read after joining: every later seq reaches this socket live,
+            // and anything at or below it was committed before (V1 loses nothing between the
+            // authorization read and the join).
+            let mut position = known.position().map(|(id, s)| (id.to_string(), s));
+            if joined.is_ok() {
+                let (registry, ws_id, name) = after_join;
+                let fresh = actix_web::web::block(move || -> Result<_, ApiError> {
+                    let mut conn = registry.pool().get()?;
+                    let Some(id) = queries::channel_id_by_name(&mut conn, &ws_id, &name)? else {
+                        return Ok(None);
+                    };
+                    Ok(queries::channel(&mut conn, &id)?.map(|c| (id, c.last_seq)))
+                })
+                .await;
+                if let Ok(Ok(p)) = fresh {
+                    position = p;
+                }
+            }
+            Ok::<_, ApiError>((channel, joined, position, via_member))
         };
         // The mailbox waits: no delivery on this channel may precede the confirmation.
         ctx.wait(work.into_actor(self).map(|res, act, ctx| match res {
             Err(e) => act.error(ctx, code::CHANNEL_ERROR, &e.message),
-            Ok((_, Err(why), _)) => {
+            Ok((_, Err(why), _, _)) => {
                 let c = if why.contains("full") {
                     code::OVER_CAPACITY
                 } else {
@@ -445,13 +497,17 @@ impl PusherSession {
                 };
                 act.error(ctx, c, why)
             }
-            Ok((channel, Ok(presence), known)) => {
-                let position = known.position();
+            Ok((channel, Ok(presence), position, via_member)) => {
+                let position = position.as_ref().map(|(id, s)| (id.as_str(), *s));
                 let last = position.map_or(0, |(_, s)| s);
-                act.subscriptions.entry(channel.clone()).or_insert(Subscription {
-                    last_serial: last,
-                    first_live: None,
-                });
+                act.subscriptions
+                    .entry(channel.clone())
+                    .or_insert(Subscription {
+                        last_serial: last,
+                        first_live: None,
+                        via_member: None,
+                    })
+                    .via_member = via_member;
                 let data = presence.unwrap_or_else(|| json!({}));
                 ctx.text(protocol::subscription_succeeded(
                     act.protocol,
@@ -482,11 +538,7 @@ impl PusherSession {
             Some(Value::Number(n)) => n.to_string(),
             _ => return self.error(ctx, code::UNAUTHORIZED, "user_data needs an id"),
         };
-        if self
-            .token
-            .as_ref()
-            .is_some_and(|t| t.user_id != user_id)
-        {
+        if self.token.as_ref().is_some_and(|t| t.user_id != user_id) {
             return self.error(
                 ctx,
                 code::UNAUTHORIZED,
@@ -515,14 +567,13 @@ impl PusherSession {
             return self.error(ctx, code::UNAUTHORIZED, "auth needs a token");
         };
         let now = chrono::Utc::now().timestamp();
-        let claims = crate::auth::token_key_id(token)
-            .and_then(|kid| {
-                if kid == app.key {
-                    crate::auth::verify_token(token, &app.secret, now)
-                } else {
-                    Err(ApiError::auth("token is for another app"))
-                }
-            });
+        let claims = crate::auth::token_key_id(token).and_then(|kid| {
+            if kid == app.key {
+                crate::auth::verify_token(token, &app.secret, now)
+            } else {
+                Err(ApiError::auth("token is for another app"))
+            }
+        });
         let claims = match claims {
             Ok(c) => c,
             Err(e) => return self.error(ctx, code::UNAUTHORIZED, &e.message),
@@ -590,7 +641,10 @@ impl PusherSession {
         if size > MAX_CLIENT_EVENT_BYTES {
             return self.error(ctx, code::CLIENT_EVENT, "client event data exceeds 10 KiB");
         }
-        if self.token.as_ref().and_then(|t| t.capabilities.as_ref())
+        if self
+            .token
+            .as_ref()
+            .and_then(|t| t.capabilities.as_ref())
             .is_some_and(|c| !c.allows("publish", &channel))
         {
             return self.error(ctx, code::CLIENT_EVENT, "the token does not grant publish");
@@ -602,11 +656,7 @@ impl PusherSession {
             *tokens = (*tokens + at.elapsed().as_secs_f64() * limit.per_second).min(burst);
             *at = now;
             if *tokens < 1.0 {
-                return self.error(
-                    ctx,
-                    code::CLIENT_EVENT,
-                    "Client event rate limit exceeded",
-                );
+                return self.error(ctx, code::CLIENT_EVENT, "Client event rate limit exceeded");
             }
             *tokens -= 1.0;
         }
@@ -636,11 +686,17 @@ impl PusherSession {
         let mut failed = Vec::new();
         let mut wanted = Vec::new();
         for (channel, pos) in positions {
-            if self.subscriptions.contains_key(&channel) {
-                wanted.push((channel, pos));
+            if let Some(sub) = self.subscriptions.get(&channel) {
+                wanted.push((channel, pos, sub.via_member.clone()));
             } else {
                 let mut f = replay::failure(&channel, "continuity_unverifiable", None, None);
                 f["reason"] = json!("the socket is not subscribed to this channel");
+                // Every failed channel gets its own frame too, as Sockudo sends them.
+                ctx.text(protocol::v2_event(
+                    "pusher:resume_failed",
+                    Some(&channel),
+                    json!(f.to_string()),
+                ));
                 failed.push(f);
             }
         }
@@ -649,17 +705,26 @@ impl PusherSession {
         let ws_id = app.workspace_id.clone();
         let work = actix_web::web::block(move || {
             let mut out = Vec::new();
-            for (channel, pos) in wanted {
-                let result = registry
-                    .pool()
-                    .get()
-                    .map_err(ApiError::from)
-                    .and_then(|mut conn| {
-                        replay::resume_channel(&mut conn, &ws_id, &channel, &pos, max, mode)
-                    });
+            for (channel, pos, via_member) in wanted {
+                let visible = still_visible(&registry, &ws_id, &channel, via_member.as_deref());
+                let result = visible.and_then(|visible| {
+                    if !visible {
+                        let mut f =
+                            replay::failure(&channel, "continuity_unverifiable", None, None);
+                        f["reason"] = json!("the signed-in user may no longer see this channel");
+                        return Ok(Err(f));
+                    }
+                    let mut conn = registry.pool().get()?;
+                    replay::resume_channel(&mut conn, &ws_id, &channel, &pos, max, mode)
+                });
                 let result = match result {
                     Ok(r) => r,
-                    Err(_) => Err(replay::failure(&channel, "persistence_unavailable", None, None)),
+                    Err(_) => Err(replay::failure(
+                        &channel,
+                        "persistence_unavailable",
+                        None,
+                        None,
+                    )),
                 };
                 out.push((channel, pos, result));
             }
@@ -682,14 +747,20 @@ impl PusherSession {
                             continue;
                         };
                         let live = sub.first_live.map(|f| (f, sub.last_serial));
+                        let mut sent = 0;
                         for (serial, frame) in r.frames {
                             let already = live.is_some_and(|(f, l)| serial >= f && serial <= l);
                             if serial > pos.serial && !already {
                                 ctx.text(frame);
                                 sub.last_serial = sub.last_serial.max(serial);
+                                sent += 1;
                             }
                         }
-                        recovered.push(r.summary);
+                        // What this socket was sent, not what the log held: live ones
+                        // already arrived.
+                        let mut summary = r.summary;
+                        summary["replayed"] = json!(sent);
+                        recovered.push(summary);
                     }
                 }
             }
@@ -734,12 +805,23 @@ impl PusherSession {
         {
             return self.error(ctx, code::CHANNEL_ERROR, "the token does not grant history");
         }
+        // Neither a membership that ended nor a token's history grant reaches a chat channel
+        // the user may not see (SPEC §6).
+        let check_as = match self.subscriptions.get(&channel) {
+            Some(sub) => sub.via_member.clone(),
+            None => self.token.as_ref().map(|t| t.user_id.clone()),
+        };
         let params = data.get("params").cloned().unwrap_or(data);
         let registry = self.registry.clone();
         let max_page = app.settings.versioned_messages.max_page_size as i64;
         let ws_id = app.workspace_id.clone();
         let name = channel.clone();
         let work = actix_web::web::block(move || {
+            if !still_visible(&registry, &ws_id, &name, check_as.as_deref())? {
+                return Err(ApiError::forbidden(
+                    "the signed-in user may not see this channel",
+                ));
+            }
             let mut conn = registry.pool().get()?;
             crate::store::listing::channel_history(&mut conn, &ws_id, &name, &params, max_page)
         });
