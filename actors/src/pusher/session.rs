@@ -381,6 +381,19 @@ impl PusherSession {
         if let Err(e) = crate::domain::validation::pusher_channel_name(&channel) {
             return self.error(ctx, code::CHANNEL_ERROR, &e.message);
         }
+        // Pusher's user channels (`sendToUser`) belong to the socket signed in as that user;
+        // other `#` names are reserved.
+        if let Some(owner) = channel.strip_prefix("#server-to-user-") {
+            if self.user_id.as_deref() != Some(owner) {
+                return self.error(
+                    ctx,
+                    code::UNAUTHORIZED,
+                    "only the socket signed in as this user may subscribe to its user channel",
+                );
+            }
+        } else if channel.starts_with('#') {
+            return self.error(ctx, code::CHANNEL_ERROR, "channel names starting with '#' are reserved");
+        }
         let kind = ChannelKind::of(&channel);
         let channel_data = data.get("channel_data").and_then(Value::as_str);
         let signature_ok = data

@@ -9,8 +9,9 @@
 // SWITCHBOARD_APP_KEY, SWITCHBOARD_APP_SECRET (all required but the host),
 // PUSHER_TEST_TIMEOUT_MS (default 60000), PUSHER_TEST_DEBUG=1 (print every frame received).
 //
-// Prints `ok N - check` per check; on the first failure prints `not ok N - check: why`, the
-// last frames each client received, and exits 1. Exits 2 on the overall timeout.
+// Prints `ok N - check (detail) [ms]` per check; on the first failure prints `not ok N - check`,
+// the reason, the last frames each client received, and exits 1. Exits 2 on the overall
+// timeout. Everything goes to stdout, in order.
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
@@ -526,7 +527,13 @@ await check("SDK GET /channels?filter_by_prefix=presence-&info=user_count", asyn
   );
   assert.deepEqual(Object.keys(body), ["channels"], JSON.stringify(body));
   assert.deepEqual(body.channels, { [pres]: { user_count: 2 } });
-  return JSON.stringify(body);
+  // As Pusher: user_count without a presence- filter is a 400, which the SDK rejects with.
+  const refused = await sdk.get({ path: "/channels", params: { info: "user_count" } }).then(
+    (res) => `answered ${res.status}`,
+    (e) => e,
+  );
+  assert.equal(refused.status, 400, `user_count without the presence- filter: ${refused}`);
+  return `${JSON.stringify(body)}; without the filter: 400 ${refused.body}`;
 });
 
 await check("SDK GET /channels lists every occupied channel", async () => {
@@ -589,6 +596,41 @@ await check("presence channel: a member disconnecting fires pusher:member_remove
   );
   assert.deepEqual(info, { occupied: true, subscription_count: 1 });
   return `removed ${JSON.stringify(member)}; users ${JSON.stringify(users)}`;
+});
+
+await check("presence channel: one user on two sockets is one member; unsubscribe removes it", async () => {
+  const frank1 = newClient("frank1", { id: "frank", name: "Frank" });
+  const frank2 = newClient("frank2", { id: "frank", name: "Frank" });
+  await Promise.all([connected(frank1), connected(frank2)]);
+  const seen = [];
+  const onAdd = (m) => seen.push(`added ${m.id}`);
+  const onRemove = (m) => seen.push(`removed ${m.id}`);
+  alicePres.bind("pusher:member_added", onAdd);
+  alicePres.bind("pusher:member_removed", onRemove);
+  try {
+    await subscribe(frank1, pres);
+    const { data: members } = await subscribe(frank2, pres);
+    assert.equal(members.count, 2, "alice and frank");
+    await until(() => seen.length >= 1, "member_added for frank");
+    // The second socket leaves by pusher:unsubscribe: frank is still there on the first.
+    frank2.pusher.unsubscribe(pres);
+    await sdkCall("trigger", sdk.trigger(pres, "fence-frank", {}));
+    await until(() => frank1.frames.some((f) => f.event === "fence-frank"), "frank1 to get the fence");
+    await sleep(QUIET_MS);
+    assert.deepEqual(seen, ["added frank"], "one member_added, no member_removed yet");
+    const users = await jsonOf(sdkCall("GET users", sdk.get({ path: `/channels/${pres}/users` })));
+    assert.deepEqual(users.users.map((u) => u.id).sort(), ["alice", "frank"]);
+    frank1.pusher.unsubscribe(pres);
+    await until(() => seen.length >= 2, "member_removed for frank");
+    assert.deepEqual(seen, ["added frank", "removed frank"]);
+    assert.equal(alicePres.members.count, 1);
+  } finally {
+    alicePres.unbind("pusher:member_added", onAdd);
+    alicePres.unbind("pusher:member_removed", onRemove);
+    frank1.pusher.disconnect();
+    frank2.pusher.disconnect();
+  }
+  return seen.join(", ");
 });
 
 const carol = newClient("carol", { id: "carol", name: "Carol" });
