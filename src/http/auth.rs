@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest};
@@ -10,6 +10,7 @@ use switchboard_actors::auth;
 use switchboard_actors::domain::capabilities::Capabilities;
 use switchboard_actors::domain::entity::Entity;
 use switchboard_actors::error::{ApiError, ApiResult};
+use switchboard_actors::pusher::session::App;
 use switchboard_actors::store::queries;
 use switchboard_actors::store::rows::Workspace;
 
@@ -76,6 +77,8 @@ pub fn bearer_subprotocol(req: &HttpRequest) -> Option<(String, String)> {
 #[derive(Default)]
 pub struct AuthCache {
     entries: Mutex<HashMap<String, CachedCaller>>,
+    /// Workspaces by key for the Pusher face: a connect storm reads each app once.
+    apps: Mutex<HashMap<String, (Arc<App>, Instant)>>,
     /// Bumped by every clear: a lookup that began before a clear must not be cached.
     generation: AtomicU64,
 }
@@ -126,6 +129,32 @@ impl AuthCache {
             self.generation.fetch_add(1, Ordering::AcqRel);
             map.clear();
         }
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.clear();
+        }
+    }
+
+    /// The app of a Pusher key, if read within the TTL.
+    pub fn app(&self, key: &str) -> Option<Arc<App>> {
+        let map = self.apps.lock().ok()?;
+        let (app, at) = map.get(key)?;
+        (at.elapsed() < AUTH_CACHE_TTL).then(|| app.clone())
+    }
+
+    pub fn put_app(&self, key: &str, app: Arc<App>, generation: u64) {
+        if let Ok(mut map) = self.apps.lock() {
+            if self.generation() != generation {
+                return;
+            }
+            if map.len() >= AUTH_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(key.to_string(), (app, Instant::now()));
+        }
+    }
+
+    pub fn current_generation(&self) -> u64 {
+        self.generation()
     }
 }
 

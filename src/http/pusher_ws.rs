@@ -15,7 +15,6 @@ use switchboard_actors::pusher::session::{
     Admission, App, PusherConfig, PusherSession, TokenGrant,
 };
 use switchboard_actors::store::queries;
-use switchboard_actors::store::rows::Workspace;
 
 use super::auth::now_secs;
 use super::error::HttpResult;
@@ -46,18 +45,12 @@ pub async fn connect(
             .ok_or_else(|| ApiError::invalid("append_mode must be delta or full"))?,
     };
     let key = key.into_inner();
-    let found = {
-        let k = key.clone();
-        state
-            .read(move |conn| Ok(queries::workspace_by_key(conn, &k)?))
-            .await?
-    };
-    let admission = match found {
+    let admission = match load_app(&state, &key).await? {
         None => Admission::Refuse(
             code::APP_NOT_FOUND,
             format!("App key {key} not in this cluster"),
         ),
-        Some(ws) => admit(&state, &req, ws, protocol, q.token.as_deref()).await,
+        Some(app) => admit(&state, &req, app, protocol, q.token.as_deref()).await,
     };
     let config = PusherConfig {
         queue: state.config.session.queue,
@@ -77,16 +70,40 @@ pub async fn connect(
         .map_err(|_| ApiError::invalid("not a valid WebSocket upgrade").into())
 }
 
+/// The workspace of a key, shared by its sockets (and cached: a connect storm reads it once;
+/// settings changes clear the cache).
+async fn load_app(state: &AppState, key: &str) -> Result<Option<Arc<App>>, ApiError> {
+    if let Some(app) = state.auth_cache.app(key) {
+        return Ok(Some(app));
+    }
+    let generation = state.auth_cache.current_generation();
+    let k = key.to_string();
+    let Some(ws) = state
+        .read(move |conn| Ok(queries::workspace_by_key(conn, &k)?))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let app = Arc::new(App {
+        workspace_id: ws.id,
+        key: ws.key,
+        secret: ws.secret,
+        settings: ws.settings,
+    });
+    state.auth_cache.put_app(key, app.clone(), generation);
+    Ok(Some(app))
+}
+
 /// Origin (any, unless the workspace lists its own) and the V2 token.
 async fn admit(
     state: &AppState,
     req: &HttpRequest,
-    ws: Workspace,
+    app: Arc<App>,
     protocol: Protocol,
     token: Option<&str>,
 ) -> Admission {
     if let Some(origin) = req.headers().get("origin") {
-        let allowed = &ws.settings.allowed_origins;
+        let allowed = &app.settings.allowed_origins;
         let ok = allowed.is_empty()
             || origin
                 .to_str()
@@ -96,38 +113,26 @@ async fn admit(
         }
     }
     let grant = match (protocol, token) {
-        (Protocol::V2, Some(t)) => match verify_token(state, &ws, t).await {
+        (Protocol::V2, Some(t)) => match verify_token(state, &app, t).await {
             Ok(g) => Some(g),
             Err(e) => return Admission::Refuse(code::UNAUTHORIZED, e.message),
         },
         _ => None,
     };
-    Admission::Admit {
-        app: Arc::new(App {
-            workspace_id: ws.id,
-            key: ws.key,
-            secret: ws.secret,
-            settings: ws.settings,
-        }),
-        token: grant,
-    }
+    Admission::Admit { app, token: grant }
 }
 
 /// A §3 token of this workspace naming an active, unblocked entity.
-async fn verify_token(
-    state: &AppState,
-    ws: &Workspace,
-    token: &str,
-) -> Result<TokenGrant, ApiError> {
-    if auth::token_key_id(token)? != ws.key {
+async fn verify_token(state: &AppState, app: &App, token: &str) -> Result<TokenGrant, ApiError> {
+    if auth::token_key_id(token)? != app.key {
         return Err(ApiError::auth("token is for another app"));
     }
-    let claims = auth::verify_token(token, &ws.secret, now_secs())?;
+    let claims = auth::verify_token(token, &app.secret, now_secs())?;
     let subject = claims
         .subject()
         .ok_or_else(|| ApiError::auth("token names no user"))?
         .to_string();
-    let (w, s) = (ws.id.clone(), subject.clone());
+    let (w, s) = (app.workspace_id.clone(), subject.clone());
     let entity = state
         .read(move |conn| Ok(queries::entity(conn, &w, &s)?))
         .await?;
