@@ -18,6 +18,10 @@
 //! processes (`switchboard-bench worker`, hidden), and publishes P messages/s to it: sustained
 //! deliveries/s, latency, loss/duplicates/order, server CPU and RSS (see `bench/fanout.rs`).
 //!
+//! Both speak either face (`--face chat|pusher`, `--protocol 1|2`): the chat API or the
+//! Pusher protocol on `/app/{key}` with signed `POST /apps/{id}/events` publishes, so they
+//! also measure any other Pusher-compatible server (see `bench/pusher.rs`).
+//!
 //! `switchboard-bench chat` runs R private rooms × M members, one socket each, posting at a
 //! total open-loop rate (see `bench/chat.rs`); `switchboard-bench reconnect` drops C clients,
 //! posts E events, and reconnects them all at once with their cursor (see `bench/reconnect.rs`).
@@ -96,10 +100,13 @@ enum Command {
     /// AI token streams: agents append fragments at a fixed rate, subscribers check them.
     AiStream(AiStreamArgs),
     /// Many idle WebSocket connections: connect time, server RSS per socket, CPU while idle,
-    /// sockets still open after the hold.
+    /// sockets still open after the hold (`--face chat|pusher`).
+    #[command(after_help = idle::HELP)]
     Idle(IdleArgs),
     /// N subscribers on one public channel, P publishes/s: sustained deliveries/s, latency,
-    /// loss, server CPU and RSS per socket; sockets spread over worker processes.
+    /// loss, server CPU and RSS per socket; sockets spread over worker processes
+    /// (`--face chat|pusher`).
+    #[command(after_help = fanout::HELP)]
     Fanout(fanout::FanoutArgs),
     /// A worker process of `fanout` (started by the bench itself; job on stdin).
     #[command(hide = true)]
@@ -270,6 +277,12 @@ pub struct Target {
 impl Target {
     /// Starts a server (or checks `--url` is loopback) and waits until it is ready.
     async fn open(args: &TargetArgs) -> Result<Self, String> {
+        Self::open_face(args, pusher::Face::Chat).await
+    }
+
+    /// [`Target::open`]; for the Pusher face a `--url` server need not have `/readyz`
+    /// (another Pusher-compatible server): any HTTP answer means it is up.
+    pub async fn open_face(args: &TargetArgs, face: pusher::Face) -> Result<Self, String> {
         let mut target = match (&args.url, &args.app) {
             (Some(url), Some(app)) => {
                 let base = url.trim_end_matches('/').to_string();
@@ -299,14 +312,15 @@ impl Target {
                 }
             }
         };
-        if let Err(e) = target.wait_ready().await {
+        let any_answer = face == pusher::Face::Pusher && target.child.is_none();
+        if let Err(e) = target.wait_ready(any_answer).await {
             target.stop(true);
             return Err(e);
         }
         Ok(target)
     }
 
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&mut self, any_answer: bool) -> Result<(), String> {
         let api = Api {
             client: api::http_client(4)?,
             base: self.base.clone(),
@@ -314,15 +328,17 @@ impl Target {
         };
         let child = &mut self.child;
         let ready_in = api
-            .wait_ready(Duration::from_secs(20), || match child.as_mut() {
-                Some(c) => match c.exited() {
-                    Some(status) => Err(format!(
-                        "server exited during start-up ({status}):\n{}",
-                        c.log_tail(30)
-                    )),
+            .wait_ready(Duration::from_secs(20), any_answer, || {
+                match child.as_mut() {
+                    Some(c) => match c.exited() {
+                        Some(status) => Err(format!(
+                            "server exited during start-up ({status}):\n{}",
+                            c.log_tail(30)
+                        )),
+                        None => Ok(()),
+                    },
                     None => Ok(()),
-                },
-                None => Ok(()),
+                }
             })
             .await?;
         eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
@@ -440,12 +456,16 @@ async fn ai_stream_only(args: AiStreamArgs) -> Result<bool, String> {
 /// `switchboard-bench idle`: one run, its own results file.
 async fn idle_only(args: IdleArgs) -> Result<bool, String> {
     idle::preflight(&args)?;
-    let mut target = Target::open(&args.target).await?;
+    let mut target = Target::open_face(&args.target, args.face.face).await?;
     let outcome = idle::run(&args, &target).await;
     target.stop(outcome.is_err());
     let report = outcome?;
     report.print();
-    let path = report::write_results(&args.target.results_dir, "idle", &report.to_json())?;
+    let stem = match args.face.face {
+        pusher::Face::Chat => "idle",
+        pusher::Face::Pusher => "idle-pusher",
+    };
+    let path = report::write_results(&args.target.results_dir, stem, &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
 }

@@ -85,10 +85,12 @@ pub struct Api {
 }
 
 impl Api {
-    /// Polls `GET /readyz` until 200 or `within` passes.
+    /// Polls `GET /readyz` until 200 (with `any_answer`: until any HTTP answer, for servers
+    /// without `/readyz`) or `within` passes.
     pub async fn wait_ready(
         &self,
         within: Duration,
+        any_answer: bool,
         mut still_running: impl FnMut() -> Result<(), String>,
     ) -> Result<Duration, String> {
         let start = std::time::Instant::now();
@@ -102,7 +104,7 @@ impl Api {
                 .send()
                 .await
             {
-                Ok(r) if r.status().as_u16() == 200 => return Ok(start.elapsed()),
+                Ok(r) if any_answer || r.status().as_u16() == 200 => return Ok(start.elapsed()),
                 Ok(r) => last = format!("status {}", r.status()),
                 Err(e) => last = e.to_string(),
             }

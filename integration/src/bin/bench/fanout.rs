@@ -352,7 +352,9 @@ struct Drain {
 
 /// State every socket of a worker shares.
 struct SockCtx {
-    channel_id: String,
+    face: Face,
+    /// Chat: the channel's id; Pusher: its name.
+    channel: String,
     slots: usize,
     epoch_ns: u64,
     drain_idle: Duration,
@@ -371,7 +373,8 @@ struct SockCtx {
 impl SockCtx {
     fn new(job: &FanoutJob, deadline: Instant) -> Result<Self, String> {
         Ok(Self {
-            channel_id: job.channel_id.clone(),
+            face: job.face,
+            channel: job.channel_id.clone(),
             slots: job.slots,
             epoch_ns: job.epoch_ns,
             drain_idle: Duration::from_secs(job.drain_idle_secs),
@@ -392,6 +395,7 @@ fn latency_hist() -> Result<Histogram<u64>, String> {
     Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| format!("histogram: {e}"))
 }
 
+/// A frame of the chat face (`/api/realtime/ws`).
 #[derive(Deserialize)]
 struct Frame<'a> {
     #[serde(rename = "type")]
@@ -418,6 +422,66 @@ fn parse_stamp(data: &str) -> Option<(usize, u64)> {
     Some((n.parse().ok()?, t.parse().ok()?))
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// A bench publish: chat `message.created`, Pusher event `bench`.
+    Message,
+    /// The Pusher protocol's `pusher:ping` / `sockudo:ping`: answer it.
+    Ping,
+    Other,
+}
+
+/// What the checks read of a frame, whichever face it came from.
+struct Seen<'a> {
+    kind: Kind,
+    /// Chat only.
+    cursor: Option<&'a str>,
+    /// Chat: `channel_id`; Pusher: `channel`.
+    channel: Option<Cow<'a, str>>,
+    /// Chat: `seq`; Pusher V2: `serial` (V1: none).
+    seq: Option<i64>,
+    /// Chat: `payload.data`; Pusher: `data`.
+    data: Option<Cow<'a, str>>,
+}
+
+impl<'a> Seen<'a> {
+    fn parse(face: Face, text: &'a str) -> Option<Self> {
+        match face {
+            Face::Chat => {
+                let f: Frame<'a> = serde_json::from_str(text).ok()?;
+                Some(Self {
+                    kind: if f.ty == "message.created" {
+                        Kind::Message
+                    } else {
+                        Kind::Other
+                    },
+                    cursor: f.cursor,
+                    channel: f.channel_id.map(Cow::Borrowed),
+                    seq: f.seq,
+                    data: f.payload.and_then(|p| p.data).map(Cow::Borrowed),
+                })
+            }
+            Face::Pusher => {
+                let f: PusherFrame<'a> = serde_json::from_str(text).ok()?;
+                let kind = if f.event == pusher::EVENT {
+                    Kind::Message
+                } else if f.is_ping() {
+                    Kind::Ping
+                } else {
+                    Kind::Other
+                };
+                Some(Self {
+                    kind,
+                    cursor: None,
+                    channel: f.channel,
+                    seq: f.serial,
+                    data: f.data.0,
+                })
+            }
+        }
+    }
+}
+
 /// One subscriber's checks.
 struct Check {
     /// Bit n: message n arrived.
@@ -431,11 +495,14 @@ struct Check {
 }
 
 impl Check {
-    fn new(slots: usize, cursor: String) -> Self {
+    /// `cursor`: the chat face's `realtime.ready` cursor (Pusher: empty); `last_seq`: the
+    /// channel's seq before the first expected delivery, when known (Pusher V2's
+    /// `subscription_succeeded` serial), else the first delivery's seq is taken as it is.
+    fn new(slots: usize, cursor: String, last_seq: Option<i64>) -> Self {
         Self {
             seen: vec![0; slots.div_ceil(8)],
             unique: 0,
-            last_seq: None,
+            last_seq,
             cursor,
             tally: Tally::default(),
             first_ns: 0,
@@ -443,12 +510,13 @@ impl Check {
         }
     }
 
-    fn frame(&mut self, text: &str, ctx: &SockCtx) {
+    /// Checks one text frame; `true` when it is a Pusher ping the socket must answer.
+    fn frame(&mut self, text: &str, ctx: &SockCtx) -> bool {
         let recv_ns = unix_ns();
         self.tally.frames += 1;
-        let Ok(f) = serde_json::from_str::<Frame>(text) else {
+        let Some(f) = Seen::parse(ctx.face, text) else {
             self.tally.unparsable += 1;
-            return;
+            return false;
         };
         if let Some(c) = f.cursor {
             if !cursor_gt(c, &self.cursor) {
@@ -457,9 +525,17 @@ impl Check {
             self.cursor.clear();
             self.cursor.push_str(c);
         }
-        if f.ty != "message.created" {
-            self.tally.other_frames += 1;
-            return;
+        match f.kind {
+            Kind::Message => {}
+            Kind::Ping => {
+                self.tally.other_frames += 1;
+                self.tally.pings += 1;
+                return true;
+            }
+            Kind::Other => {
+                self.tally.other_frames += 1;
+                return false;
+            }
         }
         self.tally.message_frames += 1;
         ctx.delivered.fetch_add(1, Ordering::Relaxed);
@@ -471,9 +547,9 @@ impl Check {
             self.first_ns = recv_ns;
         }
         self.last_ns = recv_ns;
-        if f.channel_id != Some(ctx.channel_id.as_str()) {
+        if f.channel.as_deref() != Some(ctx.channel.as_str()) {
             self.tally.foreign += 1;
-            return;
+            return false;
         }
         if let Some(seq) = f.seq {
             match self.last_seq {
@@ -486,13 +562,13 @@ impl Check {
                 }
             }
         }
-        let Some((n, sent_ns)) = f.payload.and_then(|p| p.data).and_then(parse_stamp) else {
+        let Some((n, sent_ns)) = f.data.as_deref().and_then(parse_stamp) else {
             self.tally.foreign += 1;
-            return;
+            return false;
         };
         let Some(byte) = self.seen.get_mut(n / 8).filter(|_| n < ctx.slots) else {
             self.tally.foreign += 1;
-            return;
+            return false;
         };
         let bit = 1u8 << (n % 8);
         if *byte & bit != 0 {
@@ -507,6 +583,7 @@ impl Check {
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(latency_us);
         ctx.timeline.record(recv_ns, latency_us);
+        false
     }
 
     /// Loss against the acknowledged publishes (unknown without a drain).
@@ -536,6 +613,8 @@ struct SockEnd {
 struct Sock {
     ws: Ws,
     cursor: String,
+    /// Pusher V2: the serial `subscription_succeeded` announced.
+    last_seq: Option<i64>,
     url: Arc<String>,
     token: Arc<String>,
     route: Option<(SocketAddr, Ipv4Addr)>,
@@ -548,6 +627,7 @@ impl Sock {
         let Sock {
             mut ws,
             cursor,
+            last_seq,
             url,
             token,
             route,
@@ -555,7 +635,7 @@ impl Sock {
             phase,
         } = self;
         ctx.open.fetch_add(1, Ordering::Relaxed);
-        let mut check = Check::new(ctx.slots, cursor);
+        let mut check = Check::new(ctx.slots, cursor, last_seq);
         let mut drain: Option<Arc<Drain>> = None;
         let mut error = None;
         let mut complete = false;
@@ -568,14 +648,26 @@ impl Sock {
                 m = ws.next() => {
                     last_frame = Instant::now();
                     match m {
-                        Some(Ok(Message::Text(t))) => check.frame(t.as_str(), &ctx),
+                        Some(Ok(Message::Text(t))) => {
+                            if check.frame(t.as_str(), &ctx) {
+                                if let Err(e) = ws.send(Message::text(pusher::PONG)).await {
+                                    error = Some(format!("ws send pong: {e}"));
+                                    break;
+                                }
+                            }
+                        }
                         Some(Ok(Message::Close(frame))) => {
                             let code = frame.as_ref().map(|f| u16::from(f.code));
-                            let overflow = code == Some(1013);
+                            let overflow = match ctx.face {
+                                Face::Chat => code == Some(1013),
+                                Face::Pusher => code == Some(pusher::OVERFLOW_CLOSE),
+                            };
                             if overflow {
                                 check.tally.overflow_closes += 1;
                             }
+                            // The Pusher face does not resume (yet): its socket fails.
                             if !overflow
+                                || ctx.face == Face::Pusher
                                 || check.tally.reconnects >= MAX_RECONNECTS
                                 || Instant::now() >= ctx.deadline
                             {
@@ -738,15 +830,25 @@ impl ConnectJob {
                 break;
             }
             let started = Instant::now();
-            match idle::connect_once(&self.url, &self.token, self.route, self.within.min(left))
-                .await
-            {
-                Ok((ws, cursor)) => {
+            let within = self.within.min(left);
+            let connected = match self.ctx.face {
+                Face::Chat => idle::connect_once(&self.url, &self.token, self.route, within)
+                    .await
+                    .map(|(ws, cursor)| (ws, cursor, None)),
+                Face::Pusher => {
+                    pusher::connect(&self.url, self.route, within, Some(&self.ctx.channel))
+                        .await
+                        .map(|(ws, hello)| (ws, String::new(), hello.serial))
+                }
+            };
+            match connected {
+                Ok((ws, cursor, last_seq)) => {
                     let micros = started.elapsed().as_micros() as u64;
                     self.counts.established.fetch_add(1, Ordering::Relaxed);
                     let sock = Sock {
                         ws,
                         cursor,
+                        last_seq,
                         url: self.url,
                         token: self.token,
                         route: self.route,
@@ -796,20 +898,30 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
     };
 
     // Connect, spreading over source addresses by global socket index.
-    let url = Arc::new(format!(
-        "{}/api/realtime/ws",
-        job.base.replacen("http://", "ws://", 1)
-    ));
+    let url = Arc::new(match job.face {
+        Face::Chat => format!(
+            "{}/api/realtime/ws",
+            job.base.replacen("http://", "ws://", 1)
+        ),
+        Face::Pusher => pusher::app_url(&job.base, &creds.key, job.protocol),
+    });
+    let no_token = Arc::new(String::new());
     let server_addr = idle::loopback_v4(&job.base).filter(|_| job.source_ips > 0);
     let within = Duration::from_secs(job.connect_timeout_secs);
     let connect_started = Instant::now();
     let mut jobs = Vec::with_capacity(job.sockets);
     for i in 0..job.sockets {
         let g = job.first_socket + i;
-        let entity = format!("{}{}", job.entity_prefix, g % job.members.max(1));
+        let token = match job.face {
+            Face::Chat => {
+                let entity = format!("{}{}", job.entity_prefix, g % job.members.max(1));
+                Arc::new(api::mint_token(&creds, &entity, 7200)?)
+            }
+            Face::Pusher => no_token.clone(),
+        };
         jobs.push(ConnectJob {
             url: url.clone(),
-            token: Arc::new(api::mint_token(&creds, &entity, 7200)?),
+            token,
             route: server_addr.map(|a| {
                 let k = (g % usize::from(job.source_ips.max(1))) as u8;
                 (a, Ipv4Addr::new(127, 0, 0, 2 + k))
@@ -926,10 +1038,22 @@ struct PubOutcome {
     error: Option<String>,
 }
 
+/// Where the publishes go.
+enum PubRoute {
+    /// `POST /api/channels/{id}/messages` as the publisher entity (idempotent by its nonce).
+    Chat { url: String, auth: HeaderValue },
+    /// Signed `POST /apps/{id}/events`, event `bench` (no idempotency key: only a failed
+    /// connect is retried, not a request that may have reached the server).
+    Pusher {
+        base: String,
+        creds: AppCreds,
+        channel: String,
+    },
+}
+
 struct Publisher {
     client: reqwest::Client,
-    url: Arc<String>,
-    auth: HeaderValue,
+    route: PubRoute,
     tag: String,
     shared: Arc<PubShared>,
     deadline: Instant,
@@ -937,11 +1061,8 @@ struct Publisher {
 
 impl Publisher {
     async fn post(self: Arc<Self>, n: usize) -> PubOutcome {
-        let body = json!({
-            "data": format!("{n}:{}", unix_ns()),
-            "nonce": format!("{}-{n}", self.tag),
-        })
-        .to_string();
+        let data = format!("{n}:{}", unix_ns());
+        let body = json!({"data": data, "nonce": format!("{}-{n}", self.tag)}).to_string();
         let mut o = PubOutcome {
             n,
             acked: false,
@@ -951,15 +1072,27 @@ impl Publisher {
             error: None,
         };
         for attempt in 1..=MAX_ATTEMPTS {
+            let request = match &self.route {
+                PubRoute::Chat { url, auth } => self
+                    .client
+                    .post(url.as_str())
+                    .header(AUTHORIZATION, auth.clone())
+                    .body(body.clone()),
+                PubRoute::Pusher {
+                    base,
+                    creds,
+                    channel,
+                } => {
+                    // Signed per attempt: the signature covers the timestamp.
+                    let (url, signed_body) =
+                        pusher::trigger(base, creds, channel, pusher::EVENT, &data);
+                    self.client.post(url).body(signed_body)
+                }
+            };
             let sent = Instant::now();
             let resp = tokio::time::timeout_at(
                 self.deadline,
-                self.client
-                    .post(self.url.as_str())
-                    .header(AUTHORIZATION, self.auth.clone())
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-                    .send(),
+                request.header(CONTENT_TYPE, "application/json").send(),
             )
             .await;
             let again = match resp {
@@ -970,7 +1103,7 @@ impl Publisher {
                 Ok(Err(e)) => {
                     o.error = Some(format!("transport: {e}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    true
+                    matches!(self.route, PubRoute::Chat { .. }) || e.is_connect()
                 }
                 Ok(Ok(r)) => {
                     let status = r.status().as_u16();
@@ -1091,15 +1224,19 @@ async fn progress_line(
 /// `switchboard-bench fanout`: one run, its own results file.
 pub async fn main(args: FanoutArgs) -> Result<bool, String> {
     args.validate()?;
-    let mut target = Target::open(&args.target).await?;
+    let mut target = Target::open_face(&args.target, args.face.face).await?;
     let outcome = run(&args, &target).await;
     target.stop(outcome.is_err());
     let report = outcome?;
     report.print();
     if let (Some(path), Some(points)) = (&args.plot, report.timeline()) {
         let subtitle = format!(
-            "{} subscribers on one channel, {} publishes/s for {} s, {} worker processes",
-            args.subscribers, args.rate, args.duration, report.workers
+            "{} subscribers on one channel ({}), {} publishes/s for {} s, {} worker processes",
+            args.subscribers,
+            args.face.label(),
+            args.rate,
+            args.duration,
+            report.workers
         );
         crate::plot::write_svg(
             path,
@@ -1108,7 +1245,11 @@ pub async fn main(args: FanoutArgs) -> Result<bool, String> {
             &points,
         )?;
     }
-    let path = crate::report::write_results(&args.target.results_dir, "fanout", &report.to_json())?;
+    let stem = match args.face.face {
+        Face::Chat => "fanout",
+        Face::Pusher => "fanout-pusher",
+    };
+    let path = crate::report::write_results(&args.target.results_dir, stem, &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
 }
@@ -1131,41 +1272,11 @@ async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String>
         base: target.base.clone(),
         creds: target.creds.clone(),
     };
-
-    // Entities: a publisher and the members the sockets log in as.
     let tag = random_tag();
-    let members = args.members.unwrap_or(args.subscribers).max(1);
-    let prefix = format!("bench-{tag}-f");
-    let publisher_id = format!("bench-{tag}-pub");
-    let ids: Vec<String> = std::iter::once(publisher_id.clone())
-        .chain((0..members).map(|i| format!("{prefix}{i}")))
-        .collect();
-    let setup_started = Instant::now();
-    let created = tokio::time::timeout_at(
-        deadline,
-        futures_util::stream::iter(ids.iter().map(|id| {
-            let api = &api;
-            async move { api.create_entity(id, id, "human").await }
-        }))
-        .buffer_unordered(SETUP_CONCURRENCY)
-        .collect::<Vec<_>>(),
-    )
-    .await
-    .map_err(|_| "timed out creating entities".to_string())?;
-    for r in created {
-        r?;
-    }
-    eprintln!(
-        "created {} entities in {:.1}s",
-        ids.len(),
-        setup_started.elapsed().as_secs_f64()
-    );
-    let pub_token = api::mint_token(&target.creds, &publisher_id, 7200)?;
-    let channel_name = format!("bench-{tag}-fanout");
-    let channel_id = api
-        .create_channel(&pub_token, &channel_name, &[format!("{prefix}0")])
-        .await?;
-    eprintln!("created public channel {channel_id}");
+    let setup = match args.face.face {
+        Face::Chat => setup_chat(args, &api, &tag, deadline).await?,
+        Face::Pusher => setup_pusher(&api, &tag, deadline).await?,
+    };
 
     // Workers: their share of the sockets each.
     let k = args.worker_count();
@@ -1190,10 +1301,10 @@ async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String>
             deadline,
             client,
             tag,
-            prefix,
-            members,
-            channel_id,
-            pub_token,
+            prefix: setup.prefix,
+            members: setup.members,
+            channel_id: setup.channel,
+            pub_token: setup.pub_token,
             slots,
             epoch_ns,
             max_secs,
@@ -1206,8 +1317,93 @@ async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String>
         eprintln!("{n}");
     }
     let mut report = outcome?;
-    report.worker_notes = notes;
+    report.worker_notes.extend(notes);
     Ok(report)
+}
+
+/// What the sockets and the publisher need, by face.
+struct Setup {
+    /// Chat: entities `<prefix>0..members` the sockets log in as (Pusher: none).
+    members: usize,
+    prefix: String,
+    /// Chat: the channel's id; Pusher: its name.
+    channel: String,
+    /// Chat: the publisher entity's token.
+    pub_token: Option<String>,
+}
+
+/// Chat face: a publisher and the members the sockets log in as, and one public channel.
+async fn setup_chat(
+    args: &FanoutArgs,
+    api: &Api,
+    tag: &str,
+    deadline: Instant,
+) -> Result<Setup, String> {
+    let members = args.members.unwrap_or(args.subscribers).max(1);
+    let prefix = format!("bench-{tag}-f");
+    let publisher_id = format!("bench-{tag}-pub");
+    let ids: Vec<String> = std::iter::once(publisher_id.clone())
+        .chain((0..members).map(|i| format!("{prefix}{i}")))
+        .collect();
+    let setup_started = Instant::now();
+    let created = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(
+            ids.iter()
+                .map(|id| async move { api.create_entity(id, id, "human").await }),
+        )
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "timed out creating entities".to_string())?;
+    for r in created {
+        r?;
+    }
+    eprintln!(
+        "created {} entities in {:.1}s",
+        ids.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+    let pub_token = api::mint_token(&api.creds, &publisher_id, 7200)?;
+    let channel_name = format!("bench-{tag}-fanout");
+    let channel_id = api
+        .create_channel(&pub_token, &channel_name, &[format!("{prefix}0")])
+        .await?;
+    eprintln!("created public channel {channel_id}");
+    Ok(Setup {
+        members,
+        prefix,
+        channel: channel_id,
+        pub_token: Some(pub_token),
+    })
+}
+
+/// Pusher face: no entities; one signed publish (event `bench-setup`) creates the public
+/// channel, so V2 subscribers learn its serial, and checks the credentials before any
+/// socket connects.
+async fn setup_pusher(api: &Api, tag: &str, deadline: Instant) -> Result<Setup, String> {
+    let channel = format!("bench-fanout-{tag}");
+    tokio::time::timeout_at(
+        deadline,
+        pusher::publish_once(
+            &api.client,
+            &api.base,
+            &api.creds,
+            &channel,
+            "bench-setup",
+            "setup",
+        ),
+    )
+    .await
+    .map_err(|_| "timed out on the set-up publish".to_string())??;
+    eprintln!("published the set-up event to public channel {channel}");
+    Ok(Setup {
+        members: 0,
+        prefix: String::new(),
+        channel,
+        pub_token: None,
+    })
 }
 
 /// What `run` set up for `drive`.
@@ -1217,8 +1413,10 @@ struct Plan {
     tag: String,
     prefix: String,
     members: usize,
+    /// Chat: the channel's id; Pusher: its name.
     channel_id: String,
-    pub_token: String,
+    /// Chat: the publisher entity's token.
+    pub_token: Option<String>,
     slots: usize,
     epoch_ns: u64,
     max_secs: u64,
@@ -1249,6 +1447,8 @@ async fn drive(
             sockets,
             source_ips: args.source_ips,
             channel_id: plan.channel_id.clone(),
+            face: args.face.face,
+            protocol: args.face.protocol,
             slots: plan.slots,
             connect_concurrency: args.connect_concurrency,
             connect_timeout_secs: args.connect_timeout,
@@ -1320,13 +1520,21 @@ async fn publish_and_drain(
     let metrics_before = api.metrics().await;
 
     // 2. Publish (open loop).
+    let route = match (&args.face.face, &plan.pub_token) {
+        (Face::Chat, Some(token)) => PubRoute::Chat {
+            url: format!("{}/api/channels/{}/messages", target.base, plan.channel_id),
+            auth: api::bearer(token)?,
+        },
+        (Face::Chat, None) => return Err("no publisher token for the chat face".into()),
+        (Face::Pusher, _) => PubRoute::Pusher {
+            base: target.base.clone(),
+            creds: target.creds.clone(),
+            channel: plan.channel_id.clone(),
+        },
+    };
     let publisher = Arc::new(Publisher {
         client: plan.client.clone(),
-        url: Arc::new(format!(
-            "{}/api/channels/{}/messages",
-            target.base, plan.channel_id
-        )),
-        auth: api::bearer(&plan.pub_token)?,
+        route,
         tag: plan.tag.clone(),
         shared: pubs.clone(),
         deadline: plan.deadline,
@@ -1362,8 +1570,16 @@ async fn publish_and_drain(
     // 3. Drain: the workers learn which publishes were acknowledged and finish.
     let unacked: Vec<usize> = (0..plan.slots).filter(|n| !acked[*n]).collect();
     let sent = plan.slots;
-    set.send_all(&json!({"cmd": "drain", "sent": sent, "unacked": unacked}))
-        .await?;
+    // A worker whose sockets all ended (e.g. every one closed by the server) has reported and
+    // exited already: its pipe is gone, and its report says it ended before the drain.
+    let drain = json!({"cmd": "drain", "sent": sent, "unacked": unacked});
+    let mut drain_notes = Vec::new();
+    for i in 0..set.len() {
+        if let Err(e) = set.send(i, &drain).await {
+            eprintln!("drain not sent: {e}");
+            drain_notes.push(format!("drain not sent: {e}"));
+        }
+    }
     let drain_by = (Instant::now() + Duration::from_secs(args.drain_idle + 20)).min(plan.deadline);
     let all_reported = set.wait_all(drain_by, |s| s.has_report()).await;
     let drain_end_ns = unix_ns();
@@ -1400,7 +1616,7 @@ async fn publish_and_drain(
         server_started_here: target.child.is_some(),
         workers: set.len(),
         worker_pids: set.pids.clone(),
-        worker_notes: Vec::new(),
+        worker_notes: drain_notes,
         channel_id: plan.channel_id.clone(),
         members: plan.members,
         connect_secs,
@@ -1712,17 +1928,24 @@ impl FanoutReport {
         let a = &self.args;
         let m = &self.merged;
         let t = &m.tally;
+        let pusher = a.face.face == Face::Pusher;
         let row = |k: &str, v: String| println!("{k:<42} {v}");
         println!();
         println!("switchboard-bench fanout");
         println!("========================");
+        let who = if pusher {
+            String::new()
+        } else {
+            format!(" ({} members)", self.members)
+        };
         row(
             "scenario",
             format!(
-                "{} subscribers ({} members) on 1 public channel, {} publishes/s for {} s",
-                a.subscribers, self.members, a.rate, a.duration
+                "{} subscribers{who} on 1 public channel, {} publishes/s for {} s",
+                a.subscribers, a.rate, a.duration
             ),
         );
+        row("face", a.face.label());
         row(
             "server",
             format!(
@@ -1786,7 +2009,11 @@ impl FanoutReport {
         );
         println!("-- deliveries");
         row(
-            "message.created received / expected",
+            if pusher {
+                "`bench` events received / expected"
+            } else {
+                "message.created received / expected"
+            },
             format!(
                 "{} / {} (acknowledged × established)",
                 t.message_frames,
@@ -1840,24 +2067,46 @@ impl FanoutReport {
             "missing / duplicate / unacked delivered",
             format!("{} / {} / {}", t.missing, t.duplicates, t.unacked_delivered),
         );
-        row(
-            "out-of-order / seq gaps / cursor regress.",
-            format!(
-                "{} / {} / {}",
-                t.out_of_order, t.seq_gaps, t.cursor_regressions
-            ),
-        );
+        if pusher {
+            row(
+                "out-of-order / serial gaps",
+                if a.face.protocol == 2 {
+                    format!("{} / {}", t.out_of_order, t.seq_gaps)
+                } else {
+                    "not checked (V1 frames carry no serial)".into()
+                },
+            );
+        } else {
+            row(
+                "out-of-order / seq gaps / cursor regress.",
+                format!(
+                    "{} / {} / {}",
+                    t.out_of_order, t.seq_gaps, t.cursor_regressions
+                ),
+            );
+        }
         row(
             "foreign / unparsable / other frames",
             format!("{} / {} / {}", t.foreign, t.unparsable, t.other_frames),
         );
-        row(
-            "socket errors / timed out / 1013 / reconn.",
-            format!(
-                "{} / {} / {} / {}",
-                t.socket_errors, t.timed_out, t.overflow_closes, t.reconnects
-            ),
-        );
+        if pusher {
+            row(
+                "socket errors / timed out / 4100 closes",
+                format!(
+                    "{} / {} / {}",
+                    t.socket_errors, t.timed_out, t.overflow_closes
+                ),
+            );
+            row("pusher:ping answered", t.pings.to_string());
+        } else {
+            row(
+                "socket errors / timed out / 1013 / reconn.",
+                format!(
+                    "{} / {} / {} / {}",
+                    t.socket_errors, t.timed_out, t.overflow_closes, t.reconnects
+                ),
+            );
+        }
         println!("-- server process");
         let cpu = self.server_cpu();
         let wall = secs(self.pub_start_ns, self.drain_end_ns);
@@ -1945,12 +2194,23 @@ impl FanoutReport {
         let a = &self.args;
         let m = &self.merged;
         let t = &m.tally;
+        let endpoint = match a.face.face {
+            Face::Chat => "/api/realtime/ws".to_string(),
+            Face::Pusher => format!(
+                "/app/{{key}}?protocol={}",
+                pusher::query_protocol(a.face.protocol)
+            ),
+        };
         let mut v = json!({
             "scenario": "fanout",
+            "face": a.face.face.as_str(),
+            "protocol": a.face.protocol(),
             "finished_at": chrono::Utc::now().to_rfc3339(),
             "passed": self.passed(),
             "failures": self.failures(),
             "params": {
+                "face": a.face.face.as_str(),
+                "protocol": a.face.protocol(),
                 "subscribers": a.subscribers,
                 "members": self.members,
                 "rate": a.rate,
@@ -1970,6 +2230,7 @@ impl FanoutReport {
                 "pid": self.server_pid,
                 "started_here": self.server_started_here,
                 "channel_id": self.channel_id,
+                "endpoint": endpoint,
                 "idle": proc_json(self.server_before),
                 "connected": proc_json(self.server_connected),
                 "after_publishing": proc_json(self.server_published),
@@ -2038,8 +2299,13 @@ mod tests {
     use super::*;
 
     fn ctx(slots: usize) -> SockCtx {
+        ctx_of(Face::Chat, slots)
+    }
+
+    fn ctx_of(face: Face, slots: usize) -> SockCtx {
         SockCtx {
-            channel_id: "c".into(),
+            face,
+            channel: "c".into(),
             slots,
             epoch_ns: unix_ns(),
             drain_idle: Duration::from_secs(1),
@@ -2066,7 +2332,7 @@ mod tests {
     #[test]
     fn checks_loss_duplicates_order_and_strangers() {
         let ctx = ctx(4);
-        let mut c = Check::new(4, "10".into());
+        let mut c = Check::new(4, "10".into(), None);
         c.frame(&frame(11, "c", 5, 0), &ctx); // first seen: any seq
         c.frame(&frame(12, "c", 7, 1), &ctx); // gap
         c.frame(&frame(13, "c", 6, 1), &ctx); // out of order and duplicate
@@ -2090,6 +2356,97 @@ mod tests {
             acked: vec![true, true, true, false],
         }));
         assert_eq!((c.tally.missing, c.tally.unacked_delivered), (1, 0));
+    }
+
+    /// A Pusher delivery: V1 (`serial: None`) or V2 with the channel's serial.
+    fn pusher_frame(channel: &str, serial: Option<i64>, n: usize) -> String {
+        let mut f =
+            json!({"event": "bench", "channel": channel, "data": format!("{n}:{}", unix_ns())});
+        if let Some(s) = serial {
+            f["serial"] = json!(s);
+            f["stream_id"] = json!("chn_1");
+            f["message_id"] = json!(format!("m{s:012}"));
+            f["extras"] = json!({"headers": {"sockudo_action": "message.create"}});
+        }
+        f.to_string()
+    }
+
+    #[test]
+    fn pusher_v2_frames_feed_the_same_checks() {
+        let ctx = ctx_of(Face::Pusher, 4);
+        // subscription_succeeded announced serial 1 (the set-up publish): 2 comes first.
+        let mut c = Check::new(4, String::new(), Some(1));
+        assert!(!c.frame(&pusher_frame("c", Some(2), 0), &ctx));
+        assert!(!c.frame(&pusher_frame("c", Some(4), 1), &ctx)); // gap (3 missed)
+        assert!(!c.frame(&pusher_frame("c", Some(3), 1), &ctx)); // out of order, duplicate
+        assert!(!c.frame(&pusher_frame("other", Some(5), 2), &ctx)); // another channel
+        assert!(c.frame(r#"{"event":"sockudo:ping","data":"{}"}"#, &ctx));
+        assert!(c.frame(r#"{"event":"pusher:ping","data":{}}"#, &ctx));
+        assert!(!c.frame(
+            r#"{"event":"pusher:error","data":{"code":4300,"message":"x"}}"#,
+            &ctx
+        ));
+        assert!(!c.frame("[1,2]", &ctx));
+        let t = &c.tally;
+        assert_eq!(
+            (
+                t.frames,
+                t.message_frames,
+                t.other_frames,
+                t.unparsable,
+                t.pings
+            ),
+            (8, 4, 3, 1, 2)
+        );
+        assert_eq!((t.seq_gaps, t.out_of_order, t.duplicates), (1, 1, 1));
+        assert_eq!((t.cursor_regressions, t.foreign), (0, 1));
+        assert_eq!(c.unique, 2);
+        assert_eq!(ctx.hist.lock().expect("lock").len(), 3);
+        c.finish(Some(&Drain {
+            expected: 3,
+            acked: vec![true, true, true, false],
+        }));
+        assert_eq!((c.tally.missing, c.tally.unacked_delivered), (1, 0));
+    }
+
+    #[test]
+    fn pusher_v2_gap_from_the_announced_serial() {
+        let ctx = ctx_of(Face::Pusher, 2);
+        let mut c = Check::new(2, String::new(), Some(1));
+        c.frame(&pusher_frame("c", Some(3), 0), &ctx); // serial 2 never came
+        c.frame(&pusher_frame("c", Some(4), 1), &ctx);
+        assert_eq!((c.tally.seq_gaps, c.tally.out_of_order), (1, 0));
+        assert_eq!(c.unique, 2);
+    }
+
+    #[test]
+    fn pusher_v1_frames_check_loss_and_duplicates_without_serials() {
+        let ctx = ctx_of(Face::Pusher, 3);
+        let mut c = Check::new(3, String::new(), None);
+        c.frame(&pusher_frame("c", None, 1), &ctx);
+        c.frame(&pusher_frame("c", None, 0), &ctx); // no serial: no order check
+        c.frame(&pusher_frame("c", None, 1), &ctx); // duplicate
+        c.frame(r#"{"event":"bench","channel":"c","data":"junk"}"#, &ctx); // not a stamp
+        let t = &c.tally;
+        assert_eq!((t.message_frames, t.duplicates, t.foreign), (4, 1, 1));
+        assert_eq!((t.seq_gaps, t.out_of_order), (0, 0));
+        c.finish(Some(&Drain {
+            expected: 3,
+            acked: vec![true, true, true],
+        }));
+        assert_eq!(c.tally.missing, 1);
+    }
+
+    #[test]
+    fn a_chat_frame_is_not_a_pusher_message_and_back() {
+        let pusher_ctx = ctx_of(Face::Pusher, 2);
+        let mut c = Check::new(2, String::new(), None);
+        c.frame(&frame(11, "c", 1, 0), &pusher_ctx); // no `event`: unparsable
+        assert_eq!((c.tally.unparsable, c.tally.message_frames), (1, 0));
+        let chat_ctx = ctx(2);
+        let mut c = Check::new(2, "10".into(), None);
+        c.frame(&pusher_frame("c", Some(1), 0), &chat_ctx); // no `type`: unparsable
+        assert_eq!((c.tally.unparsable, c.tally.message_frames), (1, 0));
     }
 
     #[test]

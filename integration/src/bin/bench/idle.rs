@@ -4,6 +4,11 @@
 //! `--connect-timeout`, at most `--retries` retries per socket), holds them for `--hold`
 //! seconds while reading every socket (so server pings are answered), and reports connect
 //! times, the server's memory per socket, its CPU while idle and how many sockets survived.
+//!
+//! `--face pusher` opens `/app/{key}` sockets instead (see `bench/pusher.rs`): no entities
+//! and no token; each socket waits for `connection_established`, subscribes to one of
+//! `--members` public channels (`bench-idle-<tag>-<i>`, round-robin) and holds it, answering
+//! the server's `pusher:ping` with `pusher:pong`.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
@@ -25,6 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
 use crate::api::{self, Api};
+use crate::pusher::{self, Face, FaceArgs};
 use crate::report::{cpu_delta, opt};
 use crate::server::{self, ProcSample};
 use crate::subscriber::Ws;
@@ -50,10 +56,12 @@ pub struct IdleArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
-    /// Entities whose tokens the sockets use, round-robin.
+    /// Entities whose tokens the sockets use, round-robin (chat face); with `--face pusher`:
+    /// public channels the sockets subscribe to, round-robin.
     #[arg(long, default_value_t = 100)]
     pub members: usize,
-    /// Seconds one connect attempt (TCP, upgrade, `realtime.ready`) may take.
+    /// Seconds one connect attempt (TCP, upgrade, `realtime.ready`; Pusher:
+    /// `connection_established` and `subscription_succeeded`) may take.
     #[arg(long, default_value_t = 10)]
     pub connect_timeout: u64,
     /// Retries per socket after a failed or timed-out attempt.
@@ -68,8 +76,31 @@ pub struct IdleArgs {
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
     #[command(flatten)]
+    pub face: FaceArgs,
+    #[command(flatten)]
     pub target: TargetArgs,
 }
+
+/// `switchboard-bench idle --help`: the faces and how to run them.
+pub const HELP: &str = "\
+Faces (--face):
+  chat (default)  Sockets on /api/realtime/ws with the tokens of --members entities; each
+                  waits for realtime.ready. WebSocket pings are answered by the client.
+  pusher          Sockets on /app/{key}?protocol=2 (--protocol 2, Sockudo V2) or ?protocol=7
+                  (--protocol 1, plain Pusher), no token, no entities; each waits for
+                  connection_established, subscribes to one of --members public channels
+                  (bench-idle-<tag>-<i>) and waits for subscription_succeeded, then holds,
+                  answering the server's pusher:ping with pusher:pong (the server closes a
+                  socket that does not with 4201; it pings after 120 s of silence by default,
+                  SWITCHBOARD_PUSHER_ACTIVITY_TIMEOUT_SECONDS lowers that for a started server).
+
+Examples:
+  switchboard-bench idle --sockets 19000 --hold 10
+  switchboard-bench idle --face pusher --sockets 19000 --hold 10
+  switchboard-bench idle --face pusher --protocol 1 --sockets 500
+  Another Pusher-compatible server on loopback (its app id, key and secret):
+  switchboard-bench idle --face pusher --protocol 1 --url http://127.0.0.1:6001 \\
+      --app ID:KEY:SECRET --server-pid PID --sockets 5000";
 
 impl IdleArgs {
     fn validate(&self) -> Result<(), String> {
@@ -245,9 +276,11 @@ pub(crate) async fn connect_once(
         .map_err(|_| format!("no realtime.ready within {within:?}"))?
 }
 
-/// Reads the socket until told to stop (tungstenite answers pings while reading).
+/// Reads the socket until told to stop (tungstenite answers WebSocket pings while reading;
+/// the Pusher face answers `pusher:ping` frames with `pusher:pong`).
 async fn read_until_stopped(
     mut ws: Ws,
+    face: Face,
     mut stop: watch::Receiver<bool>,
     shared: Arc<Shared>,
 ) -> ReaderEnd {
@@ -270,6 +303,15 @@ async fn read_until_stopped(
                 Some(Ok(Message::Close(c))) => {
                     break (false, Some(format!("closed by server: {c:?}")));
                 }
+                Some(Ok(Message::Text(t)))
+                    if face == Face::Pusher && pusher::is_ping(t.as_str()) =>
+                {
+                    frames += 1;
+                    shared.pings.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = ws.send(Message::text(pusher::PONG)).await {
+                        break (false, Some(format!("ws send pong: {e}")));
+                    }
+                }
                 Some(Ok(_)) => frames += 1,
                 Some(Err(e)) => break (false, Some(format!("ws read: {e}"))),
                 None => break (false, Some("ws ended".into())),
@@ -283,9 +325,17 @@ async fn read_until_stopped(
     ReaderEnd { held, frames, why }
 }
 
+/// How a socket is opened.
+enum Dial {
+    /// `/api/realtime/ws` with this bearer token.
+    Chat(Arc<String>),
+    /// `/app/{key}`, subscribed to this public channel.
+    Pusher(Arc<String>),
+}
+
 struct ConnectJob {
     url: Arc<String>,
-    token: Arc<String>,
+    dial: Dial,
     route: Option<(SocketAddr, Ipv4Addr)>,
     within: Duration,
     retries: u32,
@@ -308,13 +358,25 @@ impl ConnectJob {
                 break;
             }
             let started = Instant::now();
-            match connect_once(&self.url, &self.token, self.route, self.within.min(left)).await {
-                Ok((ws, _)) => {
+            let within = self.within.min(left);
+            let connected = match &self.dial {
+                Dial::Chat(token) => connect_once(&self.url, token, self.route, within)
+                    .await
+                    .map(|(ws, _)| (ws, Face::Chat)),
+                Dial::Pusher(channel) => {
+                    pusher::connect(&self.url, self.route, within, Some(channel))
+                        .await
+                        .map(|(ws, _)| (ws, Face::Pusher))
+                }
+            };
+            match connected {
+                Ok((ws, face)) => {
                     let micros = started.elapsed().as_micros() as u64;
                     self.shared.established.fetch_add(1, Ordering::Relaxed);
                     self.shared.open.fetch_add(1, Ordering::Relaxed);
                     let reader = tokio::spawn(read_until_stopped(
                         ws,
+                        face,
                         self.stop.clone(),
                         self.shared.clone(),
                     ));
@@ -423,13 +485,18 @@ impl IdleReport {
         println!();
         println!("switchboard-bench idle");
         println!("======================");
+        let over = match a.face.face {
+            Face::Chat => "members",
+            Face::Pusher => "public channels",
+        };
         row(
             "scenario",
             format!(
-                "{} sockets over {} members from {} source IPs, {} connecting at once, hold {} s",
+                "{} sockets over {} {over} from {} source IPs, {} connecting at once, hold {} s",
                 a.sockets, a.members, a.source_ips, a.connect_concurrency, a.hold
             ),
         );
+        row("face", a.face.label());
         row(
             "server",
             format!(
@@ -476,7 +543,10 @@ impl IdleReport {
             format!("{} / {} (lost {})", self.held, self.established, self.lost),
         );
         row(
-            "server pings answered / other frames",
+            match a.face.face {
+                Face::Chat => "server pings answered / other frames",
+                Face::Pusher => "pings (ws + pusher:ping) / other frames",
+            },
             format!(
                 "{} / {}",
                 self.pings,
@@ -572,9 +642,13 @@ impl IdleReport {
         };
         json!({
             "scenario": "idle",
+            "face": a.face.face.as_str(),
+            "protocol": a.face.protocol(),
             "passed": self.passed(),
             "failures": self.failures(),
             "params": {
+                "face": a.face.face.as_str(),
+                "protocol": a.face.protocol(),
                 "sockets": a.sockets,
                 "hold_secs": a.hold,
                 "connect_concurrency": a.connect_concurrency,
@@ -669,25 +743,18 @@ pub fn preflight(args: &IdleArgs) -> Result<(), String> {
     check_nofile(args.sockets)
 }
 
-/// The idle scenario on a ready server.
-pub async fn run(args: &IdleArgs, target: &Target) -> Result<IdleReport, String> {
-    if let Some(pid) = target.server_pid {
-        if let Some((soft, _)) = nofile_limits(&pid.to_string()) {
-            if (args.sockets as u64) + FD_MARGIN > soft {
-                eprintln!(
-                    "warning: server pid {pid} may open only {soft} files; {} sockets will not fit",
-                    args.sockets
-                );
-            }
-        }
-    }
+/// Chat face: `--members` entities and their tokens.
+async fn chat_tokens(
+    args: &IdleArgs,
+    target: &Target,
+    tag: &str,
+) -> Result<Vec<Arc<String>>, String> {
     let api = Api {
         client: api::http_client(SETUP_CONCURRENCY + 4)?,
         base: target.base.clone(),
         creds: target.creds.clone(),
     };
     let setup_deadline = Instant::now() + Duration::from_secs(60);
-    let tag = random_tag();
     let ids: Vec<String> = (0..args.members)
         .map(|i| format!("bench-{tag}-idle{i}"))
         .collect();
@@ -709,8 +776,30 @@ pub async fn run(args: &IdleArgs, target: &Target) -> Result<IdleReport, String>
         .iter()
         .map(|id| api::mint_token(&target.creds, id, 3600).map(Arc::new))
         .collect::<Result<_, _>>()?;
-    drop(api);
     eprintln!("created {} entities", ids.len());
+    Ok(tokens)
+}
+
+/// The idle scenario on a ready server.
+pub async fn run(args: &IdleArgs, target: &Target) -> Result<IdleReport, String> {
+    if let Some(pid) = target.server_pid {
+        if let Some((soft, _)) = nofile_limits(&pid.to_string()) {
+            if (args.sockets as u64) + FD_MARGIN > soft {
+                eprintln!(
+                    "warning: server pid {pid} may open only {soft} files; {} sockets will not fit",
+                    args.sockets
+                );
+            }
+        }
+    }
+    let tag = random_tag();
+    // Chat: the members' tokens; Pusher: the channel names. Round-robin over the sockets.
+    let keys: Vec<Arc<String>> = match args.face.face {
+        Face::Chat => chat_tokens(args, target, &tag).await?,
+        Face::Pusher => (0..args.members)
+            .map(|i| Arc::new(format!("bench-idle-{tag}-{i}")))
+            .collect(),
+    };
 
     // Idle figures: let the set-up settle first.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -726,10 +815,14 @@ pub async fn run(args: &IdleArgs, target: &Target) -> Result<IdleReport, String>
         target.server_pid,
     ));
 
-    let url = Arc::new(format!(
-        "{}/api/realtime/ws",
-        target.base.replacen("http://", "ws://", 1)
-    ));
+    let url = Arc::new(match args.face.face {
+        Face::Chat => format!(
+            "{}/api/realtime/ws",
+            target.base.replacen("http://", "ws://", 1)
+        ),
+        Face::Pusher => pusher::app_url(&target.base, &target.creds.key, args.face.protocol),
+    });
+    eprintln!("sockets: {} on {url}", args.face.label());
     let server_addr = loopback_v4(&target.base).filter(|_| args.source_ips > 0);
     match server_addr {
         Some(a) => eprintln!(
@@ -742,9 +835,13 @@ pub async fn run(args: &IdleArgs, target: &Target) -> Result<IdleReport, String>
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
     let connect_started = Instant::now();
     let outcomes: Vec<Connected> = futures_util::stream::iter((0..args.sockets).map(|i| {
+        let key = keys[i % keys.len()].clone();
         ConnectJob {
             url: url.clone(),
-            token: tokens[i % tokens.len()].clone(),
+            dial: match args.face.face {
+                Face::Chat => Dial::Chat(key),
+                Face::Pusher => Dial::Pusher(key),
+            },
             route: server_addr.map(|a| {
                 let k = (i % usize::from(args.source_ips.max(1))) as u8;
                 (a, Ipv4Addr::new(127, 0, 0, 2 + k))

@@ -117,9 +117,14 @@ pub fn app_url(base: &str, key: &str, version: u8) -> String {
 /// A protocol event's name without its `pusher:` / `sockudo:` (or `*_internal:`) prefix;
 /// `None` for other events (a server may use either prefix).
 pub fn protocol_event(event: &str) -> Option<&str> {
-    ["pusher:", "sockudo:", "pusher_internal:", "sockudo_internal:"]
-        .iter()
-        .find_map(|p| event.strip_prefix(p))
+    [
+        "pusher:",
+        "sockudo:",
+        "pusher_internal:",
+        "sockudo_internal:",
+    ]
+    .iter()
+    .find_map(|p| event.strip_prefix(p))
 }
 
 /// A string field that may also be an object, a number or null (Pusher's `data`): the
@@ -200,7 +205,6 @@ pub fn is_ping(text: &str) -> bool {
 /// What the handshake learned.
 #[derive(Debug, Default, Clone)]
 pub struct Hello {
-    pub socket_id: String,
     /// V2: the channel's serial when the subscription succeeded (absent for a channel no
     /// message was published to yet, and on V1).
     pub serial: Option<i64>,
@@ -212,7 +216,10 @@ async fn next_text(ws: &mut Ws, waiting_for: &str) -> Result<Value, String> {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(t.as_str()).map_err(|_| {
-                    format!("not a JSON frame while waiting for {waiting_for}: {}", snippet(t.as_bytes()))
+                    format!(
+                        "not a JSON frame while waiting for {waiting_for}: {}",
+                        snippet(t.as_bytes())
+                    )
                 })?;
                 let event = v.get("event").and_then(Value::as_str).unwrap_or("");
                 match protocol_event(event) {
@@ -271,7 +278,8 @@ pub async fn connect(
                 snippet(first.to_string().as_bytes())
             ));
         }
-        let socket_id = data_object(&first)
+        // Every Pusher server names the socket; one without an id is not speaking the protocol.
+        data_object(&first)
             .get("socket_id")
             .and_then(Value::as_str)
             .ok_or_else(|| {
@@ -279,12 +287,8 @@ pub async fn connect(
                     "connection_established without a socket_id: {}",
                     snippet(first.to_string().as_bytes())
                 )
-            })?
-            .to_string();
-        let mut hello = Hello {
-            socket_id,
-            serial: None,
-        };
+            })?;
+        let mut hello = Hello { serial: None };
         let Some(channel) = channel else {
             return Ok((ws, hello));
         };
@@ -303,18 +307,27 @@ pub async fn connect(
             }
         }
     };
-    tokio::time::timeout(within, attempt)
-        .await
-        .map_err(|_| format!("no connection_established / subscription_succeeded within {within:?}"))?
+    tokio::time::timeout(within, attempt).await.map_err(|_| {
+        format!("no connection_established / subscription_succeeded within {within:?}")
+    })?
 }
 
 /// A signed `POST /apps/{id}/events` publishing `data` as event `name` on `channel`: the URL
 /// (with its signed query) and the body. Sign again for every attempt (the timestamp).
-pub fn trigger(base: &str, creds: &AppCreds, channel: &str, name: &str, data: &str) -> (String, String) {
+pub fn trigger(
+    base: &str,
+    creds: &AppCreds,
+    channel: &str,
+    name: &str,
+    data: &str,
+) -> (String, String) {
     let path = format!("/apps/{}/events", creds.id);
     let body = json!({"name": name, "channel": channel, "data": data}).to_string();
     let query = api::signed_query(creds, "POST", &path, body.as_bytes());
-    (format!("{}{path}?{query}", base.trim_end_matches('/')), body)
+    (
+        format!("{}{path}?{query}", base.trim_end_matches('/')),
+        body,
+    )
 }
 
 /// One signed publish, its status checked (200): creates the channel on servers that keep

@@ -287,13 +287,6 @@ impl WorkerSet {
         .map_err(|e| format!("worker {i}: stdin: {e}"))
     }
 
-    pub async fn send_all(&mut self, v: &Value) -> Result<(), String> {
-        for i in 0..self.len() {
-            self.send(i, v).await?;
-        }
-        Ok(())
-    }
-
     /// Sum of one progress counter over the workers.
     pub fn sum(&self, key: &str) -> u64 {
         self.states.iter().map(|s| s.counter(key)).sum()
