@@ -1,9 +1,13 @@
 //! Durable appends through the persistence actor alone (no HTTP, no actors in front): the
-//! writer's ceiling. Each write is what an AI-stream append commits: a version row, the
-//! message's new state and one `message.appended` event with its recipients, with a
-//! contiguous channel seq, group-committed with WAL and `synchronous=FULL`.
+//! writer's ceiling. Each write is what an AI-stream append commits (as `channel/versions.rs`
+//! builds it): a version row, one `message.appended` event with its recipients, and the
+//! message's new state (text, version serial, append count), with a contiguous channel seq,
+//! group-committed with WAL and `synchronous=FULL`. The writer saves a message's state once
+//! per batch — the last of that batch's appends to it — so with `streams` messages appended
+//! to in turn, a batch of n appends rewrites min(n, streams) message rows.
 //!
-//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [db path]`
+//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path]`
+//! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary database).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +18,7 @@ use switchboard_actors::domain::channel::new_implicit;
 use switchboard_actors::domain::event::{Event, EventDraft};
 use switchboard_actors::domain::message::{Message, NewMessage};
 use switchboard_actors::metrics::Metrics;
-use switchboard_actors::persistence::{Persistence, PersistenceConfig, Write};
+use switchboard_actors::persistence::{Persistence, PersistenceConfig, VersionWrite, Write};
 use switchboard_actors::store::rows::{VersionRow, WorkspaceRow};
 use switchboard_actors::store::{self, queries, DatabaseUrl};
 
@@ -39,18 +43,23 @@ fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
 fn main() -> Result<(), String> {
     let writes: i64 = arg(1, 200_000);
     let in_flight: usize = arg(2, 16_384);
+    let streams: usize = arg(3, 1).max(1);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let default_path = dir.path().join("bench.db").display().to_string();
-    let path: String = arg(3, default_path);
+    let path: String = arg(4, default_path);
     let pool = store::open(&DatabaseUrl::parse(&format!("sqlite://{path}"))?, 4)?;
     let now = switchboard_actors::ids::now_rfc3339();
     let channel =
         new_implicit("chn_bench".into(), "1".into(), "bench", &now).map_err(|e| e.to_string())?;
-    let mut message: Message = NewMessage {
-        data: Some(json!("")),
-        ..Default::default()
-    }
-    .into_message(&channel.id, "agent", 1, &now);
+    let mut messages: Vec<Message> = (1..=streams as i64)
+        .map(|n| {
+            NewMessage {
+                data: Some(json!("")),
+                ..Default::default()
+            }
+            .into_message(&channel.id, "agent", n, &now)
+        })
+        .collect();
     {
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         queries::insert_workspace(
@@ -68,8 +77,11 @@ fn main() -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         queries::insert_channel(&mut conn, &channel).map_err(|e| e.to_string())?;
-        queries::insert_message(&mut conn, &message, "1").map_err(|e| e.to_string())?;
-        queries::set_channel_last_seq(&mut conn, &channel.id, 1).map_err(|e| e.to_string())?;
+        for m in &messages {
+            queries::insert_message(&mut conn, m, "1").map_err(|e| e.to_string())?;
+        }
+        queries::set_channel_last_seq(&mut conn, &channel.id, streams as i64)
+            .map_err(|e| e.to_string())?;
     }
     let broker = Arc::new(CountingBroker(Default::default()));
     let metrics = Arc::new(Metrics::new());
@@ -84,7 +96,9 @@ fn main() -> Result<(), String> {
     let mut failed = 0usize;
     runtime.block_on(async {
         let mut pending = std::collections::VecDeque::new();
-        for seq in 2..writes + 2 {
+        let first = streams as i64 + 1;
+        for seq in first..writes + first {
+            let message = &mut messages[seq as usize % streams];
             let fragment = "tok ";
             if let serde_json::Value::String(s) = &mut message.data {
                 // A token stream's text, rotated like a real one at 4 KiB.
@@ -117,12 +131,10 @@ fn main() -> Result<(), String> {
             let fut = persistence.enqueue(Write {
                 workspace_id: "1".into(),
                 channel_seqs: Some((channel.id.clone(), seq, seq)),
-                apply: Box::new(move |conn| {
-                    queries::insert_version(conn, &row)?;
-                    queries::save_message_state(conn, &stored)?;
-                    Ok(true)
-                }),
+                apply: Box::new(|_| Ok(true)),
                 events: vec![draft],
+                version: Some(Box::new(VersionWrite { row, state: stored })),
+                savepoint: false,
             });
             pending.push_back(fut);
             if pending.len() >= in_flight {
@@ -138,13 +150,14 @@ fn main() -> Result<(), String> {
     let secs = started.elapsed().as_secs_f64();
     let published = broker.0.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "persistence: {writes} durable appends in {secs:.2} s = {:.0} appends/s ({failed} failed, {published} events published)",
+        "persistence: {writes} durable appends to {streams} stream(s) in {secs:.2} s = {:.0} appends/s ({failed} failed, {published} events published)",
         writes as f64 / secs,
     );
     // The last line is the result for `make bench` to collect.
     println!(
         "{}",
         json!({"scenario": "persistence", "writes": writes, "in_flight": in_flight,
+               "streams": streams,
                "secs": secs, "appends_per_sec": writes as f64 / secs, "failed": failed,
                "events_published": published,
                "passed": failed == 0 && published == writes as usize})

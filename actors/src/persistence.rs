@@ -16,9 +16,10 @@ use tokio::sync::oneshot;
 
 use crate::broker::Broker;
 use crate::domain::event::{Event, EventDraft, LiveRoute};
+use crate::domain::message::Message;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
-use crate::store::rows::EventRow;
+use crate::store::rows::{EventRow, VersionRow};
 use crate::store::{queries, Conn, DbPool};
 
 /// The database change of one write: runs inside its own savepoint. Returning `Ok(false)`
@@ -33,6 +34,41 @@ pub struct Write {
     pub channel_seqs: Option<(String, i64, i64)>,
     pub apply: Apply,
     pub events: Vec<EventDraft>,
+    /// The message version this write makes, written by the writer rather than by `apply`
+    /// (which must then not touch that message's row). Boxed: the queue's slots stay small.
+    pub version: Option<Box<VersionWrite>>,
+    /// `false` when `apply` and the inserts cannot fail once the seqs are checked (inserts
+    /// under keys only the writer allocates): the write then runs without a savepoint, its
+    /// rows are inserted with the batch's others, and should it fail anyway, the whole batch
+    /// fails instead of this write.
+    pub savepoint: bool,
+}
+
+/// A version of a message: its row, and the message's state after it. The state is saved
+/// once per message per batch, the last one winning — a batch commits atomically, so nobody
+/// sees the states in between (a stream's appends in one batch rewrite its text once).
+pub struct VersionWrite {
+    pub row: VersionRow,
+    pub state: Message,
+}
+
+impl Write {
+    /// A write in its own savepoint, without a message version.
+    pub fn new(
+        workspace_id: String,
+        channel_seqs: Option<(String, i64, i64)>,
+        apply: Apply,
+        events: Vec<EventDraft>,
+    ) -> Self {
+        Self {
+            workspace_id,
+            channel_seqs,
+            apply,
+            events,
+            version: None,
+            savepoint: true,
+        }
+    }
 }
 
 /// What a writer gets back after COMMIT: its events with their cursors.
@@ -229,15 +265,36 @@ impl Writer {
         let outcome = self.conn.immediate_transaction::<_, ApiError, _>(|conn| {
             let mut cursors: HashMap<String, i64> = HashMap::new();
             let mut seqs: HashMap<String, i64> = HashMap::new();
+            let mut deferred = Deferred::default();
             for (write, reply) in writes {
                 let recipients: Vec<(Option<Vec<String>>, LiveRoute)> = write
                     .events
                     .iter()
                     .map(|e| (e.recipients.clone(), e.live.clone()))
                     .collect();
-                let result = conn.transaction::<_, ApiError, _>(|conn| {
-                    stage_write(conn, write, &mut cursors, &mut seqs)
-                });
+                if write.version.is_none() {
+                    // Its change may read or write message rows: they must be current.
+                    deferred.flush(conn, &staged)?;
+                }
+                let index = staged.len();
+                let result = match check_seqs(conn, &write, &seqs) {
+                    Err(e) => Err(e),
+                    Ok(()) if write.savepoint => conn.transaction::<_, ApiError, _>(|conn| {
+                        stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, None)
+                    }),
+                    Ok(()) => {
+                        let at = Some(index);
+                        match stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, at) {
+                            // No savepoint can undo its partial change: the batch goes.
+                            Err(e) => {
+                                log::error!("a write without savepoint failed: {e}");
+                                staged.push((reply, Err(e.clone()), recipients));
+                                return Err(e);
+                            }
+                            ok => ok,
+                        }
+                    }
+                };
                 if let Err(e) = &result {
                     if e.code == crate::error::ErrorCode::InternalError {
                         log::warn!("write rolled back: {e}");
@@ -245,6 +302,7 @@ impl Writer {
                 }
                 staged.push((reply, result, recipients));
             }
+            deferred.flush(conn, &staged)?;
             for (ws, last) in &cursors {
                 queries::set_workspace_last_cursor(conn, ws, *last)?;
             }
@@ -270,17 +328,19 @@ impl Writer {
                 rows.into_iter()
                     .zip(recipients)
                     .map(|((row, payload), (r, live))| {
-                        let mut ev = Event::build_unshared(
+                        // The frame splices the payload text the row already holds.
+                        let mut ev = Event::stored_unshared(
                             row.id,
-                            Some(row.cursor),
+                            row.cursor,
                             row.event_type,
                             row.workspace_id,
                             row.channel_id,
                             row.seq,
                             row.created_at,
+                            &row.payload,
                             payload,
-                            r,
                         );
+                        ev.recipients = r.map(Arc::from);
                         ev.live = live;
                         let ev = Arc::new(ev);
                         committed.push(ev.clone());
@@ -299,27 +359,84 @@ impl Writer {
     }
 }
 
-/// Applies one write inside its savepoint: checks its seqs follow the channel's committed
-/// ones, runs its change, and inserts its events with the next cursors of its workspace.
+/// What the batch's writes left to write: the version and event rows of writes without
+/// savepoint, inserted together, and messages' latest states by (channel, serial), the last
+/// one winning.
+#[derive(Default)]
+struct Deferred {
+    versions: Vec<VersionRow>,
+    /// Indices of staged writes whose event rows are still to insert.
+    events: Vec<usize>,
+    states: HashMap<(String, String), Message>,
+}
+
+impl Deferred {
+    fn defer_state(&mut self, m: Message) {
+        self.states
+            .insert((m.channel_id.clone(), m.message_serial.clone()), m);
+    }
+
+    /// Writes everything waiting (inside the batch transaction, outside any savepoint).
+    fn flush(&mut self, conn: &mut Conn, staged: &[Staged]) -> ApiResult<()> {
+        let versions: Vec<&VersionRow> = self.versions.iter().collect();
+        queries::insert_versions(conn, &versions)?;
+        self.versions.clear();
+        let events: Vec<&EventRow> = self
+            .events
+            .drain(..)
+            .filter_map(|i| staged.get(i).and_then(|(_, r, _)| r.as_ref().ok()))
+            .flatten()
+            .map(|(row, _)| row)
+            .collect();
+        queries::insert_events(conn, &events)?;
+        for (_, m) in self.states.drain() {
+            queries::save_message_state(conn, &m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a write whose seqs do not follow its channel's committed ones, before any change.
+fn check_seqs(conn: &mut Conn, write: &Write, seqs: &HashMap<String, i64>) -> ApiResult<()> {
+    let Some((channel, first, last)) = &write.channel_seqs else {
+        return Ok(());
+    };
+    let committed = match seqs.get(channel) {
+        Some(s) => *s,
+        None => queries::channel_last_seq(conn, channel)?,
+    };
+    if *first != committed + 1 || last < first {
+        log::warn!("seq gap on {channel}: committed {committed}, got {first}..{last}");
+        return Err(ApiError::backpressure(
+            "the channel's write order was interrupted; retry",
+        ));
+    }
+    Ok(())
+}
+
+/// Applies one write whose seqs were checked: runs its change, writes its version, defers
+/// its message state and stages its events with the next cursors of its workspace. With
+/// `deferred_at` (its index among the staged writes) its rows wait in `deferred` instead.
 fn stage_write(
     conn: &mut Conn,
     write: Write,
     cursors: &mut HashMap<String, i64>,
     seqs: &mut HashMap<String, i64>,
+    deferred: &mut Deferred,
+    deferred_at: Option<usize>,
 ) -> ApiResult<Vec<StagedEvent>> {
-    if let Some((channel, first, last)) = &write.channel_seqs {
-        let committed = match seqs.get(channel) {
-            Some(s) => *s,
-            None => queries::channel_last_seq(conn, channel)?,
-        };
-        if *first != committed + 1 || last < first {
-            log::warn!("seq gap on {channel}: committed {committed}, got {first}..{last}");
-            return Err(ApiError::backpressure(
-                "the channel's write order was interrupted; retry",
-            ));
-        }
-    }
     let keep_events = (write.apply)(conn)?;
+    let mut state = None;
+    if let Some(v) = write.version {
+        let VersionWrite { row, state: s } = *v;
+        match deferred_at {
+            Some(_) => deferred.versions.push(row),
+            None => {
+                queries::insert_version(conn, &row)?;
+            }
+        }
+        state = Some(s);
+    }
     let mut rows = Vec::new();
     if keep_events && !write.events.is_empty() {
         let mut next = match cursors.get(&write.workspace_id) {
@@ -344,13 +461,22 @@ fn stage_write(
                     .as_deref()
                     .map(crate::store::rows::recipients_text),
             };
-            queries::insert_event(conn, &row)?;
+            if deferred_at.is_none() {
+                queries::insert_event(conn, &row)?;
+            }
             rows.push((row, draft.payload));
         }
         cursors.insert(write.workspace_id.clone(), next);
     }
     if let Some((channel, _, last)) = write.channel_seqs {
         seqs.insert(channel, last);
+    }
+    if let Some(i) = deferred_at.filter(|_| !rows.is_empty()) {
+        deferred.events.push(i);
+    }
+    // Last: nothing after this can fail, so a rolled-back write never leaves its state.
+    if let Some(s) = state {
+        deferred.defer_state(s);
     }
     Ok(rows)
 }
@@ -406,6 +532,8 @@ mod tests {
             events: vec![EventDraft::new("message.created", serde_json::json!({}))
                 .channel("c1")
                 .seq(seq)],
+            version: None,
+            savepoint: true,
         }
     }
 
@@ -460,6 +588,95 @@ mod tests {
             2,
             "no cursor consumed by failures"
         );
+        assert_eq!(*recorder.0.lock().expect("lock"), vec![1, 2]);
+    }
+
+    /// A version of `message` written without a savepoint, as appends are.
+    fn state_write(seq: i64, message: &Message) -> Write {
+        let row = VersionRow {
+            channel_id: "c1".into(),
+            seq,
+            message_serial: message.message_serial.clone(),
+            action: "append".into(),
+            actor: None,
+            op_id: None,
+            body: "{}".into(),
+            created_at: "t".into(),
+            fingerprint: None,
+        };
+        Write {
+            version: Some(Box::new(VersionWrite {
+                row,
+                state: message.clone(),
+            })),
+            savepoint: false,
+            ..seq_write(seq)
+        }
+    }
+
+    #[actix::test]
+    async fn deferred_states_save_the_last_one_before_a_write_without_state_runs() {
+        let (_dir, pool, p, _) = setup();
+        let mut message = crate::domain::message::NewMessage {
+            data: Some(serde_json::json!("")),
+            ..Default::default()
+        }
+        .into_message("c1", "alice", 1, "t");
+        queries::insert_message(&mut pool.get().expect("conn"), &message, "1").expect("insert");
+        let mut futures = Vec::new();
+        for seq in 1..=3 {
+            message.data = serde_json::json!("x".repeat(seq as usize));
+            futures.push(p.enqueue(state_write(seq, &message)));
+        }
+        // A write without state sees the row as the writes before it left it.
+        let seen = Arc::new(Mutex::new(String::new()));
+        let reader = seen.clone();
+        futures.push(p.enqueue(Write {
+            apply: Box::new(move |conn| {
+                let m = queries::message(conn, "c1", &crate::ids::message_serial(1))?;
+                if let (Ok(mut s), Some(m)) = (reader.lock(), m) {
+                    *s = m.data.as_str().unwrap_or_default().to_string();
+                }
+                Ok(true)
+            }),
+            ..seq_write(4)
+        }));
+        message.data = serde_json::json!("xxxxx");
+        futures.push(p.enqueue(state_write(5, &message)));
+        for r in futures_util::future::join_all(futures).await {
+            r.expect("committed");
+        }
+        assert_eq!(*seen.lock().expect("lock"), "xxx");
+        let stored = queries::message(
+            &mut pool.get().expect("conn"),
+            "c1",
+            &message.message_serial,
+        )
+        .expect("read")
+        .expect("message");
+        assert_eq!(stored.data, serde_json::json!("xxxxx"));
+    }
+
+    #[actix::test]
+    async fn a_failing_write_without_savepoint_fails_its_batch_and_changes_nothing() {
+        let (_dir, pool, p, recorder) = setup();
+        p.write(seq_write(1)).await.expect("first");
+        let failing = Write {
+            apply: Box::new(|conn| {
+                queries::set_channel_last_seq(conn, "c1", 99)?;
+                Err(ApiError::conflict("unexpected"))
+            }),
+            savepoint: false,
+            ..seq_write(2)
+        };
+        // Its partial change cannot be undone alone: the whole batch is refused.
+        let err = p.write(failing).await.expect_err("batch failed");
+        assert_eq!(err.code, crate::error::ErrorCode::Backpressure);
+        {
+            let mut conn = pool.get().expect("conn");
+            assert_eq!(queries::channel_last_seq(&mut conn, "c1").expect("seq"), 1);
+        }
+        p.write(seq_write(2)).await.expect("2 still follows 1");
         assert_eq!(*recorder.0.lock().expect("lock"), vec![1, 2]);
     }
 }

@@ -44,6 +44,8 @@ pub async fn purge_pass(pool: &DbPool, persistence: &Persistence) -> ApiResult<u
                         Ok(n > 0)
                     }),
                     events: Vec::new(),
+                    version: None,
+                    savepoint: true,
                 })
                 .await?;
             let n = purged.load(Ordering::Relaxed);

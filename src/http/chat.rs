@@ -235,6 +235,8 @@ async fn moderate_member(
                 Ok(true)
             }),
             events: vec![event],
+            version: None,
+            savepoint: true,
         })
         .await?;
     state.auth_cache.clear();
@@ -355,6 +357,8 @@ async fn insert_channel(
                 Ok(true)
             }),
             events: vec![event],
+            version: None,
+            savepoint: true,
         })
         .await?;
     Ok(events.into_iter().next())

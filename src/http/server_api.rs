@@ -43,6 +43,8 @@ async fn write_plain(
             channel_seqs: None,
             apply: Box::new(move |conn| apply(conn).map(|_| true)),
             events: Vec::new(),
+            version: None,
+            savepoint: true,
         })
         .await?;
     // Entities and settings are what a verified token resolves to.

@@ -84,6 +84,8 @@ async fn channel_named(
                     Ok(true)
                 }),
                 events: Vec::new(),
+                version: None,
+                savepoint: true,
             })
             .await;
         match created {

@@ -225,14 +225,23 @@ impl ChannelActor {
         apply: Apply,
         events: Vec<EventDraft>,
     ) -> impl ActorFuture<Self, Output = WriteResult> {
-        self.in_flight += 1;
-        let persistence = self.persistence.clone();
-        let write = Write {
-            workspace_id: self.channel.workspace_id.clone(),
-            channel_seqs: takes_seq.map(|(a, b)| (self.channel.id.clone(), a, b)),
+        let write = Write::new(
+            self.channel.workspace_id.clone(),
+            takes_seq.map(|(a, b)| (self.channel.id.clone(), a, b)),
             apply,
             events,
-        };
+        );
+        self.submit_write(takes_seq, write)
+    }
+
+    /// [`Self::submit`] of a write built by the caller (`takes_seq` as in its `channel_seqs`).
+    fn submit_write(
+        &mut self,
+        takes_seq: Option<(i64, i64)>,
+        write: Write,
+    ) -> impl ActorFuture<Self, Output = WriteResult> {
+        self.in_flight += 1;
+        let persistence = self.persistence.clone();
         // Queued here, in handler order, so a later seq never reaches the writer first.
         persistence
             .enqueue(write)

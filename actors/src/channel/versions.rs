@@ -15,7 +15,7 @@ use crate::domain::event::Event;
 use crate::domain::message::{Message, StreamStatus};
 use crate::domain::versioned::{self, Action, Mutation, StreamContext};
 use crate::error::{ApiError, ApiResult, ErrorCode};
-use crate::persistence::Apply;
+use crate::persistence::{VersionWrite, Write};
 use crate::settings::AiTransportLimits;
 use crate::store::queries;
 use crate::store::rows::VersionRow;
@@ -363,18 +363,24 @@ impl ChannelActor {
             created_at: now,
             fingerprint: mutation.body.op_id.as_ref().map(|_| mutation.fingerprint()),
         };
-        let stored = next.clone();
-        let apply: Apply = Box::new(move |conn| {
-            queries::insert_version(conn, &row)?;
-            queries::save_message_state(conn, &stored)?;
-            Ok(true)
-        });
+        // The writer inserts the version and saves the message's row, once per batch (see
+        // `VersionWrite`). Nothing here can fail once it has checked the seq: no savepoint.
+        let write = Write {
+            workspace_id: self.channel.workspace_id.clone(),
+            channel_seqs: Some((self.channel.id.clone(), seq, seq)),
+            apply: Box::new(|_| Ok(true)),
+            events: vec![draft],
+            version: Some(Box::new(VersionWrite {
+                row,
+                state: next.clone(),
+            })),
+            savepoint: false,
+        };
         Ok(Prepared::Write {
             message: next,
             action,
             seq,
-            apply,
-            draft,
+            write,
         })
     }
 }
@@ -386,8 +392,7 @@ enum Prepared {
         message: Message,
         action: Action,
         seq: i64,
-        apply: Apply,
-        draft: crate::domain::event::EventDraft,
+        write: Write,
     },
 }
 
@@ -403,22 +408,22 @@ impl Handler<Mutate> for ChannelActor {
                 message,
                 action,
                 seq,
-                apply,
-                draft,
-            }) => Box::pin(self.submit(Some((seq, seq)), apply, vec![draft]).map(
-                move |res, act, _| {
-                    act.release_hot(&message.message_serial);
-                    let event = res?.into_iter().next();
-                    Ok(MutationOutcome {
-                        version_serial: message.version_serial.clone(),
-                        message,
-                        action,
-                        delivery_serial: seq,
-                        duplicate: false,
-                        event,
-                    })
-                },
-            )),
+                write,
+            }) => Box::pin(
+                self.submit_write(Some((seq, seq)), write)
+                    .map(move |res, act, _| {
+                        act.release_hot(&message.message_serial);
+                        let event = res?.into_iter().next();
+                        Ok(MutationOutcome {
+                            version_serial: message.version_serial.clone(),
+                            message,
+                            action,
+                            delivery_serial: seq,
+                            duplicate: false,
+                            event,
+                        })
+                    }),
+            ),
         }
     }
 }

@@ -171,6 +171,33 @@ impl Event {
         payload_text: &str,
         payload: Value,
     ) -> Arc<Self> {
+        Arc::new(Self::stored_unshared(
+            id,
+            cursor,
+            event_type,
+            workspace_id,
+            channel_id,
+            seq,
+            created_at,
+            payload_text,
+            payload,
+        ))
+    }
+
+    /// As `from_stored`, before it is shared: the writer uses it for the events it has just
+    /// inserted, whose payload it has already serialized for the row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stored_unshared(
+        id: String,
+        cursor: i64,
+        event_type: String,
+        workspace_id: String,
+        channel_id: Option<String>,
+        seq: Option<i64>,
+        created_at: String,
+        payload_text: &str,
+        payload: Value,
+    ) -> Self {
         #[derive(Serialize)]
         struct Head<'a> {
             id: &'a str,
@@ -202,7 +229,7 @@ impl Event {
             payload_text
         });
         frame.push('}');
-        Arc::new(Self {
+        Self {
             id,
             cursor: Some(cursor),
             event_type,
@@ -214,7 +241,7 @@ impl Event {
             recipients: None,
             frame: ByteString::from(frame),
             live: LiveRoute::default(),
-        })
+        }
     }
 
     pub fn to_json(&self) -> Value {

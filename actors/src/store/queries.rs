@@ -447,9 +447,15 @@ pub fn insert_message(conn: &mut Conn, m: &Message, workspace_id: &str) -> Query
 }
 
 pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
-    diesel::insert_into(message_versions::table)
-        .values(v)
-        .execute(conn)
+    super::fixed::InsertVersion(v).execute(conn)
+}
+
+/// Inserts versions in statements of up to 64 rows (at most 64 distinct statements cached).
+pub fn insert_versions(conn: &mut Conn, rows: &[&VersionRow]) -> QueryResult<()> {
+    for chunk in rows.chunks(64) {
+        super::fixed::InsertVersions(chunk).execute(conn)?;
+    }
+    Ok(())
 }
 
 pub fn message(conn: &mut Conn, channel_id: &str, serial: &str) -> QueryResult<Option<Message>> {
@@ -564,21 +570,7 @@ pub fn versions_of(
 /// counters are left alone: they have their own increments.
 pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
     // Only the fields a version can change are encoded: this runs once per append.
-    let data = (!m.data.is_null()).then(|| to_json_text(&m.data));
-    diesel::update(messages::table.find((&m.channel_id, &m.message_serial)))
-        .set((
-            messages::name.eq(&m.name),
-            messages::data.eq(data),
-            messages::extras.eq(to_json_text(&m.extras)),
-            messages::deleted.eq(m.deleted),
-            messages::version_serial.eq(&m.version_serial),
-            messages::updated_at.eq(&m.updated_at),
-            messages::last_action.eq(m.last_action),
-            messages::append_count.eq(m.append_count),
-            messages::stream_status.eq(m.stream_status.as_str()),
-            messages::last_append_at.eq(&m.last_append_at),
-        ))
-        .execute(conn)
+    super::fixed::SaveMessageState(&super::fixed::MessageState::of(m)).execute(conn)
 }
 
 /// The version an op_id produced for this message and action, if any.
@@ -882,10 +874,15 @@ pub fn reaction_summary(
 // ---- events ----
 
 pub fn insert_event(conn: &mut Conn, row: &EventRow) -> QueryResult<()> {
-    diesel::insert_into(events::table)
-        .values(row)
-        .execute(conn)
-        .map(|_| ())
+    super::fixed::InsertEvent(row).execute(conn).map(|_| ())
+}
+
+/// Inserts events in statements of up to 64 rows (at most 64 distinct statements cached).
+pub fn insert_events(conn: &mut Conn, rows: &[&EventRow]) -> QueryResult<()> {
+    for chunk in rows.chunks(64) {
+        super::fixed::InsertEvents(chunk).execute(conn)?;
+    }
+    Ok(())
 }
 
 /// Events after `after` up to `tail` (inclusive) that `viewer` may see by the recipients
@@ -1071,4 +1068,3 @@ mod tests {
         );
     }
 }
-

@@ -1,0 +1,198 @@
+//! The writer's hot statements with their SQL fixed at compile time. diesel never caches the
+//! prepared statement of an UPDATE it builds (so each call re-parsed it: ~44k instructions),
+//! and keys inserts by their SQL text, rebuilt on every call. The single-row statements here
+//! carry a static query id instead: diesel caches them by type, so a call only binds and
+//! steps. The multi-row inserts are cached by their text, one statement per row count.
+
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{BigInt, Bool, Nullable, Text};
+use diesel::sqlite::Sqlite;
+use diesel::{QueryResult, RunQueryDsl};
+
+use super::rows::{to_json_text, EventRow, VersionRow};
+use super::Conn;
+use crate::domain::message::Message;
+
+/// Declares a statement type over a borrowed value whose prepared statement diesel caches by
+/// type, with the body that writes its SQL and binds.
+macro_rules! fixed_statement {
+    ($name:ident<$a:lifetime, $value:ty>, |$this:ident, $out:ident| $body:block) => {
+        pub struct $name<$a>(pub &$a $value);
+
+        impl QueryId for $name<'_> {
+            type QueryId = $name<'static>;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl QueryFragment<Sqlite> for $name<'_> {
+            fn walk_ast<'b>(&'b self, mut $out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+                let $this = self.0;
+                $body
+                Ok(())
+            }
+        }
+
+        impl RunQueryDsl<Conn> for $name<'_> {}
+    };
+}
+
+const INSERT_VERSIONS: &str = "INSERT INTO message_versions (channel_id, seq, message_serial, \
+     action, actor, op_id, body, created_at, fingerprint) VALUES ";
+
+fixed_statement!(InsertVersion<'a, VersionRow>, |v, out| {
+    out.push_sql(INSERT_VERSIONS);
+    push_version_values(&mut out, v)?;
+});
+
+/// Several versions in one statement (see [`InsertEvents`]).
+pub struct InsertVersions<'a>(pub &'a [&'a VersionRow]);
+
+impl QueryId for InsertVersions<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryFragment<Sqlite> for InsertVersions<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_sql(INSERT_VERSIONS);
+        for (i, v) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_sql(", ");
+            }
+            push_version_values(&mut out, v)?;
+        }
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<Conn> for InsertVersions<'_> {}
+
+/// `(?, ?, …)` of one version row.
+fn push_version_values<'b>(
+    out: &mut AstPass<'_, 'b, Sqlite>,
+    v: &'b VersionRow,
+) -> QueryResult<()> {
+    out.push_sql("(");
+    out.push_bind_param::<Text, _>(&v.channel_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<BigInt, _>(&v.seq)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&v.message_serial)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&v.action)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<Text>, _>(&v.actor)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<Text>, _>(&v.op_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&v.body)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&v.created_at)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<Text>, _>(&v.fingerprint)?;
+    out.push_sql(")");
+    Ok(())
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO events (workspace_id, cursor, id, event_type, \
+     channel_id, seq, payload, is_private, created_at, recipients) VALUES ";
+
+fixed_statement!(InsertEvent<'a, EventRow>, |e, out| {
+    out.push_sql(INSERT_EVENTS);
+    push_event_values(&mut out, e)?;
+});
+
+/// Several events in one statement: one statement step and reset for all of them. Cached by
+/// its SQL text, so callers keep to a few row counts.
+pub struct InsertEvents<'a>(pub &'a [&'a EventRow]);
+
+impl QueryId for InsertEvents<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl QueryFragment<Sqlite> for InsertEvents<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_sql(INSERT_EVENTS);
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push_sql(", ");
+            }
+            push_event_values(&mut out, e)?;
+        }
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<Conn> for InsertEvents<'_> {}
+
+/// `(?, ?, …)` of one event row.
+fn push_event_values<'b>(out: &mut AstPass<'_, 'b, Sqlite>, e: &'b EventRow) -> QueryResult<()> {
+    out.push_sql("(");
+    out.push_bind_param::<Text, _>(&e.workspace_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<BigInt, _>(&e.cursor)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&e.id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&e.event_type)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<Text>, _>(&e.channel_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<BigInt>, _>(&e.seq)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&e.payload)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Bool, _>(&e.is_private)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&e.created_at)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Nullable<Text>, _>(&e.recipients)?;
+    out.push_sql(")");
+    Ok(())
+}
+
+/// The columns of a message that a version can change, encoded for [`SaveMessageState`].
+pub struct MessageState<'a> {
+    message: &'a Message,
+    data: Option<String>,
+    extras: String,
+}
+
+impl<'a> MessageState<'a> {
+    pub fn of(message: &'a Message) -> Self {
+        Self {
+            message,
+            data: (!message.data.is_null()).then(|| to_json_text(&message.data)),
+            extras: to_json_text(&message.extras),
+        }
+    }
+}
+
+fixed_statement!(SaveMessageState<'a, MessageState<'a>>, |s, out| {
+    let m = s.message;
+    out.push_sql("UPDATE messages SET name = ");
+    out.push_bind_param::<Text, _>(&m.name)?;
+    out.push_sql(", data = ");
+    out.push_bind_param::<Nullable<Text>, _>(&s.data)?;
+    out.push_sql(", extras = ");
+    out.push_bind_param::<Text, _>(&s.extras)?;
+    out.push_sql(", deleted = ");
+    out.push_bind_param::<Bool, _>(&m.deleted)?;
+    out.push_sql(", version_serial = ");
+    out.push_bind_param::<Text, _>(&m.version_serial)?;
+    out.push_sql(", updated_at = ");
+    out.push_bind_param::<Text, _>(&m.updated_at)?;
+    out.push_sql(", last_action = ");
+    out.push_bind_param::<Text, _>(m.last_action)?;
+    out.push_sql(", append_count = ");
+    out.push_bind_param::<BigInt, _>(&m.append_count)?;
+    out.push_sql(", stream_status = ");
+    out.push_bind_param::<Text, _>(m.stream_status.as_str())?;
+    out.push_sql(", last_append_at = ");
+    out.push_bind_param::<Nullable<Text>, _>(&m.last_append_at)?;
+    out.push_sql(" WHERE channel_id = ");
+    out.push_bind_param::<Text, _>(&m.channel_id)?;
+    out.push_sql(" AND message_serial = ");
+    out.push_bind_param::<Text, _>(&m.message_serial)?;
+});
