@@ -11,6 +11,8 @@ use switchboard_actors::session::SessionConfig;
 pub struct Config {
     pub bind: String,
     pub database: String,
+    /// Fan-out between nodes: `local` (one node) or `redis://host:port[/db]` (cluster mode).
+    pub broker: String,
     pub bootstrap_app: Option<String>,
     pub admin_token: Option<String>,
     /// Browser origins admitted on `/api` (CORS) and the realtime WebSocket, for every
@@ -34,6 +36,7 @@ impl Default for Config {
         Self {
             bind: "127.0.0.1:6001".into(),
             database: "sqlite://data/switchboard.db".into(),
+            broker: "local".into(),
             bootstrap_app: None,
             admin_token: None,
             allowed_origins: Vec::new(),
@@ -51,6 +54,7 @@ impl Default for Config {
 const KEYS: &[(&str, &str)] = &[
     ("bind", "SWITCHBOARD_BIND"),
     ("database", "SWITCHBOARD_DATABASE"),
+    ("broker", "SWITCHBOARD_BROKER"),
     ("bootstrap_app", "SWITCHBOARD_BOOTSTRAP_APP"),
     ("admin_token", "SWITCHBOARD_ADMIN_TOKEN"),
     ("allowed_origins", "SWITCHBOARD_ALLOWED_ORIGINS"),
@@ -109,6 +113,7 @@ impl Config {
         match key {
             "bind" => self.bind = v.into(),
             "database" => self.database = v.into(),
+            "broker" => self.broker = parse_broker(v)?,
             "bootstrap_app" => {
                 self.bootstrap_app = Some(v.into()).filter(|s: &String| !s.is_empty())
             }
@@ -151,6 +156,20 @@ impl Config {
     }
 }
 
+/// `local` or a `redis://` URL (TLS is not built in).
+pub fn parse_broker(v: &str) -> Result<String, String> {
+    let v = v.trim();
+    if v.is_empty() || v == "local" {
+        Ok("local".into())
+    } else if v.starts_with("redis://") && v.len() > "redis://".len() {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "broker must be local or redis://host:port, not '{v}'"
+        ))
+    }
+}
+
 /// `key = value` lines; `[section]` headers prefix keys; `#` comments; quotes optional.
 fn parse_file(text: &str) -> Result<HashMap<String, String>, String> {
     let mut out = HashMap::new();
@@ -190,6 +209,18 @@ mod tests {
         assert_eq!(v.get("realtime.max_replay").map(String::as_str), Some("10"));
         let mut c = Config::default();
         assert!(c.set("nope", "1").is_err());
+    }
+
+    #[test]
+    fn broker_is_local_unless_a_redis_url_is_given() {
+        let mut c = Config::default();
+        assert_eq!(c.broker, "local");
+        c.set("broker", "redis://127.0.0.1:6379/0").expect("redis");
+        assert_eq!(c.broker, "redis://127.0.0.1:6379/0");
+        assert!(c.set("broker", "kafka://x").is_err());
+        assert!(c.set("broker", "redis://").is_err());
+        c.set("broker", "local").expect("local");
+        assert_eq!(c.broker, "local");
     }
 
     #[test]

@@ -31,6 +31,9 @@ enum Command {
     Serve {
         #[arg(long)]
         bind: Option<String>,
+        /// Fan-out between nodes: `local` (default) or `redis://host:port[/db]` (cluster).
+        #[arg(long)]
+        broker: Option<String>,
         /// Ensure a demo workspace with members alice, bob and helper and print tokens.
         #[arg(long)]
         demo: bool,
@@ -114,9 +117,12 @@ fn run(cli: Cli) -> Result<(), String> {
         config.database = db;
     }
     match cli.command {
-        Command::Serve { bind, demo } => {
+        Command::Serve { bind, broker, demo } => {
             if let Some(b) = bind {
                 config.bind = b;
+            }
+            if let Some(b) = broker {
+                config.broker = config::parse_broker(&b)?;
             }
             server::serve(config, demo)
         }

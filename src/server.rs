@@ -5,13 +5,14 @@ use std::sync::Arc;
 use actix_web::dev::Service;
 use actix_web::{web, App, HttpServer};
 use futures_util::FutureExt;
-use switchboard_actors::webhooks::{WebhookConfig, WebhookDispatcher};
 use switchboard_actors::broker::{Broker, LocalBroker};
 use switchboard_actors::error::close_code;
 use switchboard_actors::metrics::Metrics;
 use switchboard_actors::persistence::{Persistence, PersistenceConfig};
+use switchboard_actors::redis_broker::RedisBroker;
 use switchboard_actors::registry::Registry;
 use switchboard_actors::store::{self, queries};
+use switchboard_actors::webhooks::{WebhookConfig, WebhookDispatcher};
 use switchboard_actors::workspace::CloseAll;
 
 use crate::config::Config;
@@ -31,7 +32,11 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let _ = switchboard_actors::METRICS.set(metrics.clone());
     let registry = Registry::new(pool.clone());
-    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(registry.clone()));
+    let broker: Arc<dyn Broker> = if config.broker == "local" {
+        Arc::new(LocalBroker::new(registry.clone()))
+    } else {
+        Arc::new(RedisBroker::start(&config.broker, registry.clone())?)
+    };
     let (persistence, writer) = Persistence::start(
         &pool,
         broker.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 
 use crate::domain::event::{Event, Viewer};
+use crate::gap_repair::{self, Repair};
 use crate::pusher::hub::PusherHub;
 use crate::registry::Registry;
 
@@ -52,6 +53,12 @@ pub struct Deliver(pub Vec<Arc<Event>>);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct DeliverEphemeral(pub Arc<Event>);
+
+/// Deliver what committed after the last dispatched cursor: the broker may have lost
+/// notifications (a Redis reconnect in cluster mode).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CatchUp;
 
 /// Close every session of an entity (blocked or deactivated).
 #[derive(Message)]
@@ -218,6 +225,113 @@ impl WorkspaceActor {
     }
 }
 
+impl WorkspaceActor {
+    /// Delivers committed events in cursor order: already dispatched ones are dropped, and a
+    /// gap (events this node was not told of) is read back from the database first.
+    fn deliver_in_order(&mut self, mut events: Vec<Arc<Event>>, ctx: &mut Context<Self>) {
+        for i in 0..events.len() {
+            let Some(cursor) = events[i].cursor else {
+                continue;
+            };
+            if cursor <= self.dispatched {
+                continue;
+            }
+            if cursor > self.dispatched + 1 {
+                let rest = events.split_off(i);
+                self.repair(Some(cursor - 1), rest, ctx);
+                return;
+            }
+            let ev = events[i].clone();
+            self.dispatch(&ev);
+        }
+    }
+
+    /// Reads `(dispatched, upto]` (`None`: up to the last commit) off the actor thread, then
+    /// delivers it and `then`. The actor waits meanwhile, so later deliveries keep their order.
+    fn repair(&mut self, upto: Option<i64>, then: Vec<Arc<Event>>, ctx: &mut Context<Self>) {
+        let pool = self.registry.pool().clone();
+        let id = self.id.clone();
+        let after = self.dispatched;
+        let read = actix_web::web::block(move || gap_repair::read(&pool, &id, after, upto));
+        ctx.wait(read.into_actor(self).map(move |res, act, ctx| {
+            let res = res.map_err(|e| e.to_string()).and_then(|r| r);
+            match res {
+                Ok(Repair::Events { events, through }) => {
+                    if !events.is_empty() {
+                        log::info!(
+                            "workspace {}: repaired {} missed events up to cursor {through}",
+                            act.id,
+                            events.len()
+                        );
+                    }
+                    for ev in &events {
+                        if ev.cursor.is_some_and(|c| c > act.dispatched) {
+                            act.dispatch(ev);
+                        }
+                    }
+                    act.dispatched = act.dispatched.max(through);
+                }
+                Ok(Repair::TooFar { through }) => {
+                    log::warn!(
+                        "workspace {}: {} events missed; sockets resync",
+                        act.id,
+                        through - act.dispatched
+                    );
+                    act.resync_all(through);
+                }
+                Err(e) if upto.is_some() => {
+                    // The gap cannot be filled: rather than deliver past it, sockets resync.
+                    log::error!("workspace {}: gap repair failed: {e}", act.id);
+                    act.resync_all(upto.unwrap_or(act.dispatched));
+                }
+                Err(e) => {
+                    // Nothing was skipped yet: the next delivery finds the gap and retries.
+                    log::warn!("workspace {}: catch-up failed: {e}", act.id);
+                }
+            }
+            act.deliver_in_order(then, ctx);
+        }));
+    }
+
+    /// Closes every socket with the resync codes and goes on from `through`.
+    fn resync_all(&mut self, through: i64) {
+        self.by_entity.clear();
+        for (_, s) in self.sessions.drain() {
+            s.recipient.do_send(Outbound::Close(
+                crate::error::close_code::RESYNC_REQUIRED,
+                "missed events; resync",
+            ));
+        }
+        self.pusher.close_all(
+            crate::error::close_code::pusher::RECONNECT,
+            "missed events; reconnect",
+        );
+        self.dispatched = self.dispatched.max(through);
+    }
+
+    /// Fans one event out to both faces and advances the tail.
+    fn dispatch(&mut self, ev: &Arc<Event>) {
+        let Some(cursor) = ev.cursor else { return };
+        self.dispatched = cursor;
+        // A member learns of its own removal, so membership shrinks after the fan-out.
+        if ev.event_type == "channel.member_removed" {
+            self.fan_out(ev, false);
+            self.track_membership(ev);
+        } else {
+            self.track_membership(ev);
+            self.fan_out(ev, false);
+        }
+        let overflowed = self.pusher.deliver(ev);
+        if !overflowed.is_empty() {
+            let mut hooks = Vec::new();
+            self.pusher.close_overflowed(overflowed, &mut hooks);
+            for h in hooks {
+                self.registry.emit_webhook(&self.id, h);
+            }
+        }
+    }
+}
+
 impl Actor for WorkspaceActor {
     type Context = Context<Self>;
 
@@ -256,31 +370,16 @@ impl Handler<Unregister> for WorkspaceActor {
 impl Handler<Deliver> for WorkspaceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
-        for ev in &msg.0 {
-            let Some(cursor) = ev.cursor else { continue };
-            // Events at or below the tail this actor started from are covered by replay.
-            if cursor <= self.dispatched {
-                continue;
-            }
-            self.dispatched = cursor;
-            // A member learns of its own removal, so membership shrinks after the fan-out.
-            if ev.event_type == "channel.member_removed" {
-                self.fan_out(ev, false);
-                self.track_membership(ev);
-            } else {
-                self.track_membership(ev);
-                self.fan_out(ev, false);
-            }
-            let overflowed = self.pusher.deliver(ev);
-            if !overflowed.is_empty() {
-                let mut hooks = Vec::new();
-                self.pusher.close_overflowed(overflowed, &mut hooks);
-                for h in hooks {
-                    self.registry.emit_webhook(&self.id, h);
-                }
-            }
-        }
+    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
+        self.deliver_in_order(msg.0, ctx);
+    }
+}
+
+impl Handler<CatchUp> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: CatchUp, ctx: &mut Self::Context) {
+        self.repair(None, Vec::new(), ctx);
     }
 }
 

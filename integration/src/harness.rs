@@ -102,6 +102,8 @@ pub fn parse_body(status: u16, bytes: &[u8], what: &str) -> Value {
 pub struct ServerBuilder {
     env: Vec<(String, String)>,
     app_id: Option<String>,
+    app: Option<AppCreds>,
+    database: Option<PathBuf>,
 }
 
 impl ServerBuilder {
@@ -119,20 +121,34 @@ impl ServerBuilder {
         self
     }
 
+    /// Bootstraps these credentials instead of fresh ones (nodes of one cluster share them).
+    pub fn app(mut self, app: &AppCreds) -> Self {
+        self.app = Some(app.clone());
+        self
+    }
+
+    /// Uses this SQLite file instead of one in the server's own temp dir (nodes of one
+    /// cluster share it).
+    pub fn database(mut self, path: &std::path::Path) -> Self {
+        self.database = Some(path.to_path_buf());
+        self
+    }
+
     pub async fn start(self) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("switchboard-it-")
             .tempdir()
             .expect("create temp dir");
-        let app = AppCreds {
+        let app = self.app.unwrap_or_else(|| AppCreds {
             id: self.app_id.unwrap_or_else(|| "1001".to_owned()),
             key: format!("key{}", random_string(16)),
             secret: random_string(32),
-        };
+        });
         let mut server = TestServer {
             bin: default_bin(),
             port: free_port(),
             dir,
+            database: self.database,
             app,
             admin_token: random_string(40),
             extra_env: self.env,
@@ -149,6 +165,8 @@ pub struct TestServer {
     bin: PathBuf,
     port: u16,
     dir: tempfile::TempDir,
+    /// A database file outside `dir` (shared with other servers), if one was given.
+    database: Option<PathBuf>,
     /// The bootstrap workspace (`SWITCHBOARD_BOOTSTRAP_APP`).
     pub app: AppCreds,
     /// `SWITCHBOARD_ADMIN_TOKEN`.
@@ -177,7 +195,9 @@ impl TestServer {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("sb.db")
+        self.database
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("sb.db"))
     }
 
     pub fn db_url(&self) -> String {

@@ -1,2 +1,3 @@
 pub mod harness;
 pub mod pusher_client;
+pub mod redis_server;

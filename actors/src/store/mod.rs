@@ -1,5 +1,6 @@
 //! Storage: diesel schema, row types and one function per query, each taking `&mut Conn`.
 
+pub mod cluster_queries;
 pub mod fixed;
 pub mod listing;
 pub mod queries;
