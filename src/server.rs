@@ -59,8 +59,10 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     let result: std::io::Result<()> = system.block_on(async move {
         switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);
         // Webhooks leave from their own actor, never from a request or a hub.
+        let mut hooks_at_exit = None;
         match WebhookDispatcher::start(hooks_pool, WebhookConfig::default()) {
             Ok(sink) => {
+                hooks_at_exit = Some(sink.clone());
                 let on_change = sink.clone();
                 registry.set_settings_hook(Box::new(move |ws| on_change.settings_changed(ws)));
                 registry.set_webhook_sink(Box::new(move |ws, ev| sink.emit(ws, ev)));
@@ -96,6 +98,13 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
                         reason: "server shutting down",
                     })
                     .await;
+            }
+            // Cluster mode: this node's presence members and subscriptions leave at once.
+            if let Some(cluster) = registry.cluster() {
+                cluster.shutdown().await;
+            }
+            if let Some(hooks) = hooks_at_exit {
+                hooks.drain(std::time::Duration::from_secs(3)).await;
             }
             handle.stop(true).await;
         });

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod cluster_presence;
 pub mod compaction;
 pub mod domain;
 pub mod error;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::broker::{Broker, LocalBroker};
+use crate::cluster_presence::{self, ClusterPresence};
 use crate::domain::event::Event;
 use crate::redis_wire::{self, Envelope};
 use crate::registry::Registry;
@@ -65,12 +66,16 @@ impl RedisBroker {
             .build()
             .map_err(|e| format!("broker runtime: {e}"))?;
         let (s, r) = (stats.clone(), registry.clone());
+        // Presence and occupancy across nodes (see `cluster_presence`).
+        let (presence, ops) = ClusterPresence::new(node.clone());
+        registry.set_cluster(presence.clone());
         std::thread::Builder::new()
             .name("redis-broker".into())
             .spawn(move || {
                 runtime.block_on(async move {
                     tokio::join!(
                         publisher(client.clone(), node.clone(), rx, s.clone()),
+                        cluster_presence::run(client.clone(), presence, ops, r.clone()),
                         subscriber(client, node, r, s),
                     );
                 });
@@ -301,13 +306,18 @@ async fn listen(pubsub: redis::aio::PubSub, node: &str, registry: &Registry) {
 }
 
 fn receive(msg: &redis::Msg, own: &[u8], node: &str, registry: &Registry) {
-    let Some((workspace_id, durable)) = redis_wire::parse_channel(msg.get_channel_name()) else {
-        return;
-    };
     let payload = msg.get_payload_bytes();
+    let name = msg.get_channel_name();
+    // Hub messages: a node applies its own member changes too (in Redis's order).
+    if let Some(ws) = name.strip_prefix(cluster_presence::HUB_PREFIX) {
+        return cluster_presence::receive(registry, node, ws, payload);
+    }
     if payload.starts_with(own) {
         return;
     }
+    let Some((workspace_id, durable)) = redis_wire::parse_channel(name) else {
+        return;
+    };
     // No actor: no socket of that workspace here, and a new actor starts from the database.
     let Some(addr) = registry.running_workspace(workspace_id) else {
         return;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use actix::{Actor, Addr};
 
 use crate::channel::ChannelActor;
+use crate::cluster_presence::ClusterPresence;
 use crate::domain::capabilities::Capabilities;
 use crate::error::{ApiError, ApiResult};
 use crate::persistence::Persistence;
@@ -30,6 +31,8 @@ pub struct Registry {
     pool: DbPool,
     webhooks: std::sync::OnceLock<WebhookSink>,
     settings_changed: std::sync::OnceLock<SettingsHook>,
+    /// Cluster mode (Redis broker): presence and occupancy shared between nodes.
+    cluster: std::sync::OnceLock<Arc<ClusterPresence>>,
     workspaces: Mutex<HashMap<String, Addr<WorkspaceActor>>>,
     channels: Mutex<HashMap<String, Addr<ChannelActor>>>,
     sockets: Mutex<HashMap<String, SocketIdentity>>,
@@ -41,6 +44,7 @@ impl Registry {
             pool,
             webhooks: std::sync::OnceLock::new(),
             settings_changed: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
             workspaces: Mutex::default(),
             channels: Mutex::default(),
             sockets: Mutex::default(),
@@ -161,6 +165,35 @@ impl Registry {
             .get(socket_id)
             .filter(|s| s.workspace_id == workspace_id)
             .cloned()
+    }
+
+    /// Set once at start by the Redis broker.
+    pub fn set_cluster(&self, cluster: Arc<ClusterPresence>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<Arc<ClusterPresence>> {
+        self.cluster.get().cloned()
+    }
+
+    /// The ids of the running workspace actors.
+    pub fn running_workspace_ids(&self) -> Vec<String> {
+        lock(&self.workspaces)
+            .iter()
+            .filter(|(_, a)| a.connected())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Calls `f` with the workspace's running actor, or `None`, while no actor of it can
+    /// start: what `f` does without one comes before anything a later actor does.
+    pub fn with_workspace<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(Option<&Addr<WorkspaceActor>>) -> R,
+    ) -> R {
+        let map = lock(&self.workspaces);
+        f(map.get(id).filter(|a| a.connected()))
     }
 
     /// Every running workspace actor (graceful shutdown closes their sessions).

@@ -224,6 +224,22 @@ impl WebhookSink {
         }
     }
 
+    /// Sends what is queued now and waits, up to `within`, until nothing is queued or in
+    /// flight (graceful shutdown: the last occupancy and presence events still leave).
+    pub async fn drain(&self, within: Duration) {
+        let Some((addr, _)) = &self.inner else {
+            return;
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            match addr.send(Drain).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) if Instant::now() >= deadline => return,
+                Ok(_) => actix_web::rt::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     pub fn stats(&self) -> WebhookStats {
         match &self.inner {
             Some((_, c)) => WebhookStats {
@@ -462,6 +478,27 @@ impl Handler<WebhookEvent> for WebhookDispatcher {
         if queue.events.len() >= self.config.max_batch {
             self.flush(&msg.workspace_id, ctx);
         }
+    }
+}
+
+/// Flushes every queue now; answers the events still queued, loading or in flight.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+struct Drain;
+
+impl Handler<Drain> for WebhookDispatcher {
+    type Result = usize;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) -> usize {
+        let ids: Vec<String> = self.queues.keys().cloned().collect();
+        for id in &ids {
+            self.flush(id, ctx);
+        }
+        self.queues
+            .values()
+            .map(|q| q.events.len() + q.in_flight.load(Ordering::Relaxed))
+            .sum::<usize>()
+            + self.loading.len()
     }
 }
 

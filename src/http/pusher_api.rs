@@ -1,6 +1,7 @@
 //! The Pusher HTTP API beside `/events` (SPEC §5): batches, channel occupancy and presence
-//! users, and terminating a user's connections. Occupancy is what this node's hub knows: the
-//! sockets subscribed through the Pusher face.
+//! users, and terminating a user's connections. Occupancy counts the sockets subscribed
+//! through the Pusher face: of the whole cluster with the Redis broker (falling back to this
+//! node's hub while Redis cannot answer), of this node otherwise.
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -67,6 +68,11 @@ fn counts(stat: Option<&ChannelStat>, wanted: InfoFields, channel: &str) -> Map<
 }
 
 async fn stat_of(state: &AppState, workspace_id: &str, channel: &str) -> Option<ChannelStat> {
+    if let Some(cluster) = state.registry.cluster() {
+        if let Some(stat) = cluster.channel(workspace_id, channel).await {
+            return stat;
+        }
+    }
     let hub = state.registry.running_workspace(workspace_id)?;
     hub.send(ChannelStatus {
         name: channel.to_string(),
@@ -178,14 +184,19 @@ async fn list_channels(
     {
         return Err(ApiError::invalid("info=user_count needs filter_by_prefix=presence-").into());
     }
-    let list = match state.registry.running_workspace(&ws.id) {
-        Some(hub) => hub
+    let cluster = match state.registry.cluster() {
+        Some(c) => c.channels(&ws.id, q.filter_by_prefix.as_deref()).await,
+        None => None,
+    };
+    let list = match (cluster, state.registry.running_workspace(&ws.id)) {
+        (Some(list), _) => list,
+        (None, Some(hub)) => hub
             .send(ListChannels {
                 prefix: q.filter_by_prefix,
             })
             .await
             .map_err(ApiError::internal)?,
-        None => Vec::new(),
+        (None, None) => Vec::new(),
     };
     let channels: Map<String, Value> = list
         .iter()
@@ -231,18 +242,24 @@ async fn channel_users(
     if ChannelKind::of(&channel) != ChannelKind::Presence {
         return Err(ApiError::invalid("users are only available on presence channels").into());
     }
-    let ids = match state.registry.running_workspace(&ws.id) {
-        Some(hub) => hub
+    let cluster = match state.registry.cluster() {
+        Some(c) => c.users(&ws.id, &channel).await,
+        None => None,
+    };
+    let ids = match (cluster, state.registry.running_workspace(&ws.id)) {
+        (Some(ids), _) => ids,
+        (None, Some(hub)) => hub
             .send(PresenceUsers { name: channel })
             .await
             .map_err(ApiError::internal)?,
-        None => Vec::new(),
+        (None, None) => Vec::new(),
     };
     let users: Vec<Value> = ids.into_iter().map(|id| json!({ "id": id })).collect();
     Ok(json(StatusCode::OK, &json!({ "users": users })))
 }
 
-/// `POST /users/{id}/terminate_connections`: closes the user's sockets (4009). `{}`.
+/// `POST /users/{id}/terminate_connections`: closes the user's sockets (4009) on every node.
+/// `{}`.
 async fn terminate_connections(
     state: State,
     req: HttpRequest,
@@ -252,6 +269,10 @@ async fn terminate_connections(
     let (app, user_id) = path.into_inner();
     let ws = signed_app(&state, &req, &body, &app).await?;
     validation::entity_id(&user_id)?;
+    // Every node closes its own sockets of the user.
+    if let Some(cluster) = state.registry.cluster() {
+        cluster.terminate_user(&ws.id, &user_id);
+    }
     if let Some(hub) = state.registry.running_workspace(&ws.id) {
         hub.send(TerminateUser { user_id })
             .await

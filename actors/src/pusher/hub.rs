@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::delivery::PusherDelivery;
 use super::protocol::{self, Protocol};
+use crate::cluster_presence::{ChannelState, ClusterJoin, ClusterPresence, HubMessage, Op};
 use crate::domain::event::Event;
 use crate::error::close_code;
 use crate::workspace::WorkspaceActor;
@@ -85,7 +86,7 @@ pub struct Identify {
 /// Subscribes; answers the presence data of a presence channel (`None` otherwise), or why
 /// the subscription is refused.
 #[derive(Message)]
-#[rtype(result = "Result<Option<Value>, &'static str>")]
+#[rtype(result = "Result<Joined, &'static str>")]
 pub struct Join {
     pub session_id: u64,
     pub channel: String,
@@ -93,6 +94,15 @@ pub struct Join {
     /// The entity whose membership of a private chat channel admitted this socket (no
     /// signature): it receives that channel's messages only while it stays a recipient.
     pub via_member: Option<String>,
+}
+
+/// What a subscribe answers.
+#[derive(Debug)]
+pub struct Joined {
+    /// The presence data this node knows of (presence channels only).
+    pub presence: Option<Value>,
+    /// Cluster mode: the cluster's answer (members on other nodes, or a full channel).
+    pub cluster: Option<tokio::sync::oneshot::Receiver<ClusterJoin>>,
 }
 
 #[derive(Message)]
@@ -154,6 +164,51 @@ pub struct TerminateUser {
     pub user_id: String,
 }
 
+/// Cluster mode: a presence change decided by the cluster (or, while Redis is unreachable,
+/// by this node), for this node's subscribers of the channel. `user_info` is set on arrivals.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemotePresence {
+    pub channel: String,
+    pub user_id: String,
+    pub user_info: Option<Value>,
+    /// The socket whose subscribe caused the arrival: it gets `subscription_succeeded`.
+    pub except_session: Option<u64>,
+}
+
+/// Cluster mode: a client event sent by a socket of another node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RemoteFrame {
+    pub channel: String,
+    pub frame: String,
+}
+
+/// Cluster mode: send this node's whole state of the workspace to the cluster again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClusterResync {
+    /// Redis lost its data: rebuild without announcing anything.
+    pub silent: bool,
+}
+
+/// The presence data of `subscription_succeeded`: `{presence: {ids, hash, count}}`.
+pub fn presence_data(members: impl IntoIterator<Item = (String, Value)>) -> Value {
+    let hash: serde_json::Map<String, Value> = members.into_iter().collect();
+    let ids: Vec<&String> = hash.keys().collect();
+    json!({"presence": {"ids": ids, "hash": hash, "count": hash.len()}})
+}
+
+/// The local presence data completed with the cluster's members (the local ones win: they
+/// are newer than a snapshot).
+pub fn merge_presence(local: &Value, cluster: Vec<(String, Value)>) -> Value {
+    let mut members: Vec<(String, Value)> = cluster;
+    if let Some(hash) = local["presence"]["hash"].as_object() {
+        members.extend(hash.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    presence_data(members)
+}
+
 struct HubSession {
     recipient: Recipient<PusherOutbound>,
     socket_id: Arc<str>,
@@ -182,14 +237,30 @@ impl HubChannel {
     }
 
     fn presence_data(&self) -> Value {
-        let ids: Vec<&String> = self.members.keys().collect();
-        let hash: serde_json::Map<String, Value> = self
-            .members
-            .iter()
-            .map(|(id, (info, _))| (id.clone(), info.clone()))
-            .collect();
-        json!({"presence": {"ids": ids, "hash": hash, "count": self.members.len()}})
+        presence_data(
+            self.members
+                .iter()
+                .map(|(id, (info, _))| (id.clone(), info.clone())),
+        )
     }
+
+    fn state(&self, name: &str) -> ChannelState {
+        ChannelState {
+            name: name.to_string(),
+            count: self.subscribers.len(),
+            members: self
+                .members
+                .iter()
+                .map(|(id, (info, _))| (id.clone(), info.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// Cluster mode: the Redis task and this hub's workspace.
+struct ClusterLink {
+    presence: Arc<ClusterPresence>,
+    workspace_id: String,
 }
 
 /// The hub's state inside a WorkspaceActor.
@@ -197,6 +268,9 @@ impl HubChannel {
 pub struct PusherHub {
     sessions: HashMap<u64, HubSession>,
     channels: HashMap<String, HubChannel>,
+    /// Set with the Redis broker: occupancy and presence events are then decided
+    /// cluster-wide (see `cluster_presence`), not by this hub.
+    cluster: Option<ClusterLink>,
 }
 
 impl PusherHub {
@@ -251,9 +325,22 @@ impl PusherHub {
                 }
             }
         }
-        let vacant = ch.subscribers.is_empty();
+        let count = ch.subscribers.len();
+        let vacant = count == 0;
         if vacant {
             self.channels.remove(channel);
+        }
+        if let Some(s) = self.sessions.get_mut(&session_id) {
+            s.channels.retain(|c| c != channel);
+        }
+        if let Some(link) = &self.cluster {
+            link.presence.send(Op::Leave {
+                ws: link.workspace_id.clone(),
+                channel: channel.to_string(),
+                count,
+                departed,
+            });
+            return;
         }
         if let Some(user) = departed {
             hooks.push(json!({"name": "member_removed", "channel": channel, "user_id": user}));
@@ -262,9 +349,6 @@ impl PusherHub {
         }
         if vacant {
             hooks.push(json!({"name": "channel_vacated", "channel": channel}));
-        }
-        if let Some(s) = self.sessions.get_mut(&session_id) {
-            s.channels.retain(|c| c != channel);
         }
     }
 
@@ -357,6 +441,14 @@ impl PusherHub {
 
     pub fn close_all(&mut self, code: u16, reason: &'static str) {
         self.channels.clear();
+        if let Some(link) = &self.cluster {
+            // Nothing of this workspace is left on this node.
+            link.presence.send(Op::Sync {
+                ws: link.workspace_id.clone(),
+                channels: Vec::new(),
+                silent: false,
+            });
+        }
         for (_, s) in self.sessions.drain() {
             s.recipient.do_send(PusherOutbound::Close(code, reason));
         }
@@ -375,6 +467,12 @@ impl Handler<Connect> for WorkspaceActor {
     type Result = ();
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
+        if self.pusher.cluster.is_none() {
+            self.pusher.cluster = self.registry.cluster().map(|presence| ClusterLink {
+                presence,
+                workspace_id: self.id.clone(),
+            });
+        }
         self.pusher.sessions.insert(
             msg.session_id,
             HubSession {
@@ -398,7 +496,7 @@ impl Handler<Identify> for WorkspaceActor {
 }
 
 impl Handler<Join> for WorkspaceActor {
-    type Result = Result<Option<Value>, &'static str>;
+    type Result = Result<Joined, &'static str>;
 
     fn handle(&mut self, msg: Join, _: &mut Self::Context) -> Self::Result {
         let hub = &mut self.pusher;
@@ -421,30 +519,53 @@ impl Handler<Join> for WorkspaceActor {
             None => ch.via_member.remove(&msg.session_id),
         };
         // A second subscribe of the same socket changes nothing but is answered again.
-        if ch.subscribers.contains_key(&msg.session_id) {
-            return Ok(ch.presence.then(|| ch.presence_data()));
+        let again = ch.subscribers.contains_key(&msg.session_id);
+        let mut arrived = None;
+        if !again {
+            session.channels.push(msg.channel.clone());
+            ch.subscribers.insert(
+                msg.session_id,
+                msg.member.as_ref().map(|m| m.user_id.clone()),
+            );
+            if let Some(m) = &msg.member {
+                let entry = ch
+                    .members
+                    .entry(m.user_id.clone())
+                    .or_insert_with(|| (m.user_info.clone(), 0));
+                entry.1 += 1;
+                if entry.1 == 1 {
+                    arrived = Some(m.clone());
+                }
+            }
         }
-        session.channels.push(msg.channel.clone());
-        ch.subscribers.insert(
-            msg.session_id,
-            msg.member.as_ref().map(|m| m.user_id.clone()),
-        );
+        let answer = ch.presence.then(|| ch.presence_data());
+        if let Some(link) = &hub.cluster {
+            // The cluster decides occupancy and arrivals, and knows the other nodes' members.
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            link.presence.send(Op::Join {
+                ws: link.workspace_id.clone(),
+                channel: msg.channel.clone(),
+                count: ch.subscribers.len(),
+                member: msg.member,
+                arrived: arrived.is_some(),
+                session: msg.session_id,
+                reply,
+            });
+            return Ok(Joined {
+                presence: answer,
+                cluster: Some(rx),
+            });
+        }
+        if again {
+            return Ok(Joined {
+                presence: answer,
+                cluster: None,
+            });
+        }
         let mut hooks = Vec::new();
         if occupied {
             hooks.push(json!({"name": "channel_occupied", "channel": msg.channel}));
         }
-        let mut arrived = None;
-        if let Some(m) = msg.member {
-            let entry = ch
-                .members
-                .entry(m.user_id.clone())
-                .or_insert_with(|| (m.user_info.clone(), 0));
-            entry.1 += 1;
-            if entry.1 == 1 {
-                arrived = Some(m);
-            }
-        }
-        let answer = ch.presence.then(|| ch.presence_data());
         if let Some(m) = arrived {
             hooks.push(
                 json!({"name": "member_added", "channel": msg.channel, "user_id": m.user_id}),
@@ -456,7 +577,10 @@ impl Handler<Join> for WorkspaceActor {
             hub.broadcast(&msg.channel, frames, Some(msg.session_id));
         }
         self.emit_hooks(hooks);
-        Ok(answer)
+        Ok(Joined {
+            presence: answer,
+            cluster: None,
+        })
     }
 }
 
@@ -507,8 +631,62 @@ impl Handler<ClientEvent> for WorkspaceActor {
             hook["user_id"] = json!(u);
         }
         let frame = protocol::client_event(&msg.channel, &msg.event, &msg.data, user_id.as_deref());
+        if let Some(link) = &hub.cluster {
+            link.presence.send(Op::Publish {
+                ws: link.workspace_id.clone(),
+                message: HubMessage::Client {
+                    channel: msg.channel.clone(),
+                    frame: frame.clone(),
+                },
+            });
+        }
         hub.broadcast(&msg.channel, Frames::same(frame), Some(msg.session_id));
         self.emit_hooks(vec![hook]);
+    }
+}
+
+impl Handler<RemotePresence> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemotePresence, _: &mut Self::Context) {
+        let channel = msg.channel;
+        let frames = match &msg.user_info {
+            Some(info) => {
+                Frames::per_protocol(|p| protocol::member_added(p, &channel, &msg.user_id, info))
+            }
+            None => Frames::per_protocol(|p| protocol::member_removed(p, &channel, &msg.user_id)),
+        };
+        self.pusher.broadcast(&channel, frames, msg.except_session);
+    }
+}
+
+impl Handler<RemoteFrame> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoteFrame, _: &mut Self::Context) {
+        self.pusher
+            .broadcast(&msg.channel, Frames::same(msg.frame), None);
+    }
+}
+
+impl Handler<ClusterResync> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClusterResync, _: &mut Self::Context) {
+        let Some(presence) = self.registry.cluster() else {
+            return;
+        };
+        let channels = self
+            .pusher
+            .channels
+            .iter()
+            .map(|(name, ch)| ch.state(name))
+            .collect();
+        presence.send(Op::Sync {
+            ws: self.id.clone(),
+            channels,
+            silent: msg.silent,
+        });
     }
 }
 

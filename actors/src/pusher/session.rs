@@ -16,10 +16,12 @@ use serde_json::{json, Value};
 use super::channel_auth::{self, ChannelKind};
 use super::delivery::{frame_of, PusherDelivery};
 use super::hub::{
-    ClientEvent, Connect, Disconnect, Identify, Join, Leave, PresenceMember, PusherOutbound,
+    merge_presence, ClientEvent, Connect, Disconnect, Identify, Join, Joined, Leave,
+    PresenceMember, PusherOutbound,
 };
 use super::protocol::{self, AppendMode, Inbound, Protocol};
 use super::replay;
+use crate::cluster_presence::{ClusterJoin, REPLY_TIMEOUT};
 use crate::domain::capabilities::Capabilities;
 use crate::domain::channel::ChannelType;
 use crate::domain::versioned::Action;
@@ -392,7 +394,11 @@ impl PusherSession {
                 );
             }
         } else if channel.starts_with('#') {
-            return self.error(ctx, code::CHANNEL_ERROR, "channel names starting with '#' are reserved");
+            return self.error(
+                ctx,
+                code::CHANNEL_ERROR,
+                "channel names starting with '#' are reserved",
+            );
         }
         let kind = ChannelKind::of(&channel);
         let channel_data = data.get("channel_data").and_then(Value::as_str);
@@ -446,7 +452,11 @@ impl PusherSession {
         };
         let token_caps = self.token.as_ref().and_then(|t| t.capabilities.clone());
         let registry = self.registry.clone();
-        let after_join = (self.registry.clone(), app.workspace_id.clone(), channel.clone());
+        let after_join = (
+            self.registry.clone(),
+            app.workspace_id.clone(),
+            channel.clone(),
+        );
         let user = self.user_id.clone();
         let (session_id, ws_id) = (self.id, app.workspace_id.clone());
         let name = channel.clone();
@@ -479,6 +489,30 @@ impl PusherSession {
                 })
                 .await
                 .map_err(ApiError::internal)?;
+            let joined = match joined {
+                Err(why) => Err(why),
+                Ok(Joined {
+                    presence,
+                    cluster: None,
+                }) => Ok(presence),
+                // Cluster mode: the members of every node, or a channel full cluster-wide.
+                Ok(Joined {
+                    presence,
+                    cluster: Some(answer),
+                }) => match tokio::time::timeout(REPLY_TIMEOUT, answer).await {
+                    Ok(Ok(ClusterJoin::Full)) => {
+                        workspace.do_send(Leave {
+                            session_id,
+                            channel: channel.clone(),
+                        });
+                        Err("the presence channel is full")
+                    }
+                    Ok(Ok(ClusterJoin::Members(members))) => {
+                        Ok(presence.map(|local| merge_presence(&local, members)))
+                    }
+                    _ => Ok(presence),
+                },
+            };
             // The position is read after joining: every later seq reaches this socket live,
             // and anything at or below it was committed before (V1 loses nothing between the
             // authorization read and the join).
