@@ -2,7 +2,11 @@
 CARGO ?= cargo
 DB ?= data/switchboard.db
 
-.PHONY: run build release test unit integration bench-quick bench fmt clippy clean
+# Tests run with a PostgreSQL and a Redis on loopback (installed and started when needed) and a
+# throwaway database per run: see scripts/test-services.sh.
+SERVICES := bash scripts/test-services.sh
+
+.PHONY: run build release test unit integration services cluster bench-quick bench fmt clippy clean
 
 run: release ## build, migrate data/switchboard.db, serve the demo on 127.0.0.1:6001
 	./target/release/switchboard serve --demo --database sqlite://$(DB)
@@ -13,14 +17,21 @@ build:
 release:
 	$(CARGO) build --release --bin switchboard
 
-test: build ## every test: unit tests of the domain and black-box tests against a real server
-	$(CARGO) test --workspace --all-targets -- --test-threads=4
+test: services build ## every test: unit tests of the domain and black-box tests against a real server
+	$(SERVICES) $(CARGO) test --workspace --all-targets -- --test-threads=4
 
 unit:
-	$(CARGO) test -p switchboard-actors -p switchboard
+	$(SERVICES) $(CARGO) test -p switchboard-actors -p switchboard
 
-integration: build
-	$(CARGO) test -p switchboard-integration -- --test-threads=4
+integration: services build
+	$(SERVICES) $(CARGO) test -p switchboard-integration -- --test-threads=4
+
+# First, so that a missing service fails fast and libpq-dev is there before the build.
+services: ## make sure the local PostgreSQL and Redis run (installs them when missing)
+	$(SERVICES) --ensure
+
+cluster: services release ## three nodes on 127.0.0.1:6001-6003, one PostgreSQL database, one Redis (docs/cluster.md)
+	bash scripts/cluster.sh
 
 bench-quick: ## 20k messages from 50 HTTP clients, 100 WebSocket subscribers
 	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench

@@ -1,5 +1,7 @@
 //! A private `redis-server` for one test: its own loopback port, no persistence, killed on
 //! drop. Cluster tests need a real Redis; a missing binary fails the test, never skips it.
+//! Tests that stop or restart Redis use one of these, never the shared one of `make test`
+//! (`SWITCHBOARD_TEST_REDIS`): `stop()`, then `restart()` on the same port.
 
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -61,6 +63,20 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Stops it (the port refuses connections until `restart`). Nothing is persisted, so
+    /// this is the same as `kill`.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
     /// SIGKILL: connections drop at once, as when Redis crashes.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -69,7 +85,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty: nothing persisted).
+    /// Starts it again on the same port (empty: nothing persisted); stops it first if it runs.
     pub async fn restart(&mut self) {
         self.kill();
         self.spawn().await;
