@@ -32,6 +32,8 @@ mod ai_stream;
 mod api;
 #[path = "bench/chat.rs"]
 mod chat;
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/fanout.rs"]
 mod fanout;
 #[path = "bench/idle.rs"]
@@ -53,7 +55,7 @@ mod subscriber;
 #[path = "bench/workers.rs"]
 mod workers;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -120,15 +122,36 @@ enum Command {
 /// Which server to load and where the results go (shared by every run).
 #[derive(Args, Clone, Debug)]
 pub struct TargetArgs {
-    /// Use a running server (http://host:port, loopback) instead of starting one.
-    #[arg(long, requires = "app")]
-    pub url: Option<String>,
+    /// Use a running server (http://host:port, loopback) instead of starting one. Repeat it
+    /// or separate with commas for the nodes of one cluster (`idle`, `fanout`): sockets go
+    /// round-robin over them, `fanout` publishes to the first.
+    #[arg(long, requires = "app", value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Credentials of the workspace on `--url`: id:key:secret.
-    #[arg(long, requires = "url")]
+    #[arg(long)]
     pub app: Option<String>,
-    /// Pid of the `--url` server, to read its CPU time and memory.
-    #[arg(long, requires = "url")]
-    pub server_pid: Option<u32>,
+    /// Pid of the `--url` server, to read its CPU time and memory; one per `--url`, in the
+    /// same order (repeat or separate with commas).
+    #[arg(long, requires = "url", value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// Start this many server nodes (`idle`, `fanout`): cluster mode, one shared database
+    /// (`--database`, default a fresh SQLite file) and one Redis (`--broker`, default a
+    /// redis-server the bench starts on a free loopback port).
+    #[arg(long, default_value_t = 1, conflicts_with = "url")]
+    pub cluster: usize,
+    /// Broker of the started nodes: redis://127.0.0.1:PORT (loopback). Default: `local` for
+    /// one node, a redis-server of the bench's own for `--cluster` 2+. With `--url`: only
+    /// recorded in the results.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Database of the started nodes, shared by all of them: sqlite://PATH or
+    /// postgres://… on loopback (default: a fresh SQLite file in a temporary directory).
+    /// With `--url`: only recorded in the results.
+    #[arg(long)]
+    pub database: Option<String>,
+    /// redis-server binary for `--cluster` without `--broker` (default: on PATH).
+    #[arg(long, env = "REDIS_SERVER_BIN")]
+    pub redis_bin: Option<PathBuf>,
     /// Server binary to start (default: next to this binary, else target/release/switchboard).
     #[arg(long, env = "SWITCHBOARD_BIN")]
     pub server_bin: Option<PathBuf>,
@@ -138,6 +161,58 @@ pub struct TargetArgs {
     /// Client worker threads (the server shares the machine).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+}
+
+impl TargetArgs {
+    /// How many nodes the target has.
+    pub fn node_count(&self) -> usize {
+        if self.url.is_empty() {
+            self.cluster
+        } else {
+            self.url.len()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.url.is_empty() && self.app.is_some() {
+            return Err("--app needs --url".into());
+        }
+        if !(1..=cluster::MAX_NODES).contains(&self.cluster) {
+            return Err(format!("--cluster must be 1..={}", cluster::MAX_NODES));
+        }
+        if !self.server_pid.is_empty() && self.server_pid.len() != self.url.len() {
+            return Err(format!(
+                "--server-pid: give one per --url, in the same order ({} pids for {} urls)",
+                self.server_pid.len(),
+                self.url.len()
+            ));
+        }
+        if let Some(b) = &self.broker {
+            if b != "local" && !b.starts_with("redis://") {
+                return Err(format!(
+                    "--broker must be local or redis://host:port, got {b}"
+                ));
+            }
+            cluster::check_loopback_url("--broker", b)?;
+            if b == "local" && self.cluster > 1 {
+                return Err("--cluster 2+ needs a Redis broker, not --broker local".into());
+            }
+        }
+        if let Some(d) = &self.database {
+            cluster::check_loopback_url("--database", d)?;
+        }
+        Ok(())
+    }
+
+    /// Scenarios other than `idle` and `fanout` load one node.
+    fn single_node(&self, scenario: &str) -> Result<(), String> {
+        if self.node_count() > 1 {
+            return Err(format!(
+                "{scenario} loads one node: --cluster and several --url apply to idle and fanout"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -219,6 +294,17 @@ fn main() -> ExitCode {
         Command::Chat(a) => a.target.threads,
         Command::Reconnect(a) => a.target.threads,
     };
+    let single = match &cli.command {
+        Command::Quick(a) => a.target.single_node("quick"),
+        Command::AiStream(a) => a.target.single_node("ai-stream"),
+        Command::Chat(a) => a.target.single_node("chat"),
+        Command::Reconnect(a) => a.target.single_node("reconnect"),
+        _ => Ok(()),
+    };
+    if let Err(e) = single {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -265,13 +351,29 @@ fn sample(pid: Option<u32>) -> Option<ProcSample> {
     pid.and_then(|p| server::sample_proc(&p.to_string()))
 }
 
-/// The server under test: one this bench started, or `--url`.
+/// The server under test: nodes this bench started (`--cluster N`, one by default), or
+/// `--url` (one or several nodes).
 pub struct Target {
+    /// Node 0 when this bench started it.
     pub child: Option<ServerProc>,
+    /// Node 0: where set-up requests and `fanout`'s publishes go.
     pub base: String,
     pub creds: AppCreds,
-    /// The started server's pid, else `--server-pid`: whose CPU and memory are read.
+    /// Node 0's pid (started, else `--server-pid`): whose CPU and memory are read by the
+    /// scenarios that load one node.
     pub server_pid: Option<u32>,
+    /// Every node, node 0 first.
+    pub nodes: Vec<cluster::Node>,
+    /// Nodes 1.. when this bench started them.
+    others: Vec<ServerProc>,
+    /// `local`, the broker URL, or what `--broker` said of a `--url` cluster.
+    pub broker: String,
+    pub broker_started_here: bool,
+    /// The database URL (password redacted), or `unknown` for `--url` without `--database`.
+    pub database: String,
+    redis: Option<cluster::RedisProc>,
+    /// Holds the shared SQLite file of started nodes; removed on drop.
+    _shared_dir: Option<tempfile::TempDir>,
 }
 
 impl Target {
@@ -283,85 +385,259 @@ impl Target {
     /// [`Target::open`]; for the Pusher face a `--url` server need not have `/readyz`
     /// (another Pusher-compatible server): any HTTP answer means it is up.
     pub async fn open_face(args: &TargetArgs, face: pusher::Face) -> Result<Self, String> {
-        let mut target = match (&args.url, &args.app) {
-            (Some(url), Some(app)) => {
-                let base = url.trim_end_matches('/').to_string();
-                check_loopback(&base)?;
-                Self {
-                    child: None,
-                    base,
-                    creds: AppCreds::parse(app)?,
-                    server_pid: args.server_pid,
+        args.validate()?;
+        if let (false, Some(app)) = (args.url.is_empty(), &args.app) {
+            let bases: Vec<String> = args
+                .url
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect();
+            for b in &bases {
+                check_loopback(b)?;
+            }
+            let nodes: Vec<cluster::Node> = bases
+                .iter()
+                .enumerate()
+                .map(|(k, b)| cluster::Node {
+                    base: b.clone(),
+                    pid: args.server_pid.get(k).copied(),
+                })
+                .collect();
+            let mut target = Self {
+                child: None,
+                base: bases[0].clone(),
+                creds: AppCreds::parse(app)?,
+                server_pid: nodes[0].pid,
+                nodes,
+                others: Vec::new(),
+                broker: args
+                    .broker
+                    .clone()
+                    .unwrap_or_else(|| if bases.len() > 1 { "unknown" } else { "local" }.into()),
+                broker_started_here: false,
+                database: args
+                    .database
+                    .as_deref()
+                    .map_or_else(|| "unknown".into(), cluster::redact),
+                redis: None,
+                _shared_dir: None,
+            };
+            let any_answer = face == pusher::Face::Pusher;
+            for k in 0..target.nodes.len() {
+                if let Err(e) = target
+                    .wait_ready(k, any_answer, target.nodes.len() > 1)
+                    .await
+                {
+                    target.stop(true);
+                    return Err(e);
                 }
             }
-            _ => {
-                let creds = AppCreds::random();
-                let bin = server::locate_binary(args.server_bin.as_deref());
-                let (proc_, base) = ServerProc::spawn(&bin, &creds)?;
-                eprintln!(
-                    "started {} (pid {}) on {base}, database {}",
-                    bin.display(),
-                    proc_.pid,
-                    proc_.db_path.display()
-                );
-                Self {
-                    server_pid: Some(proc_.pid),
-                    child: Some(proc_),
-                    base,
-                    creds,
-                }
+            return Ok(target);
+        }
+        Self::start_nodes(args).await
+    }
+
+    /// Starts `--cluster` nodes one after the other (the first creates and migrates the
+    /// database), each ready before the next starts. On failure everything started so far
+    /// is stopped (by its own pid) when the partial target drops.
+    async fn start_nodes(args: &TargetArgs) -> Result<Self, String> {
+        let n = args.cluster;
+        let creds = AppCreds::random();
+        let bin = server::locate_binary(args.server_bin.as_deref());
+        let mut redis = None;
+        let broker = match (&args.broker, n) {
+            (Some(b), _) => Some(b.clone()),
+            (None, 1) => None,
+            (None, _) => {
+                let r = cluster::RedisProc::start(args.redis_bin.as_deref())?;
+                eprintln!("started redis-server (pid {}) on {}", r.pid, r.url());
+                let url = r.url();
+                redis = Some(r);
+                Some(url)
             }
         };
-        let any_answer = face == pusher::Face::Pusher && target.child.is_none();
-        if let Err(e) = target.wait_ready(any_answer).await {
-            target.stop(true);
-            return Err(e);
+        // One node keeps its own SQLite file unless --database says otherwise; several share one.
+        let (shared_dir, database) = match (&args.database, n) {
+            (Some(d), _) => (None, Some(d.clone())),
+            (None, 1) => (None, None),
+            (None, _) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("switchboard-bench-cluster-")
+                    .tempdir()
+                    .map_err(|e| format!("tempdir: {e}"))?;
+                let url = format!("sqlite://{}", dir.path().join("cluster.db").display());
+                (Some(dir), Some(url))
+            }
+        };
+        let mut target = Self {
+            child: None,
+            base: String::new(),
+            creds,
+            server_pid: None,
+            nodes: Vec::with_capacity(n),
+            others: Vec::new(),
+            broker: broker.clone().unwrap_or_else(|| "local".into()),
+            broker_started_here: redis.is_some(),
+            database: String::new(),
+            redis,
+            _shared_dir: shared_dir,
+        };
+        for k in 0..n {
+            let (proc_, base) = ServerProc::spawn_node(
+                &bin,
+                &target.creds,
+                database.as_deref(),
+                broker.as_deref(),
+            )?;
+            eprintln!(
+                "started node {k}: {} (pid {}) on {base}, database {}, broker {}",
+                bin.display(),
+                proc_.pid,
+                proc_.database,
+                target.broker
+            );
+            target.database = proc_.database.clone();
+            target.nodes.push(cluster::Node {
+                base: base.clone(),
+                pid: Some(proc_.pid),
+            });
+            if k == 0 {
+                target.base = base;
+                target.server_pid = Some(proc_.pid);
+                target.child = Some(proc_);
+            } else {
+                target.others.push(proc_);
+            }
+            if let Err(e) = target.wait_ready(k, false, n > 1).await {
+                target.stop(true);
+                return Err(e);
+            }
         }
         Ok(target)
     }
 
-    async fn wait_ready(&mut self, any_answer: bool) -> Result<(), String> {
-        let api = Api {
-            client: api::http_client(4)?,
-            base: self.base.clone(),
-            creds: self.creds.clone(),
-        };
-        let child = &mut self.child;
-        let ready_in = api
-            .wait_ready(Duration::from_secs(20), any_answer, || {
-                match child.as_mut() {
-                    Some(c) => match c.exited() {
-                        Some(status) => Err(format!(
-                            "server exited during start-up ({status}):\n{}",
-                            c.log_tail(30)
-                        )),
-                        None => Ok(()),
-                    },
-                    None => Ok(()),
-                }
-            })
-            .await?;
-        eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
-        Ok(())
-    }
-
-    /// Stops the server this bench started (by its own pid); `failed` prints its log tail.
-    fn stop(&mut self, failed: bool) {
-        if let Some(c) = self.child.as_mut() {
-            if failed {
-                eprintln!("server log (tail):\n{}", c.log_tail(30));
-            }
-            c.stop(Duration::from_secs(5));
-            eprintln!("stopped server pid {}", c.pid);
+    /// The started node `k`, if this bench started it.
+    fn node_proc(&mut self, k: usize) -> Option<&mut ServerProc> {
+        if k == 0 {
+            self.child.as_mut()
+        } else {
+            self.others.get_mut(k - 1)
         }
     }
 
-    /// WARN/ERROR lines the started server logged so far, and a few of them.
+    async fn wait_ready(&mut self, k: usize, any_answer: bool, many: bool) -> Result<(), String> {
+        let api = Api {
+            client: api::http_client(4)?,
+            base: self.nodes[k].base.clone(),
+            creds: self.creds.clone(),
+        };
+        let mut child = self.node_proc(k);
+        let ready_in = api
+            .wait_ready(Duration::from_secs(20), any_answer, || match child {
+                Some(ref mut c) => match c.exited() {
+                    Some(status) => Err(format!(
+                        "server node {k} exited during start-up ({status}):\n{}",
+                        c.log_tail(30)
+                    )),
+                    None => Ok(()),
+                },
+                None => Ok(()),
+            })
+            .await?;
+        if many {
+            eprintln!("node {k} ready after {:.2}s", ready_in.as_secs_f64());
+        } else {
+            eprintln!("server ready after {:.2}s", ready_in.as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Stops the nodes this bench started (each by its own pid), then its Redis; `failed`
+    /// prints their log tails.
+    fn stop(&mut self, failed: bool) {
+        let n = self.nodes.len();
+        for k in 0..n {
+            if let Some(c) = self.node_proc(k) {
+                if failed {
+                    eprintln!("server node {k} log (tail):\n{}", c.log_tail(30));
+                }
+                c.stop(Duration::from_secs(5));
+                eprintln!("stopped server pid {}", c.pid);
+            }
+        }
+        if let Some(r) = self.redis.as_mut() {
+            r.stop();
+            eprintln!("stopped redis-server pid {}", r.pid);
+        }
+    }
+
+    /// WARN/ERROR lines the started nodes logged so far, and a few of them.
     pub fn log_problems(&self) -> (u64, Vec<String>) {
-        self.child
-            .as_ref()
-            .map(|c| c.log_problems(5))
-            .unwrap_or_default()
+        let mut total = 0;
+        let mut sample = Vec::new();
+        let many = !self.others.is_empty();
+        for (k, c) in self.child.iter().chain(self.others.iter()).enumerate() {
+            let (n, lines) = c.log_problems(5);
+            total += n;
+            for l in lines {
+                if sample.len() < 5 {
+                    sample.push(if many { format!("node {k}: {l}") } else { l });
+                }
+            }
+        }
+        (total, sample)
+    }
+
+    /// Every node's CPU and memory, in node order.
+    pub fn sample_nodes(&self) -> Vec<Option<ProcSample>> {
+        cluster::sample_nodes(&self.nodes)
+    }
+
+    /// Prometheus counters summed over the nodes (each node counts its own sockets).
+    pub async fn metrics(&self, client: &reqwest::Client) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for n in &self.nodes {
+            let api = Api {
+                client: client.clone(),
+                base: n.base.clone(),
+                creds: self.creds.clone(),
+            };
+            for (k, v) in api.metrics().await {
+                *out.entry(k).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    /// The `cluster` section of the results JSON.
+    pub fn cluster_json(&self) -> Value {
+        serde_json::json!({
+            "nodes": self.nodes.len(),
+            "started_here": self.child.is_some(),
+            "broker": cluster::redact(&self.broker),
+            "broker_kind": if self.broker == "local" { "local" } else if self.broker.starts_with("redis://") { "redis" } else { "unknown" },
+            "broker_started_here": self.broker_started_here,
+            "database": self.database,
+            "database_kind": cluster::database_kind(
+                (self.database != "unknown").then_some(self.database.as_str())
+            ),
+        })
+    }
+
+    /// One line for the report tables.
+    pub fn cluster_label(&self) -> String {
+        format!(
+            "{} node{} ({}), broker {}, database {}",
+            self.nodes.len(),
+            if self.nodes.len() == 1 { "" } else { "s" },
+            if self.child.is_some() {
+                "started by the bench"
+            } else {
+                "--url"
+            },
+            cluster::redact(&self.broker),
+            self.database
+        )
     }
 }
 
@@ -796,5 +1072,76 @@ async fn progress_line(
             delivered - last.1,
         );
         last = (acked, delivered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(argv: &[&str]) -> Result<TargetArgs, String> {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            t: TargetArgs,
+        }
+        let mut all = vec!["bench"];
+        all.extend_from_slice(argv);
+        W::try_parse_from(all)
+            .map(|w| w.t)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn several_urls_make_a_cluster_target() {
+        let t = target(&[
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--url",
+            "http://127.0.0.1:3",
+            "--app",
+            "1:k:s",
+            "--server-pid",
+            "11,12,13",
+        ])
+        .expect("parse");
+        assert_eq!(t.url.len(), 3);
+        assert_eq!(t.server_pid, vec![11, 12, 13]);
+        assert_eq!(t.node_count(), 3);
+        assert!(t.validate().is_ok());
+        assert!(t.single_node("chat").is_err());
+
+        let t = target(&[
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--app",
+            "1:k:s",
+            "--server-pid",
+            "11",
+        ])
+        .expect("parse");
+        assert!(t.validate().is_err(), "one pid for two urls");
+
+        let t = target(&["--cluster", "3"]).expect("parse");
+        assert_eq!(t.node_count(), 3);
+        assert!(t.validate().is_ok());
+        assert!(target(&[
+            "--cluster",
+            "3",
+            "--url",
+            "http://127.0.0.1:1",
+            "--app",
+            "1:k:s"
+        ])
+        .is_err());
+        let t = target(&["--cluster", "3", "--broker", "local"]).expect("parse");
+        assert!(t.validate().is_err());
+        let t = target(&["--cluster", "2", "--broker", "redis://192.168.1.5:6379"]).expect("parse");
+        assert!(t.validate().is_err(), "loopback only");
+        let t = target(&["--cluster", "0"]).expect("parse");
+        assert!(t.validate().is_err());
+        let t = target(&[]).expect("parse");
+        assert_eq!(t.node_count(), 1);
+        assert!(t.single_node("quick").is_ok());
     }
 }

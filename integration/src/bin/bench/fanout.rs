@@ -52,7 +52,7 @@ use crate::report::{cpu_delta, hist_json, opt, proc_json};
 use crate::server::{self, AppCreds, ProcSample};
 use crate::subscriber::{cursor_gt, Ws};
 use crate::workers::{self, hist_from_hex, hist_to_hex, unix_ns, Out, WorkerSet};
-use crate::{random_tag, sample, Target, TargetArgs};
+use crate::{random_tag, Target, TargetArgs};
 
 /// Concurrent entity creations.
 const SETUP_CONCURRENCY: usize = 16;
@@ -225,6 +225,10 @@ pub struct FanoutJob {
     pub scenario: String,
     pub worker: usize,
     pub base: String,
+    /// Every node's `http://host:port` (cluster): socket `g` connects to node
+    /// `g % nodes.len()`; empty: all to `base`.
+    #[serde(default)]
+    pub nodes: Vec<String>,
     /// Workspace credentials `id:key:secret` (tokens are minted in the worker).
     pub app: String,
     /// Socket `g` logs in as entity `<prefix><g % members>`.
@@ -306,6 +310,36 @@ impl Tally {
     }
 }
 
+/// One node's share of a worker's (or the run's) sockets.
+#[derive(Serialize, Deserialize, Default, Clone, Debug, PartialEq, Eq)]
+pub struct NodeTally {
+    pub established: u64,
+    pub deliveries: u64,
+    pub missing: u64,
+    pub complete: u64,
+    pub socket_errors: u64,
+}
+
+impl NodeTally {
+    fn add(&mut self, o: &NodeTally) {
+        self.established += o.established;
+        self.deliveries += o.deliveries;
+        self.missing += o.missing;
+        self.complete += o.complete;
+        self.socket_errors += o.socket_errors;
+    }
+}
+
+/// Adds `from` into `into` node by node (growing it as needed).
+fn add_per_node(into: &mut Vec<NodeTally>, from: &[NodeTally]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), NodeTally::default());
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        a.add(b);
+    }
+}
+
 /// A worker's final line.
 #[derive(Serialize, Deserialize, Default, Debug)]
 pub struct WorkerReport {
@@ -331,6 +365,9 @@ pub struct WorkerReport {
     /// `--plot`: non-empty seconds since `epoch_ns` as (bin, µs histogram V2 hex).
     #[serde(default)]
     pub timeline: Vec<(usize, String)>,
+    /// By node (cluster): sockets established, deliveries, loss.
+    #[serde(default)]
+    pub per_node: Vec<NodeTally>,
 }
 
 /// What the coordinator tells the subscribers.
@@ -604,6 +641,7 @@ impl Check {
 }
 
 struct SockEnd {
+    node: usize,
     tally: Tally,
     error: Option<String>,
     first_ns: u64,
@@ -611,6 +649,7 @@ struct SockEnd {
 }
 
 struct Sock {
+    node: usize,
     ws: Ws,
     cursor: String,
     /// Pusher V2: the serial `subscription_succeeded` announced.
@@ -625,6 +664,7 @@ struct Sock {
 impl Sock {
     async fn run(self) -> SockEnd {
         let Sock {
+            node,
             mut ws,
             cursor,
             last_seq,
@@ -738,6 +778,7 @@ impl Sock {
         }
         t.complete += u64::from(complete || (drain.is_some() && t.missing == 0 && error.is_none()));
         SockEnd {
+            node,
             tally: check.tally,
             error,
             first_ns: check.first_ns,
@@ -803,7 +844,11 @@ async fn translate_control(mut control: watch::Receiver<Value>, phase: watch::Se
     }
 }
 
+/// A connected subscriber: its node, its task, the connect attempt's µs.
+type Subscribed = (usize, JoinHandle<SockEnd>, u64);
+
 struct ConnectJob {
+    node: usize,
     url: Arc<String>,
     token: Arc<String>,
     route: Option<(SocketAddr, Ipv4Addr)>,
@@ -816,8 +861,8 @@ struct ConnectJob {
 }
 
 impl ConnectJob {
-    /// The subscriber's task and the successful attempt's µs, or the last error.
-    async fn run(self) -> Result<(JoinHandle<SockEnd>, u64), String> {
+    /// The subscriber's node and task and the successful attempt's µs, or the last error.
+    async fn run(self) -> Result<Subscribed, String> {
         let mut last = String::new();
         for attempt in 0..=self.retries {
             if attempt > 0 {
@@ -846,6 +891,7 @@ impl ConnectJob {
                     let micros = started.elapsed().as_micros() as u64;
                     self.counts.established.fetch_add(1, Ordering::Relaxed);
                     let sock = Sock {
+                        node: self.node,
                         ws,
                         cursor,
                         last_seq,
@@ -855,7 +901,7 @@ impl ConnectJob {
                         ctx: self.ctx,
                         phase: self.phase,
                     };
-                    return Ok((tokio::spawn(sock.run()), micros));
+                    return Ok((self.node, tokio::spawn(sock.run()), micros));
                 }
                 Err(e) => last = e,
             }
@@ -897,16 +943,27 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
         })
     };
 
-    // Connect, spreading over source addresses by global socket index.
-    let url = Arc::new(match job.face {
-        Face::Chat => format!(
-            "{}/api/realtime/ws",
-            job.base.replacen("http://", "ws://", 1)
-        ),
-        Face::Pusher => pusher::app_url(&job.base, &creds.key, job.protocol),
-    });
+    // Connect, spreading over the nodes and source addresses by global socket index.
+    let bases = if job.nodes.is_empty() {
+        vec![job.base.clone()]
+    } else {
+        job.nodes.clone()
+    };
+    let urls: Vec<Arc<String>> = bases
+        .iter()
+        .map(|b| {
+            Arc::new(match job.face {
+                Face::Chat => format!("{}/api/realtime/ws", b.replacen("http://", "ws://", 1)),
+                Face::Pusher => pusher::app_url(b, &creds.key, job.protocol),
+            })
+        })
+        .collect();
+    let addrs: Vec<Option<SocketAddr>> = bases
+        .iter()
+        .map(|b| idle::loopback_v4(b).filter(|_| job.source_ips > 0))
+        .collect();
+    let mut per_node = vec![NodeTally::default(); bases.len()];
     let no_token = Arc::new(String::new());
-    let server_addr = idle::loopback_v4(&job.base).filter(|_| job.source_ips > 0);
     let within = Duration::from_secs(job.connect_timeout_secs);
     let connect_started = Instant::now();
     let mut jobs = Vec::with_capacity(job.sockets);
@@ -919,10 +976,12 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
             }
             Face::Pusher => no_token.clone(),
         };
+        let node = crate::cluster::node_of(g, bases.len());
         jobs.push(ConnectJob {
-            url: url.clone(),
+            node,
+            url: urls[node].clone(),
             token,
-            route: server_addr.map(|a| {
+            route: addrs[node].map(|a| {
                 let k = (g % usize::from(job.source_ips.max(1))) as u8;
                 (a, Ipv4Addr::new(127, 0, 0, 2 + k))
             }),
@@ -934,7 +993,7 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
             phase: phase_rx.clone(),
         });
     }
-    let outcomes: Vec<Result<(JoinHandle<SockEnd>, u64), String>> =
+    let outcomes: Vec<Result<Subscribed, String>> =
         futures_util::stream::iter(jobs.into_iter().map(ConnectJob::run))
             .buffer_unordered(job.connect_concurrency.max(1))
             .collect()
@@ -945,8 +1004,9 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
     let mut connect_errors = Vec::new();
     for o in outcomes {
         match o {
-            Ok((h, us)) => {
+            Ok((node, h, us)) => {
                 connect_hist.saturating_record(us.max(1));
+                per_node[node].established += 1;
                 handles.push(h);
             }
             Err(e) if connect_errors.len() < KEEP_ERRORS => connect_errors.push(e),
@@ -964,6 +1024,12 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
         match tokio::time::timeout_at(collect_by, h).await {
             Ok(Ok(end)) => {
                 tally.add(&end.tally);
+                if let Some(n) = per_node.get_mut(end.node) {
+                    n.deliveries += end.tally.message_frames;
+                    n.missing += end.tally.missing;
+                    n.complete += end.tally.complete;
+                    n.socket_errors += end.tally.socket_errors;
+                }
                 if end.tally.message_frames > 0 {
                     first_ns = first_ns.min(end.first_ns);
                     last_ns = last_ns.max(end.last_ns);
@@ -1008,6 +1074,7 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
             Some(t) => t.to_wire()?,
             None => Vec::new(),
         },
+        per_node,
     };
     let mut line = serde_json::to_value(&report).map_err(|e| format!("report: {e}"))?;
     if let Some(o) = line.as_object_mut() {
@@ -1176,7 +1243,7 @@ async fn progress_line(
     pubs: Arc<PubShared>,
     total_publishes: usize,
     subscribers: usize,
-    pid: Option<u32>,
+    nodes: Vec<crate::cluster::Node>,
     mut stop: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
@@ -1193,10 +1260,11 @@ async fn progress_line(
         }
         let sum = |k: &str| states.iter().map(|s| s.counter(k)).sum::<u64>();
         let (delivered, acked) = (sum("delivered"), pubs.acked.load(Ordering::Relaxed));
-        let srv = sample(pid)
+        let srv = crate::cluster::sum_samples(&crate::cluster::sample_nodes(&nodes))
             .map(|s| {
                 format!(
-                    " | server cpu {:.1}s rss {} MiB",
+                    " | {} cpu {:.1}s rss {} MiB",
+                    if nodes.len() > 1 { "servers" } else { "server" },
                     s.cpu_secs,
                     s.rss_kb / 1024
                 )
@@ -1256,15 +1324,27 @@ pub async fn main(args: FanoutArgs) -> Result<bool, String> {
 
 async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String> {
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    if let Some(pid) = target.server_pid {
+    let per_node = crate::cluster::per_node(args.subscribers, target.nodes.len());
+    for (k, node) in target.nodes.iter().enumerate() {
+        let Some(pid) = node.pid else { continue };
         if let Some((soft, _)) = idle::nofile_limits(&pid.to_string()) {
-            if args.subscribers as u64 + FD_MARGIN > soft {
+            if per_node[k] as u64 + FD_MARGIN > soft {
                 eprintln!(
                     "warning: server pid {pid} may open only {soft} files; {} sockets will not fit",
-                    args.subscribers
+                    per_node[k]
                 );
             }
         }
+    }
+    if target.nodes.len() > 1 {
+        eprintln!(
+            "{} nodes: sockets round-robin {:?}; every publish goes to node 0 ({}), so \
+             deliveries on nodes 1.. cross the broker ({})",
+            target.nodes.len(),
+            per_node,
+            target.base,
+            crate::cluster::redact(&target.broker)
+        );
     }
     let client = api::http_client(args.max_in_flight + SETUP_CONCURRENCY)?;
     let api = Api {
@@ -1282,7 +1362,7 @@ async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String>
     let k = args.worker_count();
     let slots = args.publishes();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let server_before = sample(target.server_pid);
+    let node_before = target.sample_nodes();
     let epoch_ns = unix_ns();
     let max_secs = deadline
         .saturating_duration_since(Instant::now())
@@ -1308,7 +1388,7 @@ async fn run(args: &FanoutArgs, target: &Target) -> Result<FanoutReport, String>
             slots,
             epoch_ns,
             max_secs,
-            server_before,
+            node_before,
         },
     )
     .await;
@@ -1420,7 +1500,8 @@ struct Plan {
     slots: usize,
     epoch_ns: u64,
     max_secs: u64,
-    server_before: Option<ProcSample>,
+    /// Every node's figures before the sockets connect.
+    node_before: Vec<Option<ProcSample>>,
 }
 
 /// Sends the jobs, waits for the sockets, publishes, drains, and gathers the reports.
@@ -1440,6 +1521,7 @@ async fn drive(
             scenario: "fanout".into(),
             worker: w,
             base: target.base.clone(),
+            nodes: target.nodes.iter().map(|n| n.base.clone()).collect(),
             app: format!("{}:{}:{}", creds.id, creds.key, creds.secret),
             entity_prefix: plan.prefix.clone(),
             members: plan.members,
@@ -1470,7 +1552,7 @@ async fn drive(
         pubs.clone(),
         plan.slots,
         args.subscribers,
-        target.server_pid,
+        target.nodes.clone(),
         stop_rx,
     ));
     let outcome = publish_and_drain(args, target, set, &plan, pubs).await;
@@ -1510,14 +1592,9 @@ async fn publish_and_drain(
         set.sum("failed")
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let server_connected = sample(target.server_pid);
+    let node_connected = target.sample_nodes();
     let client_before = server::sample_proc("self");
-    let api = Api {
-        client: plan.client.clone(),
-        base: target.base.clone(),
-        creds: target.creds.clone(),
-    };
-    let metrics_before = api.metrics().await;
+    let metrics_before = target.metrics(&plan.client).await;
 
     // 2. Publish (open loop).
     let route = match (&args.face.face, &plan.pub_token) {
@@ -1565,7 +1642,7 @@ async fn publish_and_drain(
         }
     }
     let pub_end_ns = unix_ns();
-    let server_published = sample(target.server_pid);
+    let node_published = target.sample_nodes();
 
     // 3. Drain: the workers learn which publishes were acknowledged and finish.
     let unacked: Vec<usize> = (0..plan.slots).filter(|n| !acked[*n]).collect();
@@ -1583,9 +1660,9 @@ async fn publish_and_drain(
     let drain_by = (Instant::now() + Duration::from_secs(args.drain_idle + 20)).min(plan.deadline);
     let all_reported = set.wait_all(drain_by, |s| s.has_report()).await;
     let drain_end_ns = unix_ns();
-    let server_after = sample(target.server_pid);
+    let node_after = target.sample_nodes();
     let client_after = server::sample_proc("self");
-    let metrics_after = api.metrics().await;
+    let metrics_after = target.metrics(&plan.client).await;
 
     // 4. Merge the workers' reports.
     let mut merged = Merged::new()?;
@@ -1633,10 +1710,17 @@ async fn publish_and_drain(
         pub_end_ns,
         drain_end_ns,
         merged,
-        server_before: plan.server_before,
-        server_connected,
-        server_published,
-        server_after,
+        server_before: crate::cluster::sum_samples(&plan.node_before),
+        server_connected: crate::cluster::sum_samples(&node_connected),
+        server_published: crate::cluster::sum_samples(&node_published),
+        server_after: crate::cluster::sum_samples(&node_after),
+        nodes: target.nodes.clone(),
+        cluster: target.cluster_json(),
+        cluster_label: target.cluster_label(),
+        node_before: plan.node_before.clone(),
+        node_connected,
+        node_published,
+        node_after,
         client_before,
         client_after,
         metrics_before,
@@ -1665,6 +1749,7 @@ struct Merged {
     worker_rss_kb: u64,
     /// Per-second latency histograms merged over the workers (`--plot`).
     timeline: Option<Timeline>,
+    per_node: Vec<NodeTally>,
 }
 
 impl Merged {
@@ -1686,6 +1771,7 @@ impl Merged {
             worker_cpu_secs: 0.0,
             worker_rss_kb: 0,
             timeline: None,
+            per_node: Vec::new(),
         })
     }
 
@@ -1725,6 +1811,7 @@ impl Merged {
         if let Some(t) = self.timeline.as_mut() {
             t.merge_wire(&r.timeline)?;
         }
+        add_per_node(&mut self.per_node, &r.per_node);
         Ok(())
     }
 }
@@ -1767,6 +1854,15 @@ pub struct FanoutReport {
     metrics_after: std::collections::BTreeMap<String, f64>,
     server_log_problems: u64,
     server_log_sample: Vec<String>,
+    /// Every node (node 0 first, where the publishes go); the `server_*` samples above are
+    /// sums over them.
+    nodes: Vec<crate::cluster::Node>,
+    cluster: Value,
+    cluster_label: String,
+    node_before: Vec<Option<ProcSample>>,
+    node_connected: Vec<Option<ProcSample>>,
+    node_published: Vec<Option<ProcSample>>,
+    node_after: Vec<Option<ProcSample>>,
 }
 
 fn ms(us: u64) -> f64 {
@@ -1946,8 +2042,22 @@ impl FanoutReport {
             ),
         );
         row("face", a.face.label());
+        row("nodes", self.cluster_label.clone());
+        if self.nodes.len() > 1 {
+            row(
+                "publishes go to",
+                format!(
+                    "node 0 only: deliveries on nodes 1..{} cross the broker",
+                    self.nodes.len() - 1
+                ),
+            );
+        }
         row(
-            "server",
+            if self.nodes.len() > 1 {
+                "node 0"
+            } else {
+                "server"
+            },
             format!(
                 "{} (pid {}, {})",
                 self.base,
@@ -2107,7 +2217,11 @@ impl FanoutReport {
                 ),
             );
         }
-        println!("-- server process");
+        if self.nodes.len() > 1 {
+            println!("-- server processes (sum over {} nodes)", self.nodes.len());
+        } else {
+            println!("-- server process");
+        }
         let cpu = self.server_cpu();
         let wall = secs(self.pub_start_ns, self.drain_end_ns);
         row(
@@ -2150,6 +2264,32 @@ impl FanoutReport {
             "server WARN/ERROR log lines",
             crate::report::log_lines_cell(self.server_started_here, self.server_log_problems),
         );
+        if self.nodes.len() > 1 {
+            println!("-- per node (server figures above are sums over the nodes)");
+            for (k, n) in self.nodes.iter().enumerate() {
+                let nt = m.per_node.get(k).cloned().unwrap_or_default();
+                let at = |v: &Vec<Option<ProcSample>>| v.get(k).copied().flatten();
+                let rss_per_socket = match (at(&self.node_before), at(&self.node_connected)) {
+                    (Some(b), Some(c)) if nt.established > 0 => {
+                        Some((c.rss_kb as f64 - b.rss_kb as f64) / nt.established as f64)
+                    }
+                    _ => None,
+                };
+                row(
+                    &format!("node {k} {}", n.base.trim_start_matches("http://")),
+                    format!(
+                        "pid {}: {} sockets, {} deliveries ({:.0}/s), {} missing; CPU {} s; {} KiB/socket",
+                        n.pid.map_or_else(|| "?".into(), |p| p.to_string()),
+                        nt.established,
+                        nt.deliveries,
+                        nt.deliveries as f64 / self.delivery_secs().max(1e-9),
+                        nt.missing,
+                        opt(cpu_delta(at(&self.node_connected), at(&self.node_after)), 2),
+                        opt(rss_per_socket, 1)
+                    ),
+                );
+            }
+        }
         println!("-- bench client");
         row(
             "CPU s: coordinator / workers (whole life)",
@@ -2224,7 +2364,27 @@ impl FanoutReport {
                 "drain_idle_secs": a.drain_idle,
                 "timeout_secs": a.timeout,
                 "client_threads": a.target.threads,
+                "nodes": self.nodes.len(),
             },
+            "cluster": self.cluster,
+            "nodes": crate::cluster::nodes_json(&self.nodes, |k| {
+                let nt = m.per_node.get(k).cloned().unwrap_or_default();
+                let at = |v: &Vec<Option<ProcSample>>| v.get(k).copied().flatten();
+                json!({
+                    "publishes_here": k == 0,
+                    "sockets": nt.established,
+                    "deliveries": nt.deliveries,
+                    "deliveries_per_sec": nt.deliveries as f64 / self.delivery_secs().max(1e-9),
+                    "missing": nt.missing,
+                    "complete": nt.complete,
+                    "socket_errors": nt.socket_errors,
+                    "cpu_secs_publishing": cpu_delta(at(&self.node_connected), at(&self.node_published)),
+                    "cpu_secs": cpu_delta(at(&self.node_connected), at(&self.node_after)),
+                    "idle": proc_json(at(&self.node_before)),
+                    "connected": proc_json(at(&self.node_connected)),
+                    "after": proc_json(at(&self.node_after)),
+                })
+            }),
             "server": {
                 "base": self.base,
                 "pid": self.server_pid,
@@ -2447,6 +2607,29 @@ mod tests {
         let mut c = Check::new(2, "10".into(), None);
         c.frame(&pusher_frame("c", Some(1), 0), &chat_ctx); // no `type`: unparsable
         assert_eq!((c.tally.unparsable, c.tally.message_frames), (1, 0));
+    }
+
+    #[test]
+    fn per_node_tallies_add_up_over_workers() {
+        let t = |e, d| NodeTally {
+            established: e,
+            deliveries: d,
+            ..NodeTally::default()
+        };
+        let mut all = Vec::new();
+        add_per_node(&mut all, &[t(2, 20), t(1, 10)]);
+        add_per_node(&mut all, &[t(1, 10), t(2, 20), t(2, 20)]);
+        assert_eq!(all, vec![t(3, 30), t(3, 30), t(2, 20)]);
+        // A worker of an older bench (no per-node figures) still parses.
+        let r: WorkerReport = serde_json::from_value(json!({
+            "worker": 0, "sockets": 1, "established": 1, "failed": 0, "retries": 0,
+            "connect_secs": 0.1, "connect_errors": [], "socket_error_sample": [],
+            "connect_hist": "", "latency_hist": "", "tally": Tally::default(),
+            "drained": true, "first_delivery_ns": 0, "last_delivery_ns": 0, "bins": [],
+            "cpu_secs": 0.0, "rss_kb": 0
+        }))
+        .expect("report");
+        assert!(r.per_node.is_empty());
     }
 
     #[test]

@@ -59,12 +59,13 @@ pub struct ServerProc {
     child: Child,
     pub pid: u32,
     pub log_path: PathBuf,
-    pub db_path: PathBuf,
-    // Held for its Drop: removes the database and the log.
+    /// The database URL it was started with (password redacted).
+    pub database: String,
+    // Held for its Drop: removes the database (when it is the node's own) and the log.
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind ephemeral port: {e}"))?;
     l.local_addr()
         .map(|a| a.port())
@@ -94,6 +95,17 @@ pub fn locate_binary(flag: Option<&Path>) -> PathBuf {
 impl ServerProc {
     /// Starts `switchboard serve` on a free loopback port with a fresh SQLite database.
     pub fn spawn(bin: &Path, creds: &AppCreds) -> Result<(Self, String), String> {
+        Self::spawn_node(bin, creds, None, None)
+    }
+
+    /// [`ServerProc::spawn`] as a cluster node: on `database` (a URL shared by the nodes;
+    /// `None`: a fresh SQLite file of its own) with `--broker broker` when given.
+    pub fn spawn_node(
+        bin: &Path,
+        creds: &AppCreds,
+        database: Option<&str>,
+        broker: Option<&str>,
+    ) -> Result<(Self, String), String> {
         if !bin.is_file() {
             return Err(format!(
                 "server binary {} not found: build it with `cargo build --release --bin switchboard`",
@@ -106,18 +118,25 @@ impl ServerProc {
             .map_err(|e| format!("tempdir: {e}"))?;
         let port = free_port()?;
         let bind = format!("127.0.0.1:{port}");
-        let db_path = dir.path().join("bench.db");
+        let database = match database {
+            Some(url) => url.to_string(),
+            None => format!("sqlite://{}", dir.path().join("bench.db").display()),
+        };
         let log_path = dir.path().join("server.log");
         let log = File::create(&log_path).map_err(|e| format!("create server log: {e}"))?;
         let log_err = log
             .try_clone()
             .map_err(|e| format!("clone server log: {e}"))?;
-        let child = Command::new(bin)
-            .arg("serve")
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
             .arg("--bind")
             .arg(&bind)
             .arg("--database")
-            .arg(format!("sqlite://{}", db_path.display()))
+            .arg(&database);
+        if let Some(b) = broker {
+            cmd.arg("--broker").arg(b);
+        }
+        let child = cmd
             .env(
                 "SWITCHBOARD_BOOTSTRAP_APP",
                 format!("{}:{}:{}", creds.id, creds.key, creds.secret),
@@ -134,7 +153,7 @@ impl ServerProc {
                 child,
                 pid,
                 log_path,
-                db_path,
+                database: crate::cluster::redact(&database),
                 _dir: dir,
             },
             format!("http://{bind}"),

@@ -1,6 +1,7 @@
 //! Worker processes: a scenario that needs more sockets than one process may open (at most
 //! 20,000 files here) spreads them over `switchboard-bench worker` child processes (this same
-//! binary, `std::env::current_exe()`).
+//! binary, `std::env::current_exe()`): `fanout` always, `idle` past one process's sockets
+//! (its control line `{"cmd": "stop"}` ends the hold).
 //!
 //! Protocol, one JSON object per line:
 //! - coordinator → worker stdin: first the job (`{"scenario": "fanout", ...}`), then control
@@ -144,6 +145,7 @@ pub async fn worker_main(args: WorkerArgs) -> Result<bool, String> {
     let out = Out::default();
     let result = match job.get("scenario").and_then(Value::as_str) {
         Some("fanout") => crate::fanout::worker(job, control_rx, out.clone()).await,
+        Some("idle") => crate::idle::worker(job, control_rx, out.clone()).await,
         other => Err(format!("unknown worker scenario {other:?}")),
     };
     if let Err(e) = &result {
