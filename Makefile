@@ -6,7 +6,7 @@ DB ?= data/switchboard.db
 # throwaway database per run: see scripts/test-services.sh.
 SERVICES := bash scripts/test-services.sh
 
-.PHONY: run build release test unit integration services cluster bench-quick bench fmt clippy clean
+.PHONY: run build release test unit integration services cluster bench-quick bench bench-cluster fmt clippy clean
 
 run: release ## build, migrate data/switchboard.db, serve the demo on 127.0.0.1:6001
 	./target/release/switchboard serve --demo --database sqlite://$(DB)
@@ -41,6 +41,10 @@ bench: ## every scenario at its target size (~4 min), merged into bench/results/
 	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench
 	$(CARGO) build --release -p switchboard-actors --example persistence_bench
 	./bench/run-all.sh
+
+bench-cluster: ## one node vs three (shared database, own Redis): idle sockets and fan-out, one run (~4 min)
+	$(CARGO) build --release -p switchboard -p switchboard-integration --bin switchboard --bin switchboard-bench
+	./bench/run-cluster.sh
 
 fmt:
 	$(CARGO) fmt --all
