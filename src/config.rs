@@ -112,7 +112,11 @@ impl Config {
         };
         match key {
             "bind" => self.bind = v.into(),
-            "database" => self.database = v.into(),
+            "database" => {
+                // sqlite://path (or a bare path) or postgres://… (cluster mode).
+                switchboard_actors::store::DatabaseUrl::parse(v)?;
+                self.database = v.into()
+            }
             "broker" => self.broker = parse_broker(v)?,
             "bootstrap_app" => {
                 self.bootstrap_app = Some(v.into()).filter(|s: &String| !s.is_empty())
@@ -221,6 +225,17 @@ mod tests {
         assert!(c.set("broker", "redis://").is_err());
         c.set("broker", "local").expect("local");
         assert_eq!(c.broker, "local");
+    }
+
+    #[test]
+    fn database_selects_the_engine_by_url() {
+        use switchboard_actors::store::DatabaseUrl;
+        let mut c = Config::default();
+        assert!(!DatabaseUrl::parse(&c.database).expect("default").is_postgres());
+        c.set("database", "postgres://sb@db.internal:5432/switchboard")
+            .expect("postgres");
+        assert!(DatabaseUrl::parse(&c.database).expect("pg").is_postgres());
+        assert!(c.set("database", "sqlite://").is_err());
     }
 
     #[test]

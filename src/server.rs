@@ -20,7 +20,11 @@ use crate::http::{self, AppState};
 
 pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     let url = store::DatabaseUrl::parse(&config.database)?;
-    let pool = store::open_with(&url, 16, config.durability)?;
+    // SQLite: one writer and readers on one file. PostgreSQL: several nodes share the
+    // server's connections (100 by default), so each node keeps to a dozen.
+    let pool_size = if url.is_postgres() { 12 } else { 16 };
+    log::info!("database: {} ({})", url.redacted(), url.engine());
+    let pool = store::open_with(&url, pool_size, config.durability)?;
     if let Some(spec) = &config.bootstrap_app {
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         let w = crate::workspaces::bootstrap(&mut conn, spec)?;

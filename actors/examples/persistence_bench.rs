@@ -6,8 +6,9 @@
 //! per batch — the last of that batch's appends to it — so with `streams` messages appended
 //! to in turn, a batch of n appends rewrites min(n, streams) message rows.
 //!
-//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path]`
-//! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary database).
+//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path or URL]`
+//! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary SQLite database). A
+//! `postgres://…` URL (an empty database; its tables are created) measures PostgreSQL.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +19,9 @@ use switchboard_actors::domain::channel::new_implicit;
 use switchboard_actors::domain::event::{Event, EventDraft};
 use switchboard_actors::domain::message::{Message, NewMessage};
 use switchboard_actors::metrics::Metrics;
-use switchboard_actors::persistence::{Persistence, PersistenceConfig, VersionWrite, Write};
+use switchboard_actors::persistence::{
+    ChannelSeqs, Persistence, PersistenceConfig, VersionWrite, Write,
+};
 use switchboard_actors::store::rows::{VersionRow, WorkspaceRow};
 use switchboard_actors::store::{self, queries, DatabaseUrl};
 
@@ -47,7 +50,12 @@ fn main() -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let default_path = dir.path().join("bench.db").display().to_string();
     let path: String = arg(4, default_path);
-    let pool = store::open(&DatabaseUrl::parse(&format!("sqlite://{path}"))?, 4)?;
+    let url = if path.starts_with("postgres://") || path.starts_with("postgresql://") {
+        DatabaseUrl::parse(&path)?
+    } else {
+        DatabaseUrl::parse(&format!("sqlite://{path}"))?
+    };
+    let pool = store::open(&url, 4)?;
     let now = switchboard_actors::ids::now_rfc3339();
     let channel =
         new_implicit("chn_bench".into(), "1".into(), "bench", &now).map_err(|e| e.to_string())?;
@@ -130,7 +138,7 @@ fn main() -> Result<(), String> {
             .private_to(Some(recipients.clone()));
             let fut = persistence.enqueue(Write {
                 workspace_id: "1".into(),
-                channel_seqs: Some((channel.id.clone(), seq, seq)),
+                channel_seqs: Some(ChannelSeqs::new(channel.id.clone(), seq, seq)),
                 apply: Box::new(|_| Ok(true)),
                 events: vec![draft],
                 version: Some(Box::new(VersionWrite { row, state: stored })),

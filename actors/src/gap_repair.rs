@@ -138,6 +138,11 @@ mod tests {
             crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
                 .expect("url");
         let pool = crate::store::open(&url, 4).expect("open");
+        fill(&pool, n);
+        (dir, pool)
+    }
+
+    fn fill(pool: &DbPool, n: i64) {
         let mut conn = pool.get().expect("conn");
         queries::insert_workspace(&mut conn, &WorkspaceRow::for_tests("1")).expect("ws");
         let other = ["carol".to_string()];
@@ -146,7 +151,6 @@ mod tests {
             queries::insert_event(&mut conn, &row(c, private)).expect("event");
         }
         queries::set_workspace_last_cursor(&mut conn, "1", n).expect("last");
-        (dir, pool)
     }
 
     fn live(cursor: i64) -> Arc<Event> {
@@ -220,6 +224,24 @@ mod tests {
                     Some(&["carol".to_string()][..])
                 );
                 assert_eq!(events[2].payload["n"], 3);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[actix::test]
+    async fn a_gap_is_repaired_from_postgres_too() {
+        let db = crate::store::pg_test::TestDb::create();
+        let pool = db.pool(4);
+        fill(&pool, 6);
+        let (ws, seen) = start(&pool).await;
+        ws.do_send(Deliver(vec![live(1)]));
+        ws.do_send(Deliver(vec![live(5), live(6)]));
+        assert_eq!(wait_for(&seen, 5).await, vec![1, 3, 4, 5, 6]);
+        match read(&pool, "1", 0, None) {
+            Ok(Repair::Events { events, through }) => {
+                assert_eq!(through, 6);
+                assert_eq!(events.len(), 6);
             }
             other => panic!("{other:?}"),
         }

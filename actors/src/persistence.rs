@@ -1,17 +1,28 @@
-//! PersistenceActor: the one writer. It drains whatever is queued into one transaction
-//! (group commit), gives events their workspace cursors in commit order, answers every writer
-//! after COMMIT, and only then hands the events to the broker for fan-out.
+//! PersistenceActor: the one writer of a node. It drains whatever is queued into one
+//! transaction (group commit), gives events their workspace cursors in commit order, answers
+//! every writer after COMMIT, and only then hands the events to the broker for fan-out.
 //!
 //! It runs on its own OS thread so blocking diesel calls never stall the async workers; its
 //! mailbox is a bounded channel, and a full mailbox is answered with `backpressure`.
+//!
+//! Several nodes may write one database (PostgreSQL in cluster mode, or one SQLite file).
+//! On SQLite the batch's `BEGIN IMMEDIATE` takes the database's write lock. On PostgreSQL the
+//! batch first locks the rows of the channels and then of the workspaces it touches, each
+//! set in id order (`SELECT … ORDER BY id FOR UPDATE`), so two nodes never deadlock on them
+//! and wait for each other instead. Under those locks every write's seqs are checked against
+//! the committed `last_seq` (a write whose seqs do not follow is refused with
+//! [`WriteError::StaleSeq`]: another node wrote the channel, and its ChannelActor reloads
+//! and retries), and cursors are allocated from the committed `last_cursor`, so they are
+//! dense and in commit order across nodes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use diesel::connection::Connection;
+use diesel::connection::{AnsiTransactionManager, Connection, TransactionManager};
 use tokio::sync::oneshot;
 
 use crate::broker::Broker;
@@ -20,18 +31,64 @@ use crate::domain::message::Message;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::store::rows::{EventRow, VersionRow};
-use crate::store::{queries, Conn, DbPool};
+use crate::store::{queries, AnyConnection, Conn, DbPool, PooledConn};
 
 /// The database change of one write: runs inside its own savepoint. Returning `Ok(false)`
 /// commits the change but drops the write's events (an idempotent no-op, say).
 pub type Apply = Box<dyn FnOnce(&mut Conn) -> ApiResult<bool> + Send>;
 
+/// Builds a write again on another first seq, inside the batch transaction: its change and
+/// its events. For writes that build on no earlier write of their chain (a new post): when
+/// their seqs went stale (another node wrote the channel) the writer rebuilds them on the next
+/// free seq instead of refusing them.
+pub type Rebase = Box<dyn FnOnce(&mut Conn, i64) -> ApiResult<(Apply, Vec<EventDraft>)> + Send>;
+
+/// The channel seqs a write takes: `first..=last` must follow the committed `last_seq` of
+/// the channel exactly, so seqs stay contiguous.
+pub struct ChannelSeqs {
+    pub channel_id: String,
+    pub first: i64,
+    pub last: i64,
+    /// The pipeline of writes this one builds on (see [`SeqChain`]).
+    pub chain: Option<SeqChain>,
+    /// How to build it on other seqs should these be stale (see [`Rebase`]).
+    pub rebase: Option<Rebase>,
+}
+
+impl ChannelSeqs {
+    pub fn new(channel_id: String, first: i64, last: i64) -> Self {
+        Self {
+            channel_id,
+            first,
+            last,
+            chain: None,
+            rebase: None,
+        }
+    }
+}
+
+/// The writes a ChannelActor pipelines on one view of its channel: each builds on the ones
+/// before it (seqs, message states). Once one of them is refused or fails, the writer
+/// refuses the rest of the chain, even should their seqs happen to follow what another node
+/// committed meanwhile. The actor starts a new chain when it reloads.
+#[derive(Clone, Default, Debug)]
+pub struct SeqChain(Arc<AtomicBool>);
+
+impl SeqChain {
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn break_chain(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// One write: its change, the channel seqs it takes, and the events it emits.
 pub struct Write {
     pub workspace_id: String,
-    /// `(channel_id, first_seq, last_seq)` when the write takes channel seqs; they must follow
-    /// the committed `last_seq` of the channel exactly, so seqs stay contiguous.
-    pub channel_seqs: Option<(String, i64, i64)>,
+    /// Set when the write takes channel seqs.
+    pub channel_seqs: Option<ChannelSeqs>,
     pub apply: Apply,
     pub events: Vec<EventDraft>,
     /// The message version this write makes, written by the writer rather than by `apply`
@@ -56,7 +113,7 @@ impl Write {
     /// A write in its own savepoint, without a message version.
     pub fn new(
         workspace_id: String,
-        channel_seqs: Option<(String, i64, i64)>,
+        channel_seqs: Option<ChannelSeqs>,
         apply: Apply,
         events: Vec<EventDraft>,
     ) -> Self {
@@ -74,8 +131,43 @@ impl Write {
 /// What a writer gets back after COMMIT: its events with their cursors.
 pub type WriteResult = ApiResult<Vec<Arc<Event>>>;
 
+/// Why a write did not commit, for the writers that can do something about it.
+#[derive(Debug, Clone)]
+pub enum WriteError {
+    /// Its seqs do not follow the channel's committed ones (another node wrote the channel,
+    /// or an earlier write of its chain failed). Nothing of it was written: reload, retry.
+    StaleSeq { committed: i64 },
+    /// The write itself was refused (its change returned an error); nothing of it written.
+    Refused(ApiError),
+    /// The whole batch failed (the store is unreachable, a conflict between nodes, …);
+    /// nothing of it was written. Answered to clients as 503 `backpressure`.
+    BatchFailed(ApiError),
+}
+
+impl WriteError {
+    pub fn into_api(self) -> ApiError {
+        match self {
+            Self::StaleSeq { .. } => {
+                ApiError::backpressure("the channel's write order was interrupted; retry")
+                    .retry_after(1)
+            }
+            Self::Refused(e) | Self::BatchFailed(e) => e,
+        }
+    }
+
+    /// Worth retrying after the channel reloaded its state from the store.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::StaleSeq { .. } | Self::BatchFailed(_))
+    }
+}
+
+/// [`WriteResult`] with the reason of a failure.
+pub type TypedWriteResult = Result<Vec<Arc<Event>>, WriteError>;
+
+type Reply = oneshot::Sender<TypedWriteResult>;
+
 enum Command {
-    Write(Write, oneshot::Sender<WriteResult>),
+    Write(Write, Reply),
     /// Answered once everything queued before it has committed.
     Flush(oneshot::Sender<()>),
 }
@@ -116,20 +208,24 @@ impl Persistence {
         // they stall every batch behind them. A thread of its own copies frames (PASSIVE)
         // twice a second; the writer's own, rarer checkpoint then finds little left to copy
         // and only resets the WAL, which bounds its size.
-        {
+        let checkpointer = if pool.is_postgres() {
+            None
+        } else {
             use diesel::connection::SimpleConnection;
             // A batch of hundreds of writes must not spill dirty pages mid-transaction: the
             // writer alone gets a 32 MiB page cache (readers keep the 2 MiB default).
             conn.batch_execute("PRAGMA wal_autocheckpoint = 4000; PRAGMA cache_size = -32768;")
                 .map_err(|e| format!("persistence connection: {e}"))?;
-        }
-        let checkpointer = start_checkpointer(pool)?;
+            Some(start_checkpointer(pool)?)
+        };
         let (tx, rx) = sync_channel(config.queue_capacity);
+        let pool = pool.clone();
         let handle = std::thread::Builder::new()
             .name("persistence".into())
             .spawn(move || {
                 Writer {
-                    conn,
+                    conn: Some(conn),
+                    pool,
                     broker,
                     metrics,
                     max_batch: config.max_batch,
@@ -143,24 +239,38 @@ impl Persistence {
     }
 
     /// Queues a write now (writes commit in the order they are queued) and returns a
+    /// future of its commit, with the reason should it fail.
+    pub fn enqueue_typed(
+        &self,
+        write: Write,
+    ) -> impl std::future::Future<Output = TypedWriteResult> + 'static {
+        let (reply, rx) = oneshot::channel();
+        let queued = match self.tx.try_send(Command::Write(write, reply)) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(WriteError::BatchFailed(
+                ApiError::backpressure("the write queue is full").retry_after(1),
+            )),
+            Err(TrySendError::Disconnected(_)) => Err(WriteError::BatchFailed(
+                ApiError::backpressure("the store is shutting down"),
+            )),
+        };
+        async move {
+            queued?.await.unwrap_or_else(|_| {
+                Err(WriteError::BatchFailed(ApiError::backpressure(
+                    "the store is shutting down",
+                )))
+            })
+        }
+    }
+
+    /// Queues a write now (writes commit in the order they are queued) and returns a
     /// future of its commit.
     pub fn enqueue(
         &self,
         write: Write,
     ) -> impl std::future::Future<Output = WriteResult> + 'static {
-        let (reply, rx) = oneshot::channel();
-        let queued = match self.tx.try_send(Command::Write(write, reply)) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(ApiError::backpressure("the write queue is full")),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ApiError::backpressure("the store is shutting down"))
-            }
-        };
-        async move {
-            queued?
-                .await
-                .unwrap_or_else(|_| Err(ApiError::backpressure("the store is shutting down")))
-        }
+        let typed = self.enqueue_typed(write);
+        async move { typed.await.map_err(WriteError::into_api) }
     }
 
     /// Queues a write and waits for its commit.
@@ -206,7 +316,10 @@ fn start_checkpointer(pool: &DbPool) -> Result<std::sync::mpsc::Sender<()>, Stri
 }
 
 struct Writer {
-    conn: crate::store::PooledConn,
+    /// The writer's connection; `None` after a PostgreSQL batch failed (the connection may
+    /// be dead), taken again from the pool for the next batch.
+    conn: Option<PooledConn>,
+    pool: DbPool,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     max_batch: usize,
@@ -217,10 +330,14 @@ type StagedEvent = (EventRow, serde_json::Value);
 
 /// One write of a batch after its savepoint: its drafts with cursors, or its error.
 type Staged = (
-    oneshot::Sender<WriteResult>,
-    ApiResult<Vec<StagedEvent>>,
+    Reply,
+    Result<Vec<StagedEvent>, WriteError>,
     Vec<(Option<Vec<String>>, LiveRoute)>,
 );
+
+/// How many times a PostgreSQL batch retries taking its row locks after a deadlock or
+/// serialization failure (nothing of the batch has run yet then).
+const LOCK_ATTEMPTS: u32 = 5;
 
 impl Writer {
     fn run(mut self, rx: Receiver<Command>) {
@@ -250,6 +367,8 @@ impl Writer {
                 }));
                 if outcome.is_err() {
                     log::error!("persistence batch panicked; its writes were not acknowledged");
+                    // The connection may be left inside a transaction.
+                    self.conn = None;
                 }
             }
             for f in flushes {
@@ -258,67 +377,69 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, writes: Vec<(Write, oneshot::Sender<WriteResult>)>) {
+    fn commit_batch(&mut self, writes: Vec<(Write, Reply)>) {
         let started = Instant::now();
         let n = writes.len();
+        let chains: Vec<SeqChain> = writes
+            .iter()
+            .filter_map(|(w, _)| w.channel_seqs.as_ref().and_then(|s| s.chain.clone()))
+            .collect();
+        let fail_all = |staged: Vec<Staged>, rest: Vec<(Write, Reply)>, why: &str| {
+            for c in &chains {
+                c.break_chain();
+            }
+            let err = ApiError::backpressure(why.to_string()).retry_after(1);
+            let replies = staged
+                .into_iter()
+                .map(|(r, _, _)| r)
+                .chain(rest.into_iter().map(|(_, r)| r));
+            for reply in replies {
+                let _ = reply.send(Err(WriteError::BatchFailed(err.clone())));
+            }
+        };
+        if self.conn.is_none() {
+            match self.pool.get() {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    log::warn!("group commit of {n} writes: {e}");
+                    fail_all(Vec::new(), writes, "the store is unreachable");
+                    return;
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let conn: &mut Conn = conn;
+        if let Err(e) = begin_batch(conn, &writes) {
+            log::error!("group commit of {n} writes could not begin: {e}");
+            self.metrics.observe_batch(n, started.elapsed());
+            fail_all(Vec::new(), writes, "the store could not commit the write");
+            self.drop_conn_after_failure();
+            return;
+        }
         let mut staged: Vec<Staged> = Vec::with_capacity(n);
-        let outcome = self.conn.immediate_transaction::<_, ApiError, _>(|conn| {
-            let mut cursors: HashMap<String, i64> = HashMap::new();
-            let mut seqs: HashMap<String, i64> = HashMap::new();
-            let mut deferred = Deferred::default();
-            for (write, reply) in writes {
-                let recipients: Vec<(Option<Vec<String>>, LiveRoute)> = write
-                    .events
-                    .iter()
-                    .map(|e| (e.recipients.clone(), e.live.clone()))
-                    .collect();
-                if write.version.is_none() {
-                    // Its change may read or write message rows: they must be current.
-                    deferred.flush(conn, &staged)?;
+        let mut pending = writes.into_iter();
+        let body = run_batch(conn, &mut pending, &mut staged);
+        type Tm = <Conn as Connection>::TransactionManager;
+        let outcome = match body {
+            Ok(()) => Tm::commit_transaction(conn).map_err(ApiError::from),
+            Err(e) => {
+                if let Err(r) = Tm::rollback_transaction(conn) {
+                    log::warn!("rollback failed: {r}");
                 }
-                let index = staged.len();
-                let result = match check_seqs(conn, &write, &seqs) {
-                    Err(e) => Err(e),
-                    Ok(()) if write.savepoint => conn.transaction::<_, ApiError, _>(|conn| {
-                        stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, None)
-                    }),
-                    Ok(()) => {
-                        let at = Some(index);
-                        match stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, at) {
-                            // No savepoint can undo its partial change: the batch goes.
-                            Err(e) => {
-                                log::error!("a write without savepoint failed: {e}");
-                                staged.push((reply, Err(e.clone()), recipients));
-                                return Err(e);
-                            }
-                            ok => ok,
-                        }
-                    }
-                };
-                if let Err(e) = &result {
-                    if e.code == crate::error::ErrorCode::InternalError {
-                        log::warn!("write rolled back: {e}");
-                    }
-                }
-                staged.push((reply, result, recipients));
+                Err(e)
             }
-            deferred.flush(conn, &staged)?;
-            for (ws, last) in &cursors {
-                queries::set_workspace_last_cursor(conn, ws, *last)?;
-            }
-            for (channel, last) in &seqs {
-                queries::set_channel_last_seq(conn, channel, *last)?;
-            }
-            Ok(())
-        });
+        };
         self.metrics.observe_batch(n, started.elapsed());
         if let Err(e) = outcome {
             log::error!("group commit of {n} writes failed: {e}");
-            for (reply, _, _) in staged {
-                let _ = reply.send(Err(ApiError::backpressure(
-                    "the store could not commit the write",
-                )));
-            }
+            fail_all(
+                staged,
+                pending.collect(),
+                "the store could not commit the write",
+            );
+            self.drop_conn_after_failure();
             return;
         }
         let mut committed: Vec<Arc<Event>> = Vec::new();
@@ -357,6 +478,150 @@ impl Writer {
             let _ = reply.send(result);
         }
     }
+
+    /// A PostgreSQL connection that failed a batch may be dead: the next batch takes one
+    /// from the pool (which tests it). SQLite keeps its tuned connection.
+    fn drop_conn_after_failure(&mut self) {
+        if self.pool.is_postgres() {
+            self.conn = None;
+        }
+    }
+}
+
+/// Begins the batch's transaction: `BEGIN IMMEDIATE` on SQLite; on PostgreSQL `BEGIN` and
+/// the row locks of the channels, then the workspaces, the batch touches, each in id order.
+/// Nothing of the batch has run yet, so a deadlock or serialization failure while locking
+/// is retried here.
+fn begin_batch(conn: &mut Conn, writes: &[(Write, Reply)]) -> diesel::QueryResult<()> {
+    let c = match conn {
+        AnyConnection::Sqlite(c) => {
+            return AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE");
+        }
+        AnyConnection::Pg(c) => c,
+    };
+    let mut channels: BTreeSet<&str> = BTreeSet::new();
+    let mut workspaces: BTreeSet<&str> = BTreeSet::new();
+    for (w, _) in writes {
+        workspaces.insert(&w.workspace_id);
+        if let Some(s) = &w.channel_seqs {
+            channels.insert(&s.channel_id);
+        }
+        for e in &w.events {
+            if let Some(ch) = &e.channel_id {
+                channels.insert(ch);
+            }
+        }
+    }
+    let channels: Vec<&str> = channels.into_iter().collect();
+    let workspaces: Vec<&str> = workspaces.into_iter().collect();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        AnsiTransactionManager::begin_transaction_sql(&mut *c, "BEGIN")?;
+        let locked = queries::lock_channels_pg(c, &channels)
+            .and_then(|_| queries::lock_workspaces_pg(c, &workspaces));
+        match locked {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let _ = <diesel::pg::PgConnection as Connection>::TransactionManager::rollback_transaction(c);
+                if attempt >= LOCK_ATTEMPTS || !is_transient(&e) {
+                    return Err(e);
+                }
+                log::info!("batch locks conflicted ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(2 * u64::from(attempt)));
+            }
+        }
+    }
+}
+
+/// A deadlock or serialization failure: the same transaction may succeed when retried.
+pub fn is_transient(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => true,
+        Error::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("deadlock detected") || m.contains("could not serialize")
+        }
+        _ => false,
+    }
+}
+
+/// Runs the writes of a batch inside its transaction. A write that fails alone (its seqs, its
+/// change) is staged with its error; an error returned here fails the whole batch (the
+/// writes still `pending` are answered by the caller).
+fn run_batch(
+    conn: &mut Conn,
+    pending: &mut std::vec::IntoIter<(Write, Reply)>,
+    staged: &mut Vec<Staged>,
+) -> ApiResult<()> {
+    let mut cursors: HashMap<String, i64> = HashMap::new();
+    let mut seqs: HashMap<String, i64> = HashMap::new();
+    let mut deferred = Deferred::default();
+    for (write, reply) in pending.by_ref() {
+        let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
+        let write = match rebase_if_stale(conn, write, &seqs) {
+            Ok(w) => w,
+            Err(e) => {
+                if let Some(c) = &chain {
+                    c.break_chain();
+                }
+                staged.push((reply, Err(e), Vec::new()));
+                continue;
+            }
+        };
+        let recipients: Vec<(Option<Vec<String>>, LiveRoute)> = write
+            .events
+            .iter()
+            .map(|e| (e.recipients.clone(), e.live.clone()))
+            .collect();
+        if write.version.is_none() {
+            // Its change may read or write message rows: they must be current.
+            deferred.flush(conn, staged)?;
+        }
+        let index = staged.len();
+        let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
+        let result = match check_seqs(conn, &write, &seqs) {
+            Err(e) => Err(e),
+            Ok(()) if write.savepoint => conn
+                .transaction::<_, ApiError, _>(|conn| {
+                    stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, None)
+                })
+                .map_err(WriteError::Refused),
+            Ok(()) => {
+                let at = Some(index);
+                match stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, at) {
+                    // No savepoint can undo its partial change: the batch goes.
+                    Err(e) => {
+                        log::error!("a write without savepoint failed: {e}");
+                        staged.push((reply, Err(WriteError::Refused(e.clone())), recipients));
+                        return Err(e);
+                    }
+                    Ok(rows) => Ok(rows),
+                }
+            }
+        };
+        if let Err(e) = &result {
+            // The writes after it in its chain build on it: they are refused too.
+            if let Some(c) = &chain {
+                c.break_chain();
+            }
+            if let WriteError::Refused(e) = e {
+                if e.code == crate::error::ErrorCode::InternalError {
+                    log::warn!("write rolled back: {e}");
+                }
+            }
+        }
+        staged.push((reply, result, recipients));
+    }
+    deferred.flush(conn, staged)?;
+    for (ws, last) in &cursors {
+        queries::set_workspace_last_cursor(conn, ws, *last)?;
+    }
+    for (channel, last) in &seqs {
+        queries::set_channel_last_seq(conn, channel, *last)?;
+    }
+    Ok(())
 }
 
 /// What the batch's writes left to write: the version and event rows of writes without
@@ -396,20 +661,72 @@ impl Deferred {
     }
 }
 
-/// Refuses a write whose seqs do not follow its channel's committed ones, before any change.
-fn check_seqs(conn: &mut Conn, write: &Write, seqs: &HashMap<String, i64>) -> ApiResult<()> {
-    let Some((channel, first, last)) = &write.channel_seqs else {
+/// A write that can be rebuilt ([`Rebase`]) and whose seqs are stale, or whose chain broke,
+/// is rebuilt on the seqs that follow the committed ones; it then leaves its chain (whose
+/// later writes are stale: the chain is broken for them).
+fn rebase_if_stale(
+    conn: &mut Conn,
+    mut write: Write,
+    seqs: &HashMap<String, i64>,
+) -> Result<Write, WriteError> {
+    let Some(s) = write.channel_seqs.as_mut() else {
+        return Ok(write);
+    };
+    let Some(rebase) = s.rebase.take() else {
+        return Ok(write);
+    };
+    let committed = match seqs.get(&s.channel_id) {
+        Some(c) => *c,
+        None => queries::channel_last_seq(conn, &s.channel_id)
+            .map_err(|e| WriteError::Refused(e.into()))?,
+    };
+    let broken = s.chain.as_ref().is_some_and(SeqChain::is_broken);
+    if s.first == committed + 1 && !broken {
+        return Ok(write);
+    }
+    let first = committed + 1;
+    let (apply, events) = rebase(conn, first).map_err(WriteError::Refused)?;
+    log::info!(
+        "rebased a write on {} from seq {} to {first}",
+        s.channel_id,
+        s.first
+    );
+    s.last = first + (s.last - s.first);
+    s.first = first;
+    if let Some(chain) = s.chain.take() {
+        chain.break_chain();
+    }
+    write.apply = apply;
+    write.events = events;
+    Ok(write)
+}
+
+/// Refuses a write whose seqs do not follow its channel's committed ones (read under the
+/// batch's lock), or whose chain broke, before any change.
+fn check_seqs(
+    conn: &mut Conn,
+    write: &Write,
+    seqs: &HashMap<String, i64>,
+) -> Result<(), WriteError> {
+    let Some(s) = &write.channel_seqs else {
         return Ok(());
     };
-    let committed = match seqs.get(channel) {
-        Some(s) => *s,
-        None => queries::channel_last_seq(conn, channel)?,
+    let committed = match seqs.get(&s.channel_id) {
+        Some(c) => *c,
+        None => queries::channel_last_seq(conn, &s.channel_id)
+            .map_err(|e| WriteError::Refused(e.into()))?,
     };
-    if *first != committed + 1 || last < first {
-        log::warn!("seq gap on {channel}: committed {committed}, got {first}..{last}");
-        return Err(ApiError::backpressure(
-            "the channel's write order was interrupted; retry",
-        ));
+    if s.chain.as_ref().is_some_and(SeqChain::is_broken) {
+        return Err(WriteError::StaleSeq { committed });
+    }
+    if s.first != committed + 1 || s.last < s.first {
+        log::info!(
+            "stale seqs on {}: committed {committed}, got {}..{}",
+            s.channel_id,
+            s.first,
+            s.last
+        );
+        return Err(WriteError::StaleSeq { committed });
     }
     Ok(())
 }
@@ -468,8 +785,8 @@ fn stage_write(
         }
         cursors.insert(write.workspace_id.clone(), next);
     }
-    if let Some((channel, _, last)) = write.channel_seqs {
-        seqs.insert(channel, last);
+    if let Some(s) = write.channel_seqs {
+        seqs.insert(s.channel_id, s.last);
     }
     if let Some(i) = deferred_at.filter(|_| !rows.is_empty()) {
         deferred.events.push(i);
@@ -527,7 +844,7 @@ mod tests {
     fn seq_write(seq: i64) -> Write {
         Write {
             workspace_id: "1".into(),
-            channel_seqs: Some(("c1".into(), seq, seq)),
+            channel_seqs: Some(ChannelSeqs::new("c1".into(), seq, seq)),
             apply: Box::new(|_| Ok(true)),
             events: vec![EventDraft::new("message.created", serde_json::json!({}))
                 .channel("c1")
@@ -678,5 +995,313 @@ mod tests {
         }
         p.write(seq_write(2)).await.expect("2 still follows 1");
         assert_eq!(*recorder.0.lock().expect("lock"), vec![1, 2]);
+    }
+
+    #[actix::test]
+    async fn a_stale_write_that_can_be_rebuilt_commits_on_the_next_free_seq() {
+        let (_dir, pool, p, _) = setup();
+        p.write(seq_write(1)).await.expect("first");
+        p.write(seq_write(2)).await.expect("another node's write");
+        let chain = SeqChain::default();
+        let rebuildable = |seq: i64| Write {
+            channel_seqs: Some(ChannelSeqs {
+                chain: Some(chain.clone()),
+                rebase: Some(Box::new(|_, seq| {
+                    let apply: Apply = Box::new(|_| Ok(true));
+                    let event = EventDraft::new("message.created", serde_json::json!({}))
+                        .channel("c1")
+                        .seq(seq);
+                    Ok((apply, vec![event]))
+                })),
+                ..ChannelSeqs::new("c1".into(), seq, seq)
+            }),
+            ..seq_write(seq)
+        };
+        // Prepared on a view where 1 was the last: rebuilt on 3.
+        let events = p.write(rebuildable(2)).await.expect("rebased");
+        assert_eq!(events[0].seq, Some(3));
+        assert!(chain.is_broken(), "the chain's later writes are stale");
+        // A write of the broken chain that cannot be rebuilt is refused.
+        let stale = Write {
+            channel_seqs: Some(ChannelSeqs {
+                chain: Some(chain.clone()),
+                ..ChannelSeqs::new("c1".into(), 4, 4)
+            }),
+            ..seq_write(4)
+        };
+        assert!(matches!(
+            p.enqueue_typed(stale).await,
+            Err(WriteError::StaleSeq { committed: 3 })
+        ));
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(queries::channel_last_seq(&mut conn, "c1").expect("seq"), 3);
+    }
+
+    // ---- PostgreSQL (SWITCHBOARD_TEST_POSTGRES) ----
+
+    use crate::store::pg_test::TestDb;
+
+    /// A fresh PostgreSQL database with workspace "1" and channel "c1".
+    fn pg_setup() -> (TestDb, DbPool) {
+        let db = TestDb::create();
+        let pool = db.pool(8);
+        let mut conn = pool.get().expect("conn");
+        queries::insert_workspace(&mut conn, &crate::store::rows::WorkspaceRow::for_tests("1"))
+            .expect("workspace");
+        let creator =
+            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+        let channel =
+            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+                .expect("c");
+        queries::insert_channel(&mut conn, &channel).expect("channel");
+        (db, pool)
+    }
+
+    fn pg_writer(pool: &DbPool) -> (Persistence, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let (p, _) = Persistence::start(
+            pool,
+            recorder.clone(),
+            Arc::new(Metrics::new()),
+            PersistenceConfig::default(),
+        )
+        .expect("start");
+        (p, recorder)
+    }
+
+    #[actix::test]
+    async fn postgres_commits_contiguous_seqs_with_dense_cursors_in_order() {
+        let (_db, pool) = pg_setup();
+        let (p, recorder) = pg_writer(&pool);
+        let futures: Vec<_> = (1..=200).map(|s| p.write(seq_write(s))).collect();
+        let cursors: Vec<i64> = futures_util::future::join_all(futures)
+            .await
+            .into_iter()
+            .map(|r| r.expect("committed")[0].cursor.expect("cursor"))
+            .collect();
+        assert_eq!(cursors, (1..=200).collect::<Vec<_>>());
+        assert_eq!(
+            *recorder.0.lock().expect("lock"),
+            (1..=200).collect::<Vec<_>>()
+        );
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(
+            queries::channel_last_seq(&mut conn, "c1").expect("seq"),
+            200
+        );
+        assert_eq!(
+            queries::workspace_cursor_state(&mut conn, "1")
+                .expect("ws")
+                .0,
+            200
+        );
+    }
+
+    #[actix::test]
+    async fn postgres_refuses_a_stale_seq_as_such_and_its_chain_after_it() {
+        let (_db, pool) = pg_setup();
+        let (p, recorder) = pg_writer(&pool);
+        p.write(seq_write(1)).await.expect("first");
+        match p.enqueue_typed(seq_write(1)).await {
+            Err(WriteError::StaleSeq { committed }) => assert_eq!(committed, 1),
+            other => panic!("expected a stale seq, got {:?}", other.map(|_| ())),
+        }
+        // A chain: 3 does not follow, so 2 after it — which would follow — is refused too.
+        let chain = SeqChain::default();
+        let chained = |seq: i64| Write {
+            channel_seqs: Some(ChannelSeqs {
+                chain: Some(chain.clone()),
+                ..ChannelSeqs::new("c1".into(), seq, seq)
+            }),
+            ..seq_write(seq)
+        };
+        let (a, b) = (p.enqueue_typed(chained(3)), p.enqueue_typed(chained(2)));
+        assert!(matches!(
+            a.await,
+            Err(WriteError::StaleSeq { committed: 1 })
+        ));
+        assert!(matches!(b.await, Err(WriteError::StaleSeq { .. })));
+        // A write refused by its own change is not a stale seq, and changes nothing.
+        let failing = Write {
+            apply: Box::new(|_| Err(ApiError::conflict("no"))),
+            ..seq_write(2)
+        };
+        assert!(matches!(
+            p.enqueue_typed(failing).await,
+            Err(WriteError::Refused(e)) if e.code == crate::error::ErrorCode::Conflict
+        ));
+        p.write(seq_write(2)).await.expect("2 follows 1");
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(queries::channel_last_seq(&mut conn, "c1").expect("seq"), 2);
+        assert_eq!(
+            queries::workspace_cursor_state(&mut conn, "1")
+                .expect("ws")
+                .0,
+            2
+        );
+        assert_eq!(*recorder.0.lock().expect("lock"), vec![1, 2]);
+    }
+
+    /// One "node": `n` writes to c1, each prepared on the seq it believes committed,
+    /// pipelined `depth` at a time; a refused pipeline reloads the committed seq from the
+    /// store and prepares its writes again (what a ChannelActor does). Returns how many
+    /// refusals it met.
+    async fn node(
+        p: Persistence,
+        pool: DbPool,
+        n: usize,
+        depth: usize,
+        tag: &'static str,
+    ) -> usize {
+        let mut done = 0;
+        let mut refused = 0;
+        let mut last = 0;
+        while done < n {
+            let chain = SeqChain::default();
+            let batch = depth.min(n - done);
+            let futures: Vec<_> = (1..=batch as i64)
+                .map(|i| {
+                    let seq = last + i;
+                    p.enqueue_typed(Write {
+                        channel_seqs: Some(ChannelSeqs {
+                            chain: Some(chain.clone()),
+                            ..ChannelSeqs::new("c1".into(), seq, seq)
+                        }),
+                        events: vec![EventDraft::new(
+                            "message.created",
+                            serde_json::json!({ "node": tag }),
+                        )
+                        .channel("c1")
+                        .seq(seq)],
+                        ..seq_write(seq)
+                    })
+                })
+                .collect();
+            let mut stale = false;
+            for r in futures_util::future::join_all(futures).await {
+                match r {
+                    Ok(events) => {
+                        done += 1;
+                        last = events[0].seq.expect("seq");
+                    }
+                    Err(WriteError::StaleSeq { .. }) => stale = true,
+                    Err(e) => panic!("{tag}: unexpected failure {e:?}"),
+                }
+            }
+            if stale {
+                refused += 1;
+                last = queries::channel_last_seq(&mut pool.get().expect("conn"), "c1")
+                    .expect("reload");
+            }
+        }
+        refused
+    }
+
+    #[actix::test]
+    async fn postgres_two_nodes_writing_one_channel_keep_seqs_contiguous_and_cursors_dense() {
+        let (_db, pool_a) = pg_setup();
+        let pool_b = crate::store::open(pool_a.url(), 8).expect("second node's pool");
+        let (a, rec_a) = pg_writer(&pool_a);
+        let (b, rec_b) = pg_writer(&pool_b);
+        let n = 300;
+        let (ra, rb) = futures_util::future::join(
+            node(a, pool_a.clone(), n, 8, "a"),
+            node(b, pool_b.clone(), n, 8, "b"),
+        )
+        .await;
+        let mut conn = pool_a.get().expect("conn");
+        assert_eq!(
+            queries::channel_last_seq(&mut conn, "c1").expect("seq"),
+            2 * n as i64
+        );
+        assert_eq!(
+            queries::workspace_cursor_state(&mut conn, "1")
+                .expect("ws")
+                .0,
+            2 * n as i64
+        );
+        // Every write once, seqs 1..=2n, cursors 1..=2n, and the cursor order is the seq
+        // order: commit order across both nodes.
+        let rows = queries::events_after_for(&mut conn, "1", "alice", 0, i64::MAX, 10_000)
+            .expect("events");
+        let cursors: Vec<i64> = rows.iter().map(|r| r.cursor).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq.expect("seq")).collect();
+        assert_eq!(cursors, (1..=2 * n as i64).collect::<Vec<_>>());
+        assert_eq!(seqs, (1..=2 * n as i64).collect::<Vec<_>>());
+        let from_a = rows.iter().filter(|r| r.payload.contains("\"a\"")).count();
+        assert_eq!(from_a, n, "every write of node a committed once");
+        // Each node published its own commits in increasing cursor order.
+        for rec in [&rec_a, &rec_b] {
+            let published = rec.0.lock().expect("lock").clone();
+            assert_eq!(published.len(), n);
+            assert!(published.windows(2).all(|w| w[0] < w[1]));
+        }
+        log::info!("refused pipelines: a {ra}, b {rb}");
+    }
+
+    #[actix::test]
+    async fn postgres_two_nodes_writing_one_workspace_allocate_dense_cursors() {
+        let (_db, pool_a) = pg_setup();
+        let pool_b = crate::store::open(pool_a.url(), 8).expect("second node's pool");
+        let (a, _) = pg_writer(&pool_a);
+        let (b, _) = pg_writer(&pool_b);
+        // Writes without seqs (reads, reactions…) from both nodes interleave freely.
+        let plain = || {
+            Write::new(
+                "1".into(),
+                None,
+                Box::new(|_| Ok(true)),
+                vec![EventDraft::new("reaction.added", serde_json::json!({})).channel("c1")],
+            )
+        };
+        let mut futures = Vec::new();
+        for _ in 0..200 {
+            futures.push(a.enqueue(plain()));
+            futures.push(b.enqueue(plain()));
+        }
+        let mut cursors: Vec<i64> = futures_util::future::join_all(futures)
+            .await
+            .into_iter()
+            .map(|r| r.expect("committed")[0].cursor.expect("cursor"))
+            .collect();
+        cursors.sort_unstable();
+        assert_eq!(cursors, (1..=400).collect::<Vec<_>>());
+    }
+
+    #[actix::test]
+    async fn postgres_unreachable_fails_writes_with_backpressure_and_recovers() {
+        let (db, pool) = pg_setup();
+        let (p, _) = pg_writer(&pool);
+        p.write(seq_write(1)).await.expect("first");
+        // Cut every connection of the database, as a restart of the server does.
+        {
+            use diesel::connection::SimpleConnection;
+            use diesel::Connection;
+            let mut admin = diesel::pg::PgConnection::establish(&crate::store::pg_test::base_url())
+                .expect("admin");
+            admin
+                .batch_execute(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{}' AND pid <> pg_backend_pid()",
+                    db.name
+                ))
+                .expect("terminate");
+        }
+        // The writer's connection is dead: the batch fails cleanly, with backpressure.
+        let err = p.write(seq_write(2)).await.expect_err("connection lost");
+        assert_eq!(err.code, crate::error::ErrorCode::Backpressure);
+        assert!(err.retry_after.is_some());
+        // …and the next batch runs on a fresh connection from the pool.
+        let mut ok = false;
+        for _ in 0..50 {
+            if p.write(seq_write(2)).await.is_ok() {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "writes resume by themselves");
+        let mut conn = pool.get().expect("conn");
+        assert_eq!(queries::channel_last_seq(&mut conn, "c1").expect("seq"), 2);
     }
 }

@@ -104,6 +104,7 @@ pub struct ServerBuilder {
     app_id: Option<String>,
     app: Option<AppCreds>,
     database: Option<PathBuf>,
+    database_url: Option<String>,
 }
 
 impl ServerBuilder {
@@ -134,6 +135,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Uses this database URL (`postgres://…`: cluster mode on PostgreSQL) instead of a
+    /// SQLite file.
+    pub fn database_url(mut self, url: &str) -> Self {
+        self.database_url = Some(url.to_owned());
+        self
+    }
+
     pub async fn start(self) -> TestServer {
         let dir = tempfile::Builder::new()
             .prefix("switchboard-it-")
@@ -149,6 +157,7 @@ impl ServerBuilder {
             port: free_port(),
             dir,
             database: self.database,
+            database_url: self.database_url,
             app,
             admin_token: random_string(40),
             extra_env: self.env,
@@ -167,6 +176,8 @@ pub struct TestServer {
     dir: tempfile::TempDir,
     /// A database file outside `dir` (shared with other servers), if one was given.
     database: Option<PathBuf>,
+    /// A database URL given instead of a SQLite file (PostgreSQL).
+    database_url: Option<String>,
     /// The bootstrap workspace (`SWITCHBOARD_BOOTSTRAP_APP`).
     pub app: AppCreds,
     /// `SWITCHBOARD_ADMIN_TOKEN`.
@@ -201,6 +212,9 @@ impl TestServer {
     }
 
     pub fn db_url(&self) -> String {
+        if let Some(url) = &self.database_url {
+            return url.clone();
+        }
         format!("sqlite://{}", self.db_path().display())
     }
 

@@ -7,6 +7,17 @@
 //! The actor keeps the latest state of the messages it is writing ("hot" messages): a
 //! mutation must build on the previous one even before that one has committed, so 50
 //! concurrent appenders get one order that every reader agrees on.
+//!
+//! Several nodes (or processes sharing one SQLite file) may host an actor for the same
+//! channel. Each node's counter and hot states are then an optimistic view: every change of a
+//! message's state takes a channel seq, so a write prepared on a stale view carries seqs that
+//! no longer follow the committed ones, and the writer refuses it (`WriteError::StaleSeq`),
+//! with the writes pipelined after it (its `SeqChain`). The actor then waits for its writes
+//! in flight to settle, reloads the channel (seq, members, fields) and drops its hot states
+//! and open-stream view, and prepares the refused requests again on the fresh state — up to
+//! [`WRITE_ATTEMPTS`] times, after which the client gets 503 `backpressure` (Retry-After).
+//! A new post builds on no earlier write: the writer rebuilds it on the next free seq instead
+//! of refusing it (`persistence::Rebase`), and the actor resyncs after it commits.
 
 mod versions;
 
@@ -24,13 +35,20 @@ use crate::domain::entity::Entity;
 use crate::domain::event::{Event, EventDraft, LiveRoute};
 use crate::domain::message::{validate_emoji, Message, NewMessage};
 use crate::error::{ApiError, ApiResult};
-use crate::persistence::{Apply, Persistence, Write, WriteResult};
+use crate::persistence::{
+    Apply, ChannelSeqs, Persistence, SeqChain, TypedWriteResult, Write, WriteError,
+};
 use crate::registry::Registry;
 use crate::store::rows::VersionRow;
 use crate::store::{queries, DbPool};
 
 /// A channel actor with nothing to do stops after this long; the database rebuilds it.
 const IDLE_STOP_AFTER: Duration = Duration::from_secs(600);
+
+/// How many times a seq-taking write is prepared and submitted before its client is told to
+/// retry: another node writing the same channel refuses this node's stale seqs (see the
+/// module documentation).
+pub const WRITE_ATTEMPTS: u32 = 10;
 
 /// The workspace limits a request is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -140,9 +158,13 @@ pub struct ChannelActor {
     /// Last seq handed out (committed or in flight).
     last_seq: i64,
     in_flight: usize,
-    /// A seq-taking write failed: refuse new ones until in-flight writes settle, then
-    /// reload the committed seq.
+    /// A seq-taking write failed: new ones wait until in-flight writes settle, then the
+    /// channel is reloaded from the store.
     resyncing: bool,
+    /// Writes waiting for the reload (woken when it is done, or failed).
+    resync_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The chain of the seq-taking writes pipelined on the current view of the channel.
+    chain: SeqChain,
     /// Nonces of posts in flight, so a concurrent replay is not written twice.
     pending_nonces: HashMap<(String, String), ()>,
     /// Reply counts of thread roots this actor has seen (it is their only writer).
@@ -169,6 +191,8 @@ impl ChannelActor {
             registry,
             in_flight: 0,
             resyncing: false,
+            resync_waiters: Vec::new(),
+            chain: SeqChain::default(),
             pending_nonces: HashMap::new(),
             reply_counts: HashMap::new(),
             hot: HashMap::new(),
@@ -224,14 +248,22 @@ impl ChannelActor {
         takes_seq: Option<(i64, i64)>,
         apply: Apply,
         events: Vec<EventDraft>,
-    ) -> impl ActorFuture<Self, Output = WriteResult> {
+    ) -> impl ActorFuture<Self, Output = TypedWriteResult> {
         let write = Write::new(
             self.channel.workspace_id.clone(),
-            takes_seq.map(|(a, b)| (self.channel.id.clone(), a, b)),
+            takes_seq.map(|(a, b)| self.channel_seqs(a, b)),
             apply,
             events,
         );
         self.submit_write(takes_seq, write)
+    }
+
+    /// Seqs `first..=last` of this channel, on the current chain.
+    fn channel_seqs(&self, first: i64, last: i64) -> ChannelSeqs {
+        ChannelSeqs {
+            chain: Some(self.chain.clone()),
+            ..ChannelSeqs::new(self.channel.id.clone(), first, last)
+        }
     }
 
     /// [`Self::submit`] of a write built by the caller (`takes_seq` as in its `channel_seqs`).
@@ -239,12 +271,12 @@ impl ChannelActor {
         &mut self,
         takes_seq: Option<(i64, i64)>,
         write: Write,
-    ) -> impl ActorFuture<Self, Output = WriteResult> {
+    ) -> impl ActorFuture<Self, Output = TypedWriteResult> {
         self.in_flight += 1;
         let persistence = self.persistence.clone();
         // Queued here, in handler order, so a later seq never reaches the writer first.
         persistence
-            .enqueue(write)
+            .enqueue_typed(write)
             .into_actor(self)
             .map(move |res, act, _| {
                 act.in_flight -= 1;
@@ -252,28 +284,104 @@ impl ChannelActor {
                     act.resyncing = true;
                 }
                 if act.resyncing && act.in_flight == 0 {
-                    act.reload_seq();
+                    act.reload();
                 }
                 res
             })
     }
 
-    fn reload_seq(&mut self) {
-        // Uncommitted states may have been refused: rebuild them from the store.
+    /// Reloads the channel from the store after a seq-taking write failed (another node may
+    /// have written it): its seq, its members and fields; the hot states and the open-stream
+    /// view go (uncommitted states may have been refused; another node may have changed
+    /// them). Wakes the writes waiting for it either way; `false` when the store failed.
+    fn reload(&mut self) -> bool {
         self.hot.clear();
         self.open_streams = None;
         self.reply_counts.clear();
-        match self
+        let loaded = self
             .conn()
-            .and_then(|mut c| Ok(queries::channel_last_seq(&mut c, &self.channel.id)?))
-        {
-            Ok(seq) => {
-                self.last_seq = seq;
-                self.channel.last_seq = seq;
+            .and_then(|mut c| Ok(queries::channel(&mut c, &self.channel.id)?));
+        let ok = match loaded {
+            Ok(Some(channel)) => {
+                self.last_seq = channel.last_seq;
+                self.channel = channel;
                 self.resyncing = false;
+                self.chain = SeqChain::default();
+                true
             }
-            Err(e) => log::error!("channel {} cannot reload its seq: {e}", self.channel.id),
+            Ok(None) => {
+                log::error!("channel {} is gone from the store", self.channel.id);
+                false
+            }
+            Err(e) => {
+                log::warn!("channel {} cannot reload: {e}", self.channel.id);
+                false
+            }
+        };
+        for w in self.resync_waiters.drain(..) {
+            let _ = w.send(());
         }
+        ok
+    }
+
+    /// Whether a seq-taking write may be prepared now: at once, after the reload in progress
+    /// (the receiver fires), or not at all (the store cannot be read).
+    fn gate(&mut self) -> Gate {
+        if !self.resyncing {
+            return Gate::Go;
+        }
+        if self.in_flight == 0 {
+            return if self.reload() {
+                Gate::Go
+            } else {
+                Gate::Fail(ApiError::backpressure("the store is unreachable; retry").retry_after(1))
+            };
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.resync_waiters.push(tx);
+        Gate::Wait(rx)
+    }
+
+    /// Runs `then` (a new attempt of a seq-taking request) once the gate opens.
+    fn gated<T: 'static>(
+        &mut self,
+        then: impl FnOnce(&mut Self) -> ResponseActFuture<Self, ApiResult<T>> + 'static,
+    ) -> Option<ResponseActFuture<Self, ApiResult<T>>> {
+        match self.gate() {
+            Gate::Go => None,
+            Gate::Fail(e) => Some(Box::pin(fut::ready(Err(e)))),
+            Gate::Wait(rx) => Some(Box::pin(
+                rx.into_actor(self).then(move |_, act, _| then(act)),
+            )),
+        }
+    }
+
+    /// After a retryable failure of attempt `attempt`: the next attempt after a random pause
+    /// growing with the attempts (two nodes racing for a channel do not meet again at once),
+    /// or the error.
+    fn retry<T: 'static>(
+        &mut self,
+        error: WriteError,
+        attempt: u32,
+        again: impl FnOnce(&mut Self) -> ResponseActFuture<Self, ApiResult<T>> + 'static,
+    ) -> ResponseActFuture<Self, ApiResult<T>> {
+        if !error.is_retryable() || attempt >= WRITE_ATTEMPTS {
+            if error.is_retryable() {
+                log::warn!(
+                    "channel {}: write refused {attempt} times; the client retries",
+                    self.channel.id
+                );
+            }
+            return Box::pin(fut::ready(Err(error.into_api())));
+        }
+        // Exponential, jittered: 0..4 ms, 0..8 ms, … up to 0..250 ms.
+        let cap = (4u64 << (attempt - 1).min(6)).min(250);
+        let pause = Duration::from_millis(rand::random::<u64>() % (cap + 1));
+        Box::pin(
+            actix::clock::sleep(pause)
+                .into_actor(self)
+                .then(move |_, act, _| again(act)),
+        )
     }
 
     fn existing_message(&self, serial: &str) -> ApiResult<Message> {
@@ -338,6 +446,30 @@ impl Handler<PostMessage> for ChannelActor {
 
     fn handle(&mut self, msg: PostMessage, ctx: &mut Self::Context) -> Self::Result {
         self.touch(ctx);
+        self.post(msg, 1)
+    }
+}
+
+/// Whether a seq-taking write may be prepared now (see [`ChannelActor::gate`]).
+enum Gate {
+    Go,
+    Wait(tokio::sync::oneshot::Receiver<()>),
+    Fail(ApiError),
+}
+
+impl ChannelActor {
+    /// Attempt `attempt` of a post: prepared on the current view, retried on a fresh one
+    /// when the writer refuses its seq.
+    fn post(
+        &mut self,
+        msg: PostMessage,
+        attempt: u32,
+    ) -> ResponseActFuture<Self, ApiResult<PostOutcome>> {
+        let again = msg.clone();
+        if let Some(waiting) = self.gated(move |act| act.post(again, attempt)) {
+            return waiting;
+        }
+        let again = msg.clone();
         match self.prepare_post(msg) {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok(Prepared::Replay(message)) => Box::pin(fut::ready(Ok(PostOutcome {
@@ -349,27 +481,46 @@ impl Handler<PostMessage> for ChannelActor {
                 message,
                 apply,
                 events,
+                rebase,
                 nonce_key,
                 root,
             }) => {
                 let seq = message.history_serial;
                 self.hold_hot(message.clone());
-                Box::pin(
-                    self.submit(Some((seq, seq)), apply, events)
-                        .map(move |res, act, _| {
-                            if let Some(k) = &nonce_key {
-                                act.pending_nonces.remove(k);
+                let mut seqs = self.channel_seqs(seq, seq);
+                seqs.rebase = Some(rebase);
+                let write =
+                    Write::new(self.channel.workspace_id.clone(), Some(seqs), apply, events);
+                Box::pin(self.submit_write(Some((seq, seq)), write).then(
+                    move |res, act, _| -> ResponseActFuture<Self, ApiResult<PostOutcome>> {
+                        if let Some(k) = &nonce_key {
+                            act.pending_nonces.remove(k);
+                        }
+                        act.release_hot(&message.message_serial);
+                        match res {
+                            Ok(events) => {
+                                let committed = events.first().and_then(|e| e.seq);
+                                let message = match committed {
+                                    // Rebased by the writer: this node's view was stale.
+                                    Some(c) if c != message.history_serial => {
+                                        act.resyncing = true;
+                                        at_seq(message, c)
+                                    }
+                                    _ => message,
+                                };
+                                let summary = root.and_then(|r| act.summary_event(&r).ok());
+                                Box::pin(fut::ready(Ok(PostOutcome {
+                                    message,
+                                    event: events.into_iter().next(),
+                                    summary,
+                                })))
                             }
-                            act.release_hot(&message.message_serial);
-                            let events = res?;
-                            let summary = root.and_then(|r| act.summary_event(&r).ok());
-                            Ok(PostOutcome {
-                                message,
-                                event: events.into_iter().next(),
-                                summary,
-                            })
-                        }),
-                )
+                            Err(e) => {
+                                act.retry(e, attempt, move |act| act.post(again, attempt + 1))
+                            }
+                        }
+                    },
+                ))
             }
         }
     }
@@ -382,6 +533,7 @@ enum Prepared {
         message: Message,
         apply: Apply,
         events: Vec<EventDraft>,
+        rebase: crate::persistence::Rebase,
         nonce_key: Option<(String, String)>,
         /// The thread root when this is a reply.
         root: Option<Message>,
@@ -432,41 +584,95 @@ impl ChannelActor {
         };
         let seq = self.last_seq + 1;
         let message = msg.input.into_message(&self.channel.id, &sender, seq, &now);
-        let mut created = self
-            .draft("message.created", message.event_payload(self.direct_id()))
-            .seq(seq);
-        created.live.except_socket = msg.except_socket.as_deref().map(Arc::from);
-        let mut events = vec![created];
-        if let Some(root) = &root {
+        let reply_count = root.as_ref().map(|root| {
             let count = self
                 .reply_counts
                 .entry(root.message_serial.clone())
                 .or_insert(root.reply_count);
             *count += 1;
-            let common = json!({
-                "root_message_id": root.message_serial,
-                "thread_id": root.message_serial,
-                "message_id": message.message_serial,
-                "author_id": (!sender.is_empty()).then_some(&sender),
-                "reply_count": *count,
-                "last_reply_at": now,
-            });
-            events.push(
-                self.draft("thread.reply_created", common.clone())
-                    .seq(root.history_serial),
-            );
-            events.push(
-                self.draft("thread.state_updated", common)
-                    .seq(root.history_serial),
-            );
-        }
+            *count
+        });
+        let parts = PostParts {
+            route: self.draft("message.created", json!({})),
+            direct_id: self.direct_id().map(str::to_string),
+            except_socket: msg.except_socket.as_deref().map(Arc::from),
+            workspace_id: self.channel.workspace_id.clone(),
+            root: root
+                .as_ref()
+                .map(|r| (r.message_serial.clone(), r.history_serial)),
+        };
+        let (apply, events) = parts.build(&message, reply_count);
         self.last_seq = seq;
         if let Some(k) = &nonce_key {
             self.pending_nonces.insert(k.clone(), ());
         }
-        let workspace_id = self.channel.workspace_id.clone();
+        // Should another node have taken this seq meanwhile, the writer rebuilds the post on
+        // the next free one instead of refusing it (a post builds on no earlier write).
+        let (stored, channel_id) = (message.clone(), self.channel.id.clone());
+        let rebase: crate::persistence::Rebase = Box::new(move |conn, seq| {
+            let message = at_seq(stored, seq);
+            let reply_count = match &parts.root {
+                Some((root, _)) => Some(queries::reply_count(conn, &channel_id, root)? + 1),
+                None => None,
+            };
+            Ok(parts.build(&message, reply_count))
+        });
+        Ok(Prepared::New {
+            message,
+            apply,
+            events,
+            rebase,
+            nonce_key,
+            root,
+        })
+    }
+}
+
+/// What a post's write is built from besides its message, so the writer can build it again
+/// on another seq (see [`crate::persistence::Rebase`]).
+struct PostParts {
+    /// A `message.created` draft of this channel: its channel, recipients and live route.
+    route: EventDraft,
+    direct_id: Option<String>,
+    except_socket: Option<Arc<str>>,
+    workspace_id: String,
+    /// The thread root's serial and history seq when this is a reply.
+    root: Option<(String, i64)>,
+}
+
+impl PostParts {
+    /// The change and events of posting `message` (a reply bumping its root to
+    /// `reply_count`).
+    fn build(&self, message: &Message, reply_count: Option<i64>) -> (Apply, Vec<EventDraft>) {
+        let draft = |event_type: &'static str, payload: serde_json::Value, seq: i64| {
+            let mut d = self.route.clone();
+            d.event_type = event_type;
+            d.payload = payload;
+            d.seq(seq)
+        };
+        let mut created = draft(
+            "message.created",
+            message.event_payload(self.direct_id.as_deref()),
+            message.history_serial,
+        );
+        created.live.except_socket = self.except_socket.clone();
+        let mut events = vec![created];
+        if let (Some((root, root_seq)), Some(count)) = (&self.root, reply_count) {
+            let sender = &message.sender;
+            let common = json!({
+                "root_message_id": root,
+                "thread_id": root,
+                "message_id": message.message_serial,
+                "author_id": (!sender.is_empty()).then_some(sender),
+                "reply_count": count,
+                "last_reply_at": message.created_at,
+            });
+            events.push(draft("thread.reply_created", common.clone(), *root_seq));
+            events.push(draft("thread.state_updated", common, *root_seq));
+        }
+        let workspace_id = self.workspace_id.clone();
         let stored = message.clone();
-        let root_serial = root.as_ref().map(|r| r.message_serial.clone());
+        let root_serial = self.root.as_ref().map(|(r, _)| r.clone());
         let apply: Apply = Box::new(move |conn| {
             queries::insert_message(conn, &stored, &workspace_id)?;
             queries::insert_version(
@@ -488,14 +694,16 @@ impl ChannelActor {
             }
             Ok(true)
         });
-        Ok(Prepared::New {
-            message,
-            apply,
-            events,
-            nonce_key,
-            root,
-        })
+        (apply, events)
     }
+}
+
+/// A new message as posted at channel seq `seq` instead.
+fn at_seq(mut message: Message, seq: i64) -> Message {
+    message.history_serial = seq;
+    message.message_serial = crate::ids::message_serial(seq);
+    message.version_serial = crate::ids::version_serial(seq);
+    message
 }
 
 impl Handler<React> for ChannelActor {
@@ -541,7 +749,7 @@ impl Handler<React> for ChannelActor {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok((message, apply, draft)) => Box::pin(self.submit(None, apply, vec![draft]).map(
                 move |res, act, _| {
-                    let event = res?.into_iter().next();
+                    let event = res.map_err(WriteError::into_api)?.into_iter().next();
                     let summary = match &event {
                         Some(_) => act.summary_event(&message).ok(),
                         None => None,
@@ -596,7 +804,7 @@ impl Handler<MarkRead> for ChannelActor {
         Box::pin(
             self.submit(None, apply, vec![draft])
                 .map(move |res, act, _| {
-                    let event = res?.into_iter().next();
+                    let event = res.map_err(WriteError::into_api)?.into_iter().next();
                     let last_read_seq =
                         queries::last_read_seq(&mut *act.conn()?, &channel, &who)?.unwrap_or(0);
                     Ok(ReadOutcome {
@@ -630,7 +838,7 @@ impl Handler<ChangeMembership> for ChannelActor {
                 status,
             }) => AtomicResponse::new(Box::pin(self.submit(None, apply, vec![event]).map(
                 move |res, act, _| {
-                    let event = res?.into_iter().next();
+                    let event = res.map_err(WriteError::into_api)?.into_iter().next();
                     if let Some(next) = next {
                         act.channel.members = next.members;
                         act.channel.permissions.modify_members = next.permissions.modify_members;
@@ -851,7 +1059,7 @@ impl Handler<PatchChannel> for ChannelActor {
         });
         AtomicResponse::new(Box::pin(self.submit(None, apply, vec![event]).map(
             move |res, act, _| {
-                let event = res?.into_iter().next();
+                let event = res.map_err(WriteError::into_api)?.into_iter().next();
                 let members = std::mem::take(&mut act.channel.members);
                 act.channel = Channel {
                     members,

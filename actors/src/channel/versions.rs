@@ -19,6 +19,7 @@ use crate::persistence::{VersionWrite, Write};
 use crate::settings::AiTransportLimits;
 use crate::store::queries;
 use crate::store::rows::VersionRow;
+use actix::ResponseActFuture;
 
 /// Open streams whose latest state stays in memory between appends, and the largest text
 /// kept that way: a bound on this actor's memory (≈ 64 × 256 KiB at most).
@@ -367,7 +368,7 @@ impl ChannelActor {
         // `VersionWrite`). Nothing here can fail once it has checked the seq: no savepoint.
         let write = Write {
             workspace_id: self.channel.workspace_id.clone(),
-            channel_seqs: Some((self.channel.id.clone(), seq, seq)),
+            channel_seqs: Some(self.channel_seqs(seq, seq)),
             apply: Box::new(|_| Ok(true)),
             events: vec![draft],
             version: Some(Box::new(VersionWrite {
@@ -401,6 +402,23 @@ impl Handler<Mutate> for ChannelActor {
 
     fn handle(&mut self, msg: Mutate, ctx: &mut Self::Context) -> Self::Result {
         self.touch(ctx);
+        self.mutate(msg, 1)
+    }
+}
+
+impl ChannelActor {
+    /// Attempt `attempt` of a mutation: prepared on the current view (hot state, open
+    /// streams), prepared again on a fresh one when the writer refuses its seq.
+    fn mutate(
+        &mut self,
+        msg: Mutate,
+        attempt: u32,
+    ) -> ResponseActFuture<Self, ApiResult<MutationOutcome>> {
+        let again = msg.clone();
+        if let Some(waiting) = self.gated(move |act| act.mutate(again, attempt)) {
+            return waiting;
+        }
+        let again = msg.clone();
         match self.prepare_mutation(msg) {
             Err(e) => Box::pin(fut::ready(Err(e))),
             Ok(Prepared::Duplicate(outcome)) => Box::pin(fut::ready(Ok(outcome))),
@@ -409,21 +427,22 @@ impl Handler<Mutate> for ChannelActor {
                 action,
                 seq,
                 write,
-            }) => Box::pin(
-                self.submit_write(Some((seq, seq)), write)
-                    .map(move |res, act, _| {
-                        act.release_hot(&message.message_serial);
-                        let event = res?.into_iter().next();
-                        Ok(MutationOutcome {
+            }) => Box::pin(self.submit_write(Some((seq, seq)), write).then(
+                move |res, act, _| -> ResponseActFuture<Self, ApiResult<MutationOutcome>> {
+                    act.release_hot(&message.message_serial);
+                    match res {
+                        Ok(events) => Box::pin(fut::ready(Ok(MutationOutcome {
                             version_serial: message.version_serial.clone(),
                             message,
                             action,
                             delivery_serial: seq,
                             duplicate: false,
-                            event,
-                        })
-                    }),
-            ),
+                            event: events.into_iter().next(),
+                        }))),
+                        Err(e) => act.retry(e, attempt, move |act| act.mutate(again, attempt + 1)),
+                    }
+                },
+            )),
         }
     }
 }

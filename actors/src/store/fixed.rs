@@ -3,15 +3,94 @@
 //! and keys inserts by their SQL text, rebuilt on every call. The single-row statements here
 //! carry a static query id instead: diesel caches them by type, so a call only binds and
 //! steps. The multi-row inserts are cached by their text, one statement per row count.
+//!
+//! Each statement is written once and implemented for both engines (SQLite and PostgreSQL),
+//! and runs natively on the engine's own connection: `push_bind_param` writes each
+//! dialect's placeholders (`?` or `$n`).
 
+use diesel::pg::{Pg, PgConnection};
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{BigInt, Bool, Nullable, Text};
-use diesel::sqlite::Sqlite;
+use diesel::sqlite::{Sqlite, SqliteConnection};
 use diesel::{QueryResult, RunQueryDsl};
 
 use super::rows::{to_json_text, EventRow, VersionRow};
-use super::Conn;
 use crate::domain::message::Message;
+
+/// `(?, ?, …)` of one version row.
+macro_rules! push_version_values {
+    ($out:ident, $v:expr) => {{
+        let v: &VersionRow = $v;
+        let out = &mut $out;
+        out.push_sql("(");
+        out.push_bind_param::<Text, _>(&v.channel_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&v.seq)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&v.message_serial)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&v.action)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&v.actor)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&v.op_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&v.body)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&v.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&v.fingerprint)?;
+        out.push_sql(")");
+    }};
+}
+
+/// `(?, ?, …)` of one event row.
+macro_rules! push_event_values {
+    ($out:ident, $e:expr) => {{
+        let e: &EventRow = $e;
+        let out = &mut $out;
+        out.push_sql("(");
+        out.push_bind_param::<Text, _>(&e.workspace_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&e.cursor)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&e.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&e.event_type)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&e.channel_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&e.seq)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&e.payload)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Bool, _>(&e.is_private)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&e.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&e.recipients)?;
+        out.push_sql(")");
+    }};
+}
+
+/// Implements `QueryFragment` for both engines with the same body.
+macro_rules! both_engines {
+    ($name:ident, |$this:ident, $out:ident| $body:block) => {
+        both_engines!(@one $name, Sqlite, SqliteConnection, |$this, $out| $body);
+        both_engines!(@one $name, Pg, PgConnection, |$this, $out| $body);
+    };
+    (@one $name:ident, $db:ty, $conn:ty, |$this:ident, $out:ident| $body:block) => {
+        impl QueryFragment<$db> for $name<'_> {
+            fn walk_ast<'b>(&'b self, mut $out: AstPass<'_, 'b, $db>) -> QueryResult<()> {
+                let $this = self;
+                $body
+                Ok(())
+            }
+        }
+
+        impl RunQueryDsl<$conn> for $name<'_> {}
+    };
+}
 
 /// Declares a statement type over a borrowed value whose prepared statement diesel caches by
 /// type, with the body that writes its SQL and binds.
@@ -24,15 +103,10 @@ macro_rules! fixed_statement {
             const HAS_STATIC_QUERY_ID: bool = true;
         }
 
-        impl QueryFragment<Sqlite> for $name<'_> {
-            fn walk_ast<'b>(&'b self, mut $out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-                let $this = self.0;
-                $body
-                Ok(())
-            }
-        }
-
-        impl RunQueryDsl<Conn> for $name<'_> {}
+        both_engines!($name, |this, $out| {
+            let $this = this.0;
+            $body
+        });
     };
 }
 
@@ -41,7 +115,7 @@ const INSERT_VERSIONS: &str = "INSERT INTO message_versions (channel_id, seq, me
 
 fixed_statement!(InsertVersion<'a, VersionRow>, |v, out| {
     out.push_sql(INSERT_VERSIONS);
-    push_version_values(&mut out, v)?;
+    push_version_values!(out, v);
 });
 
 /// Several versions in one statement (see [`InsertEvents`]).
@@ -52,54 +126,22 @@ impl QueryId for InsertVersions<'_> {
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl QueryFragment<Sqlite> for InsertVersions<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        out.push_sql(INSERT_VERSIONS);
-        for (i, v) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push_sql(", ");
-            }
-            push_version_values(&mut out, v)?;
+both_engines!(InsertVersions, |this, out| {
+    out.push_sql(INSERT_VERSIONS);
+    for (i, v) in this.0.iter().enumerate() {
+        if i > 0 {
+            out.push_sql(", ");
         }
-        Ok(())
+        push_version_values!(out, v);
     }
-}
-
-impl RunQueryDsl<Conn> for InsertVersions<'_> {}
-
-/// `(?, ?, …)` of one version row.
-fn push_version_values<'b>(
-    out: &mut AstPass<'_, 'b, Sqlite>,
-    v: &'b VersionRow,
-) -> QueryResult<()> {
-    out.push_sql("(");
-    out.push_bind_param::<Text, _>(&v.channel_id)?;
-    out.push_sql(", ");
-    out.push_bind_param::<BigInt, _>(&v.seq)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&v.message_serial)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&v.action)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<Text>, _>(&v.actor)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<Text>, _>(&v.op_id)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&v.body)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&v.created_at)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<Text>, _>(&v.fingerprint)?;
-    out.push_sql(")");
-    Ok(())
-}
+});
 
 const INSERT_EVENTS: &str = "INSERT INTO events (workspace_id, cursor, id, event_type, \
      channel_id, seq, payload, is_private, created_at, recipients) VALUES ";
 
 fixed_statement!(InsertEvent<'a, EventRow>, |e, out| {
     out.push_sql(INSERT_EVENTS);
-    push_event_values(&mut out, e)?;
+    push_event_values!(out, e);
 });
 
 /// Several events in one statement: one statement step and reset for all of them. Cached by
@@ -111,46 +153,15 @@ impl QueryId for InsertEvents<'_> {
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl QueryFragment<Sqlite> for InsertEvents<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        out.push_sql(INSERT_EVENTS);
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                out.push_sql(", ");
-            }
-            push_event_values(&mut out, e)?;
+both_engines!(InsertEvents, |this, out| {
+    out.push_sql(INSERT_EVENTS);
+    for (i, e) in this.0.iter().enumerate() {
+        if i > 0 {
+            out.push_sql(", ");
         }
-        Ok(())
+        push_event_values!(out, e);
     }
-}
-
-impl RunQueryDsl<Conn> for InsertEvents<'_> {}
-
-/// `(?, ?, …)` of one event row.
-fn push_event_values<'b>(out: &mut AstPass<'_, 'b, Sqlite>, e: &'b EventRow) -> QueryResult<()> {
-    out.push_sql("(");
-    out.push_bind_param::<Text, _>(&e.workspace_id)?;
-    out.push_sql(", ");
-    out.push_bind_param::<BigInt, _>(&e.cursor)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&e.id)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&e.event_type)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<Text>, _>(&e.channel_id)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<BigInt>, _>(&e.seq)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&e.payload)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Bool, _>(&e.is_private)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Text, _>(&e.created_at)?;
-    out.push_sql(", ");
-    out.push_bind_param::<Nullable<Text>, _>(&e.recipients)?;
-    out.push_sql(")");
-    Ok(())
-}
+});
 
 /// The columns of a message that a version can change, encoded for [`SaveMessageState`].
 pub struct MessageState<'a> {

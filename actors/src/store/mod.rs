@@ -1,37 +1,52 @@
 //! Storage: diesel schema, row types and one function per query, each taking `&mut Conn`.
+//!
+//! Two engines share one logical schema: SQLite (the default, one node) and PostgreSQL
+//! (cluster mode, several nodes on one database). [`Conn`] is either; the pool reconnects by
+//! itself, and while the database cannot be reached it answers at once with
+//! [`StoreUnavailable`] (503 `backpressure`) instead of holding callers for its timeout.
 
 pub mod cluster_queries;
+mod conn;
 pub mod fixed;
 pub mod listing;
+#[cfg(test)]
+pub mod pg_test;
 pub mod queries;
 pub mod rows;
 pub mod schema;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::pg::PgConnection;
 use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-pub type Conn = SqliteConnection;
-pub type DbPool = Pool<ConnectionManager<Conn>>;
-pub type PooledConn = PooledConnection<ConnectionManager<Conn>>;
+pub(crate) use conn::on_engine;
+pub use conn::{AnyConnection, MultiBackend};
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
+pub type Conn = AnyConnection;
+pub type PooledConn = r2d2::PooledConnection<Manager>;
 
-/// Where the database lives, parsed from `sqlite://path` (or a bare path).
-#[derive(Debug, Clone)]
-pub struct DatabaseUrl {
-    pub path: String,
+pub const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
+pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/postgres");
+
+/// Which database, parsed from `sqlite://path` (or a bare path) or `postgres://…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite { path: String },
+    Postgres { url: String },
 }
 
 impl DatabaseUrl {
     pub fn parse(url: &str) -> Result<Self, String> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(
-                "PostgreSQL is not supported by this build yet (cluster mode is issue 6)".into(),
-            );
+            return Ok(Self::Postgres {
+                url: url.to_string(),
+            });
         }
         let path = url
             .strip_prefix("sqlite://")
@@ -40,13 +55,48 @@ impl DatabaseUrl {
         if path.is_empty() {
             return Err("empty database path".into());
         }
-        Ok(Self {
+        Ok(Self::Sqlite {
             path: path.to_string(),
         })
     }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Self::Sqlite { .. } => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Sqlite { path } => path.clone(),
+            Self::Postgres { url } => redact(url),
+        }
+    }
 }
 
-/// How a commit reaches the disk (SQLite `synchronous` in WAL mode).
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// How a commit reaches the disk (SQLite `synchronous` in WAL mode; PostgreSQL commits are
+/// as durable as the server is configured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
     /// Every commit is fsynced before it is acknowledged: survives a power cut.
@@ -67,22 +117,189 @@ impl Durability {
     }
 }
 
-#[derive(Debug)]
-struct Pragmas(Durability);
+/// The store cannot be reached (or is shutting down): callers answer 503 `backpressure`.
+#[derive(Debug, Clone)]
+pub struct StoreUnavailable(pub String);
 
-impl CustomizeConnection<Conn, diesel::r2d2::Error> for Pragmas {
-    fn on_acquire(&self, conn: &mut Conn) -> Result<(), diesel::r2d2::Error> {
-        let synchronous = match self.0 {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        };
-        conn.batch_execute(&format!(
-            // temp_store: savepoint sub-journals stay in memory instead of temp files (one
-            // savepoint per write in a group commit).
-            "PRAGMA busy_timeout = 5000; PRAGMA synchronous = {synchronous}; \
-             PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
-        ))
-        .map_err(diesel::r2d2::Error::QueryError)
+impl std::fmt::Display for StoreUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "database unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for StoreUnavailable {}
+
+impl From<StoreUnavailable> for crate::error::ApiError {
+    fn from(e: StoreUnavailable) -> Self {
+        log::warn!("{e}");
+        Self::backpressure("the store is unreachable").retry_after(1)
+    }
+}
+
+/// Opens connections of the configured engine for the pool (SQLite gets its pragmas), and
+/// tells the pool's health when connecting fails or works again.
+#[derive(Debug)]
+pub struct Manager {
+    url: DatabaseUrl,
+    durability: Durability,
+    health: Arc<Health>,
+}
+
+/// Whether the database is reachable, as the last connection attempts found it.
+#[derive(Debug, Default)]
+struct Health {
+    /// Set when a connection attempt failed; cleared by the next one that works.
+    down: AtomicBool,
+    /// A thread is probing the database until it answers again.
+    probing: AtomicBool,
+}
+
+/// Opens one connection of the engine `url` names, SQLite with its per-connection pragmas.
+pub fn establish(url: &DatabaseUrl, durability: Durability) -> Result<Conn, StoreUnavailable> {
+    match url {
+        DatabaseUrl::Sqlite { path } => {
+            let mut conn = SqliteConnection::establish(path)
+                .map_err(|e| StoreUnavailable(format!("cannot open {path}: {e}")))?;
+            let synchronous = match durability {
+                Durability::Full => "FULL",
+                Durability::Normal => "NORMAL",
+            };
+            conn.batch_execute(&format!(
+                // temp_store: savepoint sub-journals stay in memory instead of temp files
+                // (one savepoint per write in a group commit).
+                "PRAGMA busy_timeout = 5000; PRAGMA synchronous = {synchronous}; \
+                 PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;"
+            ))
+            .map_err(|e| StoreUnavailable(format!("pragmas: {e}")))?;
+            Ok(AnyConnection::Sqlite(conn))
+        }
+        DatabaseUrl::Postgres { url } => PgConnection::establish(url)
+            .map(AnyConnection::Pg)
+            .map_err(|e| StoreUnavailable(format!("{}: {e}", redact(url)))),
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = StoreUnavailable;
+
+    fn connect(&self) -> Result<Conn, StoreUnavailable> {
+        let result = establish(&self.url, self.durability);
+        self.health.down.store(result.is_err(), Ordering::Release);
+        result
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), StoreUnavailable> {
+        conn.batch_execute("SELECT 1")
+            .map_err(|e| StoreUnavailable(e.to_string()))
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        diesel::r2d2::R2D2Connection::is_broken(conn)
+    }
+}
+
+/// The connection pool of either engine. While the database is known to be unreachable,
+/// [`DbPool::get`] fails at once (a thread probes it and clears the state when it answers),
+/// so nothing waits for the pool's timeout on every call during an outage.
+#[derive(Clone)]
+pub struct DbPool {
+    inner: r2d2::Pool<Manager>,
+    url: Arc<DatabaseUrl>,
+    durability: Durability,
+    health: Arc<Health>,
+}
+
+/// How often the prober tries the database while it is down.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+impl DbPool {
+    /// A pooled connection, or at once [`StoreUnavailable`] while the database is down.
+    pub fn get(&self) -> Result<PooledConn, StoreUnavailable> {
+        if self.health.down.load(Ordering::Acquire) {
+            self.start_probe();
+            return Err(StoreUnavailable("the database is unreachable".into()));
+        }
+        match self.inner.get() {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if self.health.down.load(Ordering::Acquire) {
+                    self.start_probe();
+                }
+                Err(StoreUnavailable(e.to_string()))
+            }
+        }
+    }
+
+    /// The database answered the last connection attempt (`/readyz`).
+    pub fn is_up(&self) -> bool {
+        !self.health.down.load(Ordering::Acquire)
+    }
+
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.url.is_postgres()
+    }
+
+    /// Connections open and idle (for tests and metrics).
+    pub fn state(&self) -> r2d2::State {
+        self.inner.state()
+    }
+
+    /// Probes the database on a thread of its own until a connection works again.
+    fn start_probe(&self) {
+        if self.health.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (url, durability, health) = (self.url.clone(), self.durability, self.health.clone());
+        let spawned = std::thread::Builder::new()
+            .name("db-probe".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(PROBE_EVERY);
+                    if !health.down.load(Ordering::Acquire) || establish(&url, durability).is_ok() {
+                        break;
+                    }
+                }
+                log::info!("database {} is reachable again", url.redacted());
+                health.down.store(false, Ordering::Release);
+                health.probing.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.health.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A write transaction: `BEGIN IMMEDIATE` on SQLite (the write lock is taken at once, so two
+/// writers never deadlock upgrading a read lock), a plain `BEGIN` on PostgreSQL (writers lock
+/// the rows they change; see the persistence actor). Nested `transaction` calls inside are
+/// savepoints.
+pub fn write_transaction<T, E, F>(conn: &mut Conn, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut Conn) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    match conn {
+        AnyConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        AnyConnection::Pg(c) => AnsiTransactionManager::begin_transaction_sql(c, "BEGIN")?,
+    }
+    type Tm = <Conn as Connection>::TransactionManager;
+    match f(conn) {
+        Ok(value) => {
+            Tm::commit_transaction(conn)?;
+            Ok(value)
+        }
+        Err(e) => match Tm::rollback_transaction(conn) {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(e),
+            Err(rollback) => Err(rollback.into()),
+        },
     }
 }
 
@@ -97,40 +314,79 @@ pub fn open_with(
     max_size: u32,
     durability: Durability,
 ) -> Result<DbPool, String> {
-    if let Some(parent) = std::path::Path::new(&url.path).parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    let mut builder = r2d2::Pool::builder().max_size(max_size);
+    match url {
+        DatabaseUrl::Sqlite { path } => {
+            if let Some(parent) = std::path::Path::new(path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+            }
+            // WAL is a property of the file: set it once, before the pool opens its
+            // connections.
+            let mut conn = SqliteConnection::establish(path)
+                .map_err(|e| format!("cannot open database {path}: {e}"))?;
+            conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
+                .map_err(|e| format!("cannot enable WAL: {e}"))?;
+            builder = builder.connection_timeout(Duration::from_secs(5));
+        }
+        DatabaseUrl::Postgres { .. } => {
+            // Connections are opened as needed (a node need not hold max_size of the
+            // server's connections while idle); a dead server is noticed within 3 s.
+            builder = builder
+                .min_idle(Some(2.min(max_size)))
+                .connection_timeout(Duration::from_secs(3));
         }
     }
-    // WAL is a property of the file: set it once, before the pool opens its connections.
-    {
-        use diesel::Connection;
-        let mut conn = Conn::establish(&url.path)
-            .map_err(|e| format!("cannot open database {}: {e}", url.path))?;
-        conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
-            .map_err(|e| format!("cannot enable WAL: {e}"))?;
-    }
-    let manager = ConnectionManager::<Conn>::new(url.path.clone());
-    let pool = Pool::builder()
-        .max_size(max_size)
-        .connection_timeout(Duration::from_secs(5))
-        .connection_customizer(Box::new(Pragmas(durability)))
+    let health = Arc::new(Health::default());
+    let manager = Manager {
+        url: url.clone(),
+        durability,
+        health: health.clone(),
+    };
+    let inner = builder
         .build(manager)
-        .map_err(|e| format!("cannot open database {}: {e}", url.path))?;
+        .map_err(|e| format!("cannot open database {}: {e}", url.redacted()))?;
+    let pool = DbPool {
+        inner,
+        url: Arc::new(url.clone()),
+        durability,
+        health,
+    };
     let mut conn = pool
         .get()
         .map_err(|e| format!("cannot open database: {e}"))?;
-    conn.run_pending_migrations(MIGRATIONS)
-        .map_err(|e| format!("migration failed: {e}"))?;
+    migrate(&mut conn)?;
     Ok(pool)
+}
+
+/// Runs the engine's pending migrations. On PostgreSQL nodes starting together take turns
+/// under an advisory lock.
+pub fn migrate(conn: &mut Conn) -> Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| format!("migration failed: {e}");
+    match conn {
+        AnyConnection::Sqlite(c) => {
+            c.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map_err(|e| failed(&e))?;
+        }
+        AnyConnection::Pg(c) => {
+            c.batch_execute("SELECT pg_advisory_lock(7270601)")
+                .map_err(|e| failed(&e))?;
+            let ran = c.run_pending_migrations(POSTGRES_MIGRATIONS).map(|_| ());
+            let unlocked = c.batch_execute("SELECT pg_advisory_unlock(7270601)");
+            ran.map_err(|e| failed(&e))?;
+            unlocked.map_err(|e| failed(&e))?;
+        }
+    }
+    Ok(())
 }
 
 /// A migrated in-memory database for unit tests.
 #[cfg(test)]
 pub fn test_conn() -> Conn {
-    use diesel::Connection;
-    let mut conn = Conn::establish(":memory:").expect("in-memory sqlite");
-    conn.run_pending_migrations(MIGRATIONS).expect("migrations");
+    let mut conn =
+        AnyConnection::Sqlite(SqliteConnection::establish(":memory:").expect("in-memory sqlite"));
+    migrate(&mut conn).expect("migrations");
     conn
 }

@@ -7,10 +7,15 @@ use diesel::prelude::*;
 
 use super::rows::*;
 use super::schema::*;
-use super::Conn;
+use super::{on_engine, Conn};
 use crate::domain::channel::Channel;
 use crate::domain::entity::Entity;
 use crate::domain::message::Message;
+
+diesel::define_sql_function! {
+    /// `lower(text)`, in both dialects.
+    fn lower(x: diesel::sql_types::Text) -> diesel::sql_types::Text;
+}
 
 // ---- workspaces ----
 
@@ -54,10 +59,10 @@ pub fn update_workspace_settings(conn: &mut Conn, id: &str, settings: &str) -> Q
 
 /// Cursor position of a workspace: (last committed cursor, highest pruned cursor).
 pub fn workspace_cursor_state(conn: &mut Conn, id: &str) -> QueryResult<(i64, i64)> {
-    workspaces::table
+    on_engine!(conn, |c| workspaces::table
         .find(id)
         .select((workspaces::last_cursor, workspaces::pruned_through))
-        .first(conn)
+        .first(c))
 }
 
 /// Allocates `n` cursors for a workspace inside the caller's transaction; returns the first.
@@ -71,9 +76,9 @@ pub fn allocate_cursors(conn: &mut Conn, workspace_id: &str, n: i64) -> QueryRes
 
 /// Records the last cursor a batch allocated (inside the write transaction).
 pub fn set_workspace_last_cursor(conn: &mut Conn, id: &str, last: i64) -> QueryResult<usize> {
-    diesel::update(workspaces::table.find(id))
+    on_engine!(conn, |c| diesel::update(workspaces::table.find(id))
         .set(workspaces::last_cursor.eq(last))
-        .execute(conn)
+        .execute(c))
 }
 
 // ---- entities ----
@@ -117,12 +122,23 @@ pub fn list_entities(
             .replace('%', "\\%")
             .replace('_', "\\_");
         let pattern = format!("%{escaped}%");
-        query = query.filter(
-            entities::id
-                .like(pattern.clone())
-                .escape('\\')
-                .or(entities::name.like(pattern).escape('\\')),
-        );
+        query = if conn.is_postgres() {
+            // SQLite's LIKE ignores ASCII case; PostgreSQL's does not.
+            let pattern = pattern.to_lowercase();
+            query.filter(
+                lower(entities::id)
+                    .like(pattern.clone())
+                    .escape('\\')
+                    .or(lower(entities::name).like(pattern).escape('\\')),
+            )
+        } else {
+            query.filter(
+                entities::id
+                    .like(pattern.clone())
+                    .escape('\\')
+                    .or(entities::name.like(pattern).escape('\\')),
+            )
+        };
     }
     if let Some(a) = after_id {
         query = query.filter(entities::id.gt(a.to_string()));
@@ -164,9 +180,9 @@ pub fn insert_channel(conn: &mut Conn, c: &Channel) -> QueryResult<()> {
         })
         .collect();
     for chunk in rows.chunks(200) {
-        diesel::insert_into(channel_members::table)
+        on_engine!(&mut *conn, |c| diesel::insert_into(channel_members::table)
             .values(chunk)
-            .execute(conn)?;
+            .execute(c))?;
     }
     Ok(())
 }
@@ -194,16 +210,45 @@ pub fn set_channel_last_seq(
     channel_id: &str,
     last_seq: i64,
 ) -> QueryResult<usize> {
-    diesel::update(channels::table.find(channel_id))
+    on_engine!(conn, |c| diesel::update(channels::table.find(channel_id))
         .set(channels::last_seq.eq(last_seq))
-        .execute(conn)
+        .execute(c))
 }
 
 pub fn channel_last_seq(conn: &mut Conn, channel_id: &str) -> QueryResult<i64> {
-    channels::table
+    on_engine!(conn, |c| channels::table
         .find(channel_id)
         .select(channels::last_seq)
-        .first(conn)
+        .first(c))
+}
+
+/// Locks the rows of these channels until the end of the transaction, in id order, so two
+/// nodes locking overlapping sets never deadlock (PostgreSQL; on SQLite the write transaction
+/// holds the database's write lock).
+pub fn lock_channels_pg(conn: &mut diesel::pg::PgConnection, ids: &[&str]) -> QueryResult<()> {
+    if !ids.is_empty() {
+        channels::table
+            .filter(channels::id.eq_any(ids))
+            .order(channels::id)
+            .select(channels::id)
+            .for_update()
+            .load::<String>(conn)?;
+    }
+    Ok(())
+}
+
+/// Locks the rows of these workspaces in id order (after the channels'): their cursors are
+/// then allocated from the committed `last_cursor`, dense and in commit order.
+pub fn lock_workspaces_pg(conn: &mut diesel::pg::PgConnection, ids: &[&str]) -> QueryResult<()> {
+    if !ids.is_empty() {
+        workspaces::table
+            .filter(workspaces::id.eq_any(ids))
+            .order(workspaces::id)
+            .select(workspaces::id)
+            .for_update()
+            .load::<String>(conn)?;
+    }
+    Ok(())
 }
 
 pub fn channel_members_of(conn: &mut Conn, channel_id: &str) -> QueryResult<BTreeSet<String>> {
@@ -269,14 +314,18 @@ pub fn channels_with_reads(
         }
         members.entry(channel).or_default().insert(entity);
     }
-    let placeholders = vec!["?"; ids.len()].join(",");
+    let pg = conn.is_postgres();
+    let placeholder = |n: usize| if pg { format!("${n}") } else { "?".to_string() };
+    let placeholders: Vec<String> = (2..ids.len() + 2).map(placeholder).collect();
     let mut unread_query = diesel::sql_query(format!(
         "SELECT m.channel_id AS channel_id, COUNT(*) AS unread FROM messages m \
-         LEFT JOIN channel_members cm ON cm.channel_id = m.channel_id AND cm.entity_id = ? \
-         WHERE m.channel_id IN ({placeholders}) AND m.history_seq > COALESCE(cm.last_read_seq, 0) \
-         GROUP BY m.channel_id"
+         LEFT JOIN channel_members cm ON cm.channel_id = m.channel_id AND cm.entity_id = {} \
+         WHERE m.channel_id IN ({}) AND m.history_seq > COALESCE(cm.last_read_seq, 0) \
+         GROUP BY m.channel_id",
+        placeholder(1),
+        placeholders.join(","),
     ))
-    .into_boxed::<diesel::sqlite::Sqlite>()
+    .into_boxed::<super::MultiBackend>()
     .bind::<diesel::sql_types::Text, _>(viewer.to_string());
     for id in ids {
         unread_query = unread_query.bind::<diesel::sql_types::Text, _>(id.clone());
@@ -364,7 +413,7 @@ pub fn add_member(
     entity_id: &str,
     now: &str,
 ) -> QueryResult<usize> {
-    diesel::insert_into(channel_members::table)
+    on_engine!(conn, |c| diesel::insert_into(channel_members::table)
         .values((
             channel_members::channel_id.eq(channel_id),
             channel_members::entity_id.eq(entity_id),
@@ -372,7 +421,7 @@ pub fn add_member(
             channel_members::joined_at.eq(now),
         ))
         .on_conflict_do_nothing()
-        .execute(conn)
+        .execute(c))
 }
 
 pub fn remove_member(conn: &mut Conn, channel_id: &str, entity_id: &str) -> QueryResult<usize> {
@@ -412,14 +461,14 @@ pub fn insert_join_request(
     entity_id: &str,
     now: &str,
 ) -> QueryResult<usize> {
-    diesel::insert_into(join_requests::table)
+    on_engine!(conn, |c| diesel::insert_into(join_requests::table)
         .values((
             join_requests::channel_id.eq(channel_id),
             join_requests::entity_id.eq(entity_id),
             join_requests::created_at.eq(now),
         ))
         .on_conflict_do_nothing()
-        .execute(conn)
+        .execute(c))
 }
 
 pub fn delete_join_request(
@@ -441,19 +490,21 @@ pub fn join_requests_of(conn: &mut Conn, channel_id: &str) -> QueryResult<Vec<(S
 // ---- messages ----
 
 pub fn insert_message(conn: &mut Conn, m: &Message, workspace_id: &str) -> QueryResult<usize> {
-    diesel::insert_into(messages::table)
-        .values(MessageRow::from_message(m, workspace_id))
-        .execute(conn)
+    let row = MessageRow::from_message(m, workspace_id);
+    on_engine!(conn, |c| diesel::insert_into(messages::table)
+        .values(&row)
+        .execute(c))
 }
 
 pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
-    super::fixed::InsertVersion(v).execute(conn)
+    on_engine!(conn, |c| super::fixed::InsertVersion(v).execute(c))
 }
 
 /// Inserts versions in statements of up to 64 rows (at most 64 distinct statements cached).
 pub fn insert_versions(conn: &mut Conn, rows: &[&VersionRow]) -> QueryResult<()> {
     for chunk in rows.chunks(64) {
-        super::fixed::InsertVersions(chunk).execute(conn)?;
+        on_engine!(&mut *conn, |c| super::fixed::InsertVersions(chunk)
+            .execute(c))?;
     }
     Ok(())
 }
@@ -544,12 +595,14 @@ pub fn bump_reply_count(
     root: &str,
     now: &str,
 ) -> QueryResult<usize> {
-    diesel::update(messages::table.find((channel_id, root)))
-        .set((
-            messages::reply_count.eq(messages::reply_count + 1),
-            messages::last_reply_at.eq(now),
-        ))
-        .execute(conn)
+    on_engine!(conn, |c| diesel::update(
+        messages::table.find((channel_id, root))
+    )
+    .set((
+        messages::reply_count.eq(messages::reply_count + 1),
+        messages::last_reply_at.eq(now),
+    ))
+    .execute(c))
 }
 
 /// Versions of a message, oldest first.
@@ -570,7 +623,8 @@ pub fn versions_of(
 /// counters are left alone: they have their own increments.
 pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
     // Only the fields a version can change are encoded: this runs once per append.
-    super::fixed::SaveMessageState(&super::fixed::MessageState::of(m)).execute(conn)
+    let state = super::fixed::MessageState::of(m);
+    on_engine!(conn, |c| super::fixed::SaveMessageState(&state).execute(c))
 }
 
 /// The version an op_id produced for this message and action, if any.
@@ -743,20 +797,24 @@ pub fn purge_versions(
     cutoff: &str,
     batch: i64,
 ) -> QueryResult<usize> {
-    diesel::sql_query(
-        "DELETE FROM message_versions WHERE (channel_id, seq) IN (\
+    let sql = "DELETE FROM message_versions WHERE (channel_id, seq) IN (\
            SELECT v.channel_id, v.seq FROM message_versions v \
            JOIN channels c ON c.id = v.channel_id \
            WHERE c.workspace_id = ? AND v.created_at < ? \
              AND EXISTS (SELECT 1 FROM message_versions n \
                          WHERE n.channel_id = v.channel_id AND n.message_serial = v.message_serial \
                            AND n.seq > v.seq) \
-           LIMIT ?)",
-    )
-    .bind::<diesel::sql_types::Text, _>(workspace_id)
-    .bind::<diesel::sql_types::Text, _>(cutoff)
-    .bind::<diesel::sql_types::BigInt, _>(batch)
-    .execute(conn)
+           LIMIT ?)";
+    let sql = if conn.is_postgres() {
+        numbered_placeholders(sql)
+    } else {
+        sql.to_string()
+    };
+    diesel::sql_query(sql)
+        .bind::<diesel::sql_types::Text, _>(workspace_id)
+        .bind::<diesel::sql_types::Text, _>(cutoff)
+        .bind::<diesel::sql_types::BigInt, _>(batch)
+        .execute(conn)
 }
 
 /// Workspace ids with their stored settings (the purge pass reads the retention window).
@@ -807,7 +865,7 @@ pub fn add_reaction(
     emoji: &str,
     now: &str,
 ) -> QueryResult<usize> {
-    diesel::insert_into(reactions::table)
+    on_engine!(conn, |c| diesel::insert_into(reactions::table)
         .values((
             reactions::channel_id.eq(channel_id),
             reactions::message_serial.eq(serial),
@@ -816,7 +874,7 @@ pub fn add_reaction(
             reactions::created_at.eq(now),
         ))
         .on_conflict_do_nothing()
-        .execute(conn)
+        .execute(c))
 }
 
 pub fn remove_reaction(
@@ -874,13 +932,13 @@ pub fn reaction_summary(
 // ---- events ----
 
 pub fn insert_event(conn: &mut Conn, row: &EventRow) -> QueryResult<()> {
-    super::fixed::InsertEvent(row).execute(conn).map(|_| ())
+    on_engine!(conn, |c| super::fixed::InsertEvent(row).execute(c)).map(|_| ())
 }
 
 /// Inserts events in statements of up to 64 rows (at most 64 distinct statements cached).
 pub fn insert_events(conn: &mut Conn, rows: &[&EventRow]) -> QueryResult<()> {
     for chunk in rows.chunks(64) {
-        super::fixed::InsertEvents(chunk).execute(conn)?;
+        on_engine!(&mut *conn, |c| super::fixed::InsertEvents(chunk).execute(c))?;
     }
     Ok(())
 }
@@ -897,7 +955,13 @@ pub fn events_after_for(
     limit: i64,
 ) -> QueryResult<Vec<EventRow>> {
     use diesel::sql_types::{Bool, Text};
-    let listed = diesel::dsl::sql::<Bool>("instr(recipients, ")
+    // ",viewer," is in the recipients text: instr() on SQLite, strpos() on PostgreSQL.
+    let find = if conn.is_postgres() {
+        "strpos(recipients, "
+    } else {
+        "instr(recipients, "
+    };
+    let listed = diesel::dsl::sql::<Bool>(find)
         .bind::<Text, _>(format!(",{viewer},"))
         .sql(") > 0");
     events::table
@@ -927,7 +991,7 @@ pub fn prune_events(
     cutoff: Option<&str>,
     keep_latest: i64,
 ) -> QueryResult<usize> {
-    conn.immediate_transaction(|conn| {
+    super::write_transaction(conn, |conn| {
         let protected_from: Option<i64> = events::table
             .filter(events::workspace_id.eq(workspace_id))
             .order(events::cursor.desc())
@@ -984,6 +1048,21 @@ pub fn versions_after(
         .limit(limit)
         .select(VersionRow::as_select())
         .load(conn)
+}
+
+/// `?` placeholders as PostgreSQL's `$1, $2, …` (for SQL text without `?` in literals).
+fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for ch in sql.chars() {
+        if ch == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(ch);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,9 @@
+DROP TABLE events;
+DROP TABLE reactions;
+DROP TABLE message_versions;
+DROP TABLE messages;
+DROP TABLE join_requests;
+DROP TABLE channel_members;
+DROP TABLE channels;
+DROP TABLE entities;
+DROP TABLE workspaces;
