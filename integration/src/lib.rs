@@ -1,3 +1,4 @@
+pub mod cluster;
 pub mod harness;
 pub mod pg_server;
 pub mod pusher_client;

@@ -79,6 +79,10 @@ pub struct AuthCache {
     entries: Mutex<HashMap<String, CachedCaller>>,
     /// Workspaces by key for the Pusher face: a connect storm reads each app once.
     apps: Mutex<HashMap<String, (Arc<App>, Instant)>>,
+    /// The last copy of each workspace this node read (any request), by app id: while the
+    /// store is unreachable, signed requests that need no store (occupancy, presence) still
+    /// verify.
+    signed: Mutex<HashMap<String, Workspace>>,
     /// Bumped by every clear: a lookup that began before a clear must not be cached.
     generation: AtomicU64,
 }
@@ -132,6 +136,9 @@ impl AuthCache {
         if let Ok(mut apps) = self.apps.lock() {
             apps.clear();
         }
+        if let Ok(mut signed) = self.signed.lock() {
+            signed.clear();
+        }
     }
 
     /// The app of a Pusher key, if read within the TTL.
@@ -155,6 +162,24 @@ impl AuthCache {
 
     pub fn current_generation(&self) -> u64 {
         self.generation()
+    }
+
+    /// The last copy of a workspace this node read (see `signed`).
+    fn signed_workspace(&self, app_id: &str) -> Option<Workspace> {
+        self.signed.lock().ok()?.get(app_id).cloned()
+    }
+
+    /// Remembers a workspace just read (with the generation read before reading it).
+    pub fn put_signed_workspace(&self, workspace: &Workspace, generation: u64) {
+        if let Ok(mut map) = self.signed.lock() {
+            if self.generation() != generation {
+                return;
+            }
+            if map.len() >= AUTH_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(workspace.id.clone(), workspace.clone());
+        }
     }
 }
 
@@ -190,6 +215,9 @@ pub async fn authenticate(state: &AppState, token: String) -> ApiResult<Caller> 
             ))
         })
         .await?;
+    state
+        .auth_cache
+        .put_signed_workspace(&caller.workspace, generation);
     state
         .auth_cache
         .put(cache_key, caller.clone(), exp, generation);
@@ -247,15 +275,29 @@ pub async fn signed_app(
         .map_err(|_| ApiError::auth("malformed query string"))?
         .into_inner();
     let app = app_id.to_string();
-    let workspace = state
+    let generation = state.auth_cache.current_generation();
+    let read = state
         .read(move |conn| Ok(queries::workspace_by_id(conn, &app)?))
-        .await?
-        .ok_or_else(|| {
-            ApiError::new(
+        .await;
+    let workspace = match read {
+        Ok(Some(w)) => {
+            state.auth_cache.put_signed_workspace(&w, generation);
+            w
+        }
+        Ok(None) => {
+            return Err(ApiError::new(
                 switchboard_actors::error::ErrorCode::AppNotFound,
                 "app not found",
-            )
-        })?;
+            ))
+        }
+        // The store is unreachable: the last copy this node read verifies the signature, so
+        // the requests that need no store (occupancy, presence, terminations) keep working;
+        // the writes among them fail at the store with the same 503.
+        Err(e) if e.code == switchboard_actors::error::ErrorCode::Backpressure => {
+            state.auth_cache.signed_workspace(app_id).ok_or(e)?
+        }
+        Err(e) => return Err(e),
+    };
     auth::verify_signed_request(
         req.method().as_str(),
         req.path(),

@@ -84,6 +84,7 @@ async fn load_app(state: &AppState, key: &str) -> Result<Option<Arc<App>>, ApiEr
     else {
         return Ok(None);
     };
+    state.auth_cache.put_signed_workspace(&ws, generation);
     let app = Arc::new(App {
         workspace_id: ws.id,
         key: ws.key,
