@@ -59,6 +59,9 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         auth_cache: Default::default(),
         rate_limiter: Default::default(),
     });
+    // Cluster mode: another node's change drops this node's verified tokens and apps too.
+    let caches = state.clone();
+    registry.set_cache_hook(Box::new(move |scope| caches.auth_cache.forget(scope)));
     let system = actix_web::rt::System::new();
     let result: std::io::Result<()> = system.block_on(async move {
         switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::domain::event::Event;
 use crate::registry::Registry;
 use crate::workspace::{Deliver, DeliverEphemeral};
@@ -13,6 +15,25 @@ pub trait Broker: Send + Sync {
     fn publish(&self, events: Vec<Arc<Event>>);
     /// Ephemeral events: never stored, delivered best-effort.
     fn publish_ephemeral(&self, event: Arc<Event>);
+    /// A change of `workspace_id` that emits no durable event but makes what other nodes
+    /// cached stale (settings, entities). The node that made it has already dropped its own
+    /// caches: one node alone has nothing to tell.
+    fn publish_control(&self, _workspace_id: &str, _control: Control) {}
+}
+
+/// What a control notification tells the other nodes (cluster mode, see `redis_broker`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Control {
+    /// The workspace's settings (or anything else of the workspace row) changed.
+    Settings,
+    /// An entity was created, changed or deactivated; `close` names why its sockets close
+    /// (`deactivated`), when they must.
+    Entity {
+        entity_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        close: Option<String>,
+    },
 }
 
 /// In-process broker: the node is the whole cluster.

@@ -15,7 +15,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
-use crate::broker::{Broker, LocalBroker};
+use crate::broker::{Broker, Control, LocalBroker};
 use crate::cluster_presence::{self, ClusterPresence};
 use crate::domain::event::Event;
 use crate::redis_wire::{self, Envelope};
@@ -36,7 +36,12 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 enum Outgoing {
     Durable(Vec<Arc<Event>>),
     Ephemeral(Arc<Event>),
+    Control(String, Control),
 }
+
+/// Control notifications kept while Redis is unreachable, published on reconnection; past
+/// it the oldest go (the other nodes' caches still expire, see `docs/cluster.md`).
+const PENDING_CONTROLS: usize = 1024;
 
 /// What the broker's health looks like from outside.
 #[derive(Default)]
@@ -110,6 +115,10 @@ impl Broker for RedisBroker {
         self.local.publish_ephemeral(event.clone());
         self.queue(Outgoing::Ephemeral(event));
     }
+
+    fn publish_control(&self, workspace_id: &str, control: Control) {
+        self.queue(Outgoing::Control(workspace_id.to_string(), control));
+    }
 }
 
 /// The URL without a password, for logs.
@@ -123,6 +132,7 @@ fn redacted(url: &str) -> String {
 /// `(redis channel, payload)` of each workspace's events, in order.
 fn encode(node: &str, item: &Outgoing) -> Vec<(String, String)> {
     match item {
+        Outgoing::Control(ws, control) => vec![redis_wire::encode_control(node, ws, control)],
         Outgoing::Ephemeral(ev) => vec![(
             redis_wire::channel_of(&ev.workspace_id, false),
             redis_wire::encode(node, std::slice::from_ref(ev)),
@@ -165,8 +175,10 @@ async fn publisher(
     let mut backoff = MIN_BACKOFF;
     // Redis channel -> the newest unpublished durable payload of that workspace.
     let mut pending: HashMap<String, String> = HashMap::new();
+    // Control notifications not published yet, oldest first.
+    let mut controls: Vec<(String, String)> = Vec::new();
     loop {
-        let first = if pending.is_empty() {
+        let first = if pending.is_empty() && controls.is_empty() {
             rx.recv().await.map(Some)
         } else {
             tokio::select! {
@@ -194,13 +206,14 @@ async fn publisher(
             }
         }
         let Some(c) = conn.as_mut() else {
-            keep_newest(&mut pending, messages);
+            keep_newest(&mut pending, &mut controls, messages);
             stats.dropped.fetch_add(batches, Ordering::Relaxed);
             continue;
         };
-        let was_failing = !pending.is_empty();
+        let was_failing = !pending.is_empty() || !controls.is_empty();
         // Older (kept) notifications first: receivers expect cursors to grow.
         let mut out: Vec<(String, String)> = pending.drain().collect();
+        out.append(&mut controls);
         out.extend(messages);
         let mut pipe = redis::pipe();
         for (channel, payload) in &out {
@@ -221,18 +234,29 @@ async fn publisher(
             }
             conn = None;
             retry_at = Instant::now() + backoff;
-            keep_newest(&mut pending, out);
+            keep_newest(&mut pending, &mut controls, out);
             stats.dropped.fetch_add(batches, Ordering::Relaxed);
         }
     }
 }
 
-/// Keeps the newest durable payload per Redis channel (later ones overwrite earlier ones).
-fn keep_newest(pending: &mut HashMap<String, String>, messages: Vec<(String, String)>) {
+/// Keeps the newest durable payload per Redis channel (later ones overwrite earlier ones) and
+/// every control notification (up to [`PENDING_CONTROLS`], the newest).
+fn keep_newest(
+    pending: &mut HashMap<String, String>,
+    controls: &mut Vec<(String, String)>,
+    messages: Vec<(String, String)>,
+) {
     for (channel, payload) in messages {
         if channel.starts_with(redis_wire::EVENTS_PREFIX) {
             pending.insert(channel, payload);
+        } else if channel.starts_with(redis_wire::CONTROL_PREFIX) {
+            controls.push((channel, payload));
         }
+    }
+    if controls.len() > PENDING_CONTROLS {
+        let excess = controls.len() - PENDING_CONTROLS;
+        controls.drain(..excess);
     }
 }
 
@@ -263,7 +287,10 @@ async fn subscriber(
                 stats.subscribed.store(true, Ordering::Relaxed);
                 backoff = MIN_BACKOFF;
                 reported = false;
-                // Notifications sent while unsubscribed are gone: read them back.
+                // Notifications sent while unsubscribed are gone: read the events back, and
+                // drop every cache another node's change (events or controls) could have
+                // made stale.
+                registry.drop_caches(None);
                 for w in registry.all_workspaces() {
                     w.do_send(CatchUp);
                 }
@@ -315,13 +342,23 @@ fn receive(msg: &redis::Msg, own: &[u8], node: &str, registry: &Registry) {
     if payload.starts_with(own) {
         return;
     }
+    if let Some(workspace_id) = redis_wire::parse_control_channel(name) {
+        match serde_json::from_slice::<redis_wire::ControlIn>(payload) {
+            Ok(c) if c.node != node => registry.apply_control(workspace_id, &c.control),
+            Ok(_) => {}
+            Err(e) => log::warn!("redis subscriber: malformed control on {workspace_id}: {e}"),
+        }
+        return;
+    }
     let Some((workspace_id, durable)) = redis_wire::parse_channel(name) else {
         return;
     };
-    // No actor: no socket of that workspace here, and a new actor starts from the database.
-    let Some(addr) = registry.running_workspace(workspace_id) else {
+    // No actor: no socket of that workspace here, and a new actor starts from the database;
+    // what the events change in this node's caches (channel actors, tokens) still counts.
+    let addr = registry.running_workspace(workspace_id);
+    if addr.is_none() && !(durable && redis_wire::may_change_caches(payload)) {
         return;
-    };
+    }
     let envelope: Envelope = match serde_json::from_slice(payload) {
         Ok(e) => e,
         Err(e) => {
@@ -334,10 +371,15 @@ fn receive(msg: &redis::Msg, own: &[u8], node: &str, registry: &Registry) {
     }
     let events = redis_wire::decode(envelope, workspace_id, durable);
     if durable {
-        if !events.is_empty() {
-            addr.do_send(Deliver(events));
+        if events.is_empty() {
+            return;
         }
-    } else {
+        // Sockets hear of a change first (a blocked member gets its event, then the close).
+        if let Some(addr) = &addr {
+            addr.do_send(Deliver(events.clone()));
+        }
+        registry.apply_remote_events(&events);
+    } else if let Some(addr) = addr {
         for ev in events {
             addr.do_send(DeliverEphemeral(ev));
         }

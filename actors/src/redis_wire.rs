@@ -7,10 +7,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::broker::Control;
 use crate::domain::event::{Event, LiveRoute};
 
 pub const EVENTS_PREFIX: &str = "switchboard:events:";
 pub const EPHEMERAL_PREFIX: &str = "switchboard:ephemeral:";
+/// Control notifications (see `broker::Control`): caches other nodes must drop.
+pub const CONTROL_PREFIX: &str = "switchboard:control:";
 /// The pattern a node subscribes to.
 pub const PATTERN: &str = "switchboard:*";
 
@@ -107,6 +110,49 @@ pub fn encode(node: &str, events: &[Arc<Event>]) -> String {
     serde_json::to_string(&envelope).unwrap_or_default()
 }
 
+/// A control notification published by `node`.
+#[derive(Serialize)]
+struct ControlOut<'a> {
+    node: &'a str,
+    control: &'a Control,
+}
+
+#[derive(Deserialize)]
+pub struct ControlIn {
+    pub node: String,
+    pub control: Control,
+}
+
+/// `(redis channel, payload)` of a control notification of `workspace_id`.
+pub fn encode_control(node: &str, workspace_id: &str, control: &Control) -> (String, String) {
+    (
+        format!("{CONTROL_PREFIX}{workspace_id}"),
+        serde_json::to_string(&ControlOut { node, control }).unwrap_or_default(),
+    )
+}
+
+/// A received control notification's workspace, from the Redis channel name.
+pub fn parse_control_channel(name: &str) -> Option<&str> {
+    name.strip_prefix(CONTROL_PREFIX).filter(|w| !w.is_empty())
+}
+
+/// Whether a durable batch may hold an event that changes what nodes cache (channels,
+/// members, messages), judged from its bytes: a node without sockets of the workspace
+/// decodes only those.
+pub fn may_change_caches(payload: &[u8]) -> bool {
+    // `message.created`, by far the most frequent, changes nothing cached: only mutations do.
+    const NEEDLES: [&[u8]; 5] = [
+        b"\"type\":\"channel.",
+        b"\"type\":\"member.",
+        b"\"type\":\"message.updated\"",
+        b"\"type\":\"message.deleted\"",
+        b"\"type\":\"message.appended\"",
+    ];
+    NEEDLES
+        .iter()
+        .any(|n| payload.windows(n.len()).any(|w| w == *n))
+}
+
 /// A received message: its workspace and whether it is durable, from the Redis channel name.
 pub fn parse_channel(name: &str) -> Option<(&str, bool)> {
     if let Some(ws) = name.strip_prefix(EVENTS_PREFIX) {
@@ -191,6 +237,37 @@ mod tests {
         let env: Envelope = serde_json::from_str(&text).expect("json");
         assert!(decode(env, "7", false).is_empty(), "a cursor on ephemeral");
         assert!(serde_json::from_str::<Envelope>("{\"node\":1}").is_err());
+    }
+
+    #[test]
+    fn control_notifications_survive_the_trip() {
+        let c = Control::Entity {
+            entity_id: "bob".into(),
+            close: Some("deactivated".into()),
+        };
+        let (channel, text) = encode_control("node-a", "7", &c);
+        assert_eq!(parse_control_channel(&channel), Some("7"));
+        let got: ControlIn = serde_json::from_str(&text).expect("json");
+        assert_eq!(got.node, "node-a");
+        assert_eq!(got.control, c);
+        let (_, text) = encode_control("n", "7", &Control::Settings);
+        let got: ControlIn = serde_json::from_str(&text).expect("json");
+        assert_eq!(got.control, Control::Settings);
+        assert!(
+            serde_json::from_str::<ControlIn>("{\"node\":\"n\",\"control\":{\"kind\":\"x\"}}")
+                .is_err()
+        );
+        assert_eq!(parse_control_channel("switchboard:control:"), None);
+    }
+
+    #[test]
+    fn cache_changing_batches_are_recognised() {
+        let created = encode("n", &[event(Some(1))]);
+        assert!(!may_change_caches(created.as_bytes()));
+        let removed = created.replace("message.created", "channel.member_removed");
+        assert!(may_change_caches(removed.as_bytes()));
+        let deleted = created.replace("message.created", "message.deleted");
+        assert!(may_change_caches(deleted.as_bytes()));
     }
 
     #[test]

@@ -270,6 +270,11 @@ impl WorkspaceActor {
                         }
                     }
                     act.dispatched = act.dispatched.max(through);
+                    // Cluster mode: their notifications were lost, so were their effects on
+                    // this node's caches (channel views, tokens).
+                    if act.registry.cluster().is_some() {
+                        act.registry.apply_remote_events(&events);
+                    }
                 }
                 Ok(Repair::TooFar { through }) => {
                     log::warn!(
@@ -278,11 +283,17 @@ impl WorkspaceActor {
                         through - act.dispatched
                     );
                     act.resync_all(through);
+                    if act.registry.cluster().is_some() {
+                        act.registry.drop_caches(Some(&act.id));
+                    }
                 }
                 Err(e) if upto.is_some() => {
                     // The gap cannot be filled: rather than deliver past it, sockets resync.
                     log::error!("workspace {}: gap repair failed: {e}", act.id);
                     act.resync_all(upto.unwrap_or(act.dispatched));
+                    if act.registry.cluster().is_some() {
+                        act.registry.drop_caches(Some(&act.id));
+                    }
                 }
                 Err(e) => {
                     // Nothing was skipped yet: the next delivery finds the gap and retries.

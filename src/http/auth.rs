@@ -11,6 +11,7 @@ use switchboard_actors::domain::capabilities::Capabilities;
 use switchboard_actors::domain::entity::Entity;
 use switchboard_actors::error::{ApiError, ApiResult};
 use switchboard_actors::pusher::session::App;
+use switchboard_actors::registry::CacheScope;
 use switchboard_actors::store::queries;
 use switchboard_actors::store::rows::Workspace;
 
@@ -72,8 +73,10 @@ pub fn bearer_subprotocol(req: &HttpRequest) -> Option<(String, String)> {
 }
 
 /// Verified tokens, so a busy client (an agent appending tokens) costs no database reads
-/// per request. Any change to entities or settings on this node clears it; entries also
-/// expire after [`AUTH_CACHE_TTL`] and never outlive their token.
+/// per request. Any change to entities or settings on this node clears it, and in cluster
+/// mode so does the same change on another node (its control notification or event, see
+/// [`AuthCache::forget`]); entries also expire after [`AUTH_CACHE_TTL`] (the bound when a
+/// notification is lost) and never outlive their token.
 #[derive(Default)]
 pub struct AuthCache {
     entries: Mutex<HashMap<String, CachedCaller>>,
@@ -138,6 +141,37 @@ impl AuthCache {
         }
         if let Ok(mut signed) = self.signed.lock() {
             signed.clear();
+        }
+    }
+
+    /// Forgets what another node's change made stale (cluster mode): the tokens of one entity,
+    /// everything of one workspace, or everything.
+    pub fn forget(&self, scope: CacheScope<'_>) {
+        let workspace_id = match scope {
+            CacheScope::All => return self.clear(),
+            CacheScope::Workspace(ws) => ws,
+            CacheScope::Entity {
+                workspace_id,
+                entity_id,
+            } => {
+                if let Ok(mut map) = self.entries.lock() {
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    map.retain(|_, c| {
+                        c.caller.workspace.id != workspace_id || c.caller.entity.id != entity_id
+                    });
+                }
+                return;
+            }
+        };
+        if let Ok(mut map) = self.entries.lock() {
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            map.retain(|_, c| c.caller.workspace.id != workspace_id);
+        }
+        if let Ok(mut apps) = self.apps.lock() {
+            apps.retain(|_, (app, _)| app.workspace_id != workspace_id);
+        }
+        if let Ok(mut signed) = self.signed.lock() {
+            signed.remove(workspace_id);
         }
     }
 

@@ -5,6 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use switchboard_actors::auth;
+use switchboard_actors::broker::Control;
 use switchboard_actors::domain::entity::{Entity, EntityKind, Role};
 use switchboard_actors::domain::validation;
 use switchboard_actors::error::{ApiError, ApiResult};
@@ -28,6 +29,19 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(super::server_messages::routes)
         .configure(super::pusher_api::routes)
         .default_service(web::to(super::error::unknown_route));
+}
+
+/// Tells the other nodes (cluster mode) of a change that emits no event, after this node
+/// dropped its own caches of it: theirs drop when they hear of it.
+fn announce(state: &State, workspace_id: &str, control: Control) {
+    state.broker.publish_control(workspace_id, control);
+}
+
+fn entity_changed(entity_id: &str, close: Option<&str>) -> Control {
+    Control::Entity {
+        entity_id: entity_id.to_string(),
+        close: close.map(str::to_string),
+    }
 }
 
 /// A write that emits no event: entities and settings go through the one writer too.
@@ -97,6 +111,7 @@ async fn create_entity(
         Ok(())
     })
     .await?;
+    announce(&state, &ws.id, entity_changed(&entity.id, None));
     Ok(json(StatusCode::CREATED, &json!({"entity": entity})))
 }
 
@@ -191,6 +206,7 @@ async fn patch_entity(
             .map_err(Into::into)
     })
     .await?;
+    announce(&state, &ws.id, entity_changed(&e.id, None));
     Ok(json(StatusCode::OK, &json!({"entity": e})))
 }
 
@@ -213,6 +229,7 @@ async fn delete_entity(
     })
     .await?;
     super::chat::close_sessions_of(&state, &ws.id, &e.id, "deactivated");
+    announce(&state, &ws.id, entity_changed(&e.id, Some("deactivated")));
     Ok(json(StatusCode::OK, &json!({"entity": e})))
 }
 
@@ -280,5 +297,6 @@ async fn patch_settings(
     })
     .await?;
     state.registry.settings_changed(&ws.id);
+    announce(&state, &ws.id, Control::Settings);
     Ok(json(StatusCode::OK, &next))
 }

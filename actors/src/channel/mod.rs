@@ -45,6 +45,12 @@ use crate::store::{queries, DbPool};
 /// A channel actor with nothing to do stops after this long; the database rebuilds it.
 const IDLE_STOP_AFTER: Duration = Duration::from_secs(600);
 
+/// Cluster mode: how old this node's view of a channel (members, roles, fields, seq) may get
+/// when the notification of another node's change was lost (Redis down). A channel in use is
+/// reloaded every half of it, off the request path; one idle longer reloads on its next
+/// request.
+pub const CLUSTER_VIEW_TTL: Duration = Duration::from_secs(10);
+
 /// How many times a seq-taking write is prepared and submitted before its client is told to
 /// retry: another node writing the same channel refuses this node's stale seqs (see the
 /// module documentation).
@@ -150,6 +156,15 @@ pub struct PatchChannel {
     pub patch: ChannelPatch,
 }
 
+/// Another node changed the channel (cluster mode): reload the view before checking
+/// anything else (`now`), or before the next seq-taking write (a message changed: only the
+/// hot states and the open-stream view are stale, and those matter to writes only).
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Refresh {
+    pub now: bool,
+}
+
 pub struct ChannelActor {
     channel: Channel,
     pool: DbPool,
@@ -174,6 +189,11 @@ pub struct ChannelActor {
     /// Open streams: message serial → unix ms of its last append. Loaded on first use.
     open_streams: Option<HashMap<String, i64>>,
     idle_timer: Option<SpawnHandle>,
+    /// Cluster mode: when the view was last read from the store, and whether a request used
+    /// it since the last periodic check (see [`CLUSTER_VIEW_TTL`]).
+    cluster: bool,
+    loaded_at: std::time::Instant,
+    used: bool,
 }
 
 impl ChannelActor {
@@ -183,6 +203,7 @@ impl ChannelActor {
         persistence: Persistence,
         registry: Arc<Registry>,
     ) -> Self {
+        let cluster = registry.cluster().is_some();
         Self {
             last_seq: channel.last_seq,
             channel,
@@ -198,6 +219,9 @@ impl ChannelActor {
             hot: HashMap::new(),
             open_streams: None,
             idle_timer: None,
+            cluster,
+            loaded_at: std::time::Instant::now(),
+            used: false,
         }
     }
 
@@ -230,6 +254,16 @@ impl ChannelActor {
     }
 
     fn touch(&mut self, ctx: &mut Context<Self>) {
+        if self.cluster {
+            self.used = true;
+            // Idle past the bound: the periodic check did not refresh it; do it now.
+            if self.loaded_at.elapsed() >= CLUSTER_VIEW_TTL {
+                // Tried once per bound even when the store is unreachable (writes then wait
+                // at the gate, which retries); reads go on with the view they have.
+                self.loaded_at = std::time::Instant::now();
+                self.refresh(true);
+            }
+        }
         if let Some(h) = self.idle_timer.take() {
             ctx.cancel_future(h);
         }
@@ -303,6 +337,7 @@ impl ChannelActor {
             .and_then(|mut c| Ok(queries::channel(&mut c, &self.channel.id)?));
         let ok = match loaded {
             Ok(Some(channel)) => {
+                self.loaded_at = std::time::Instant::now();
                 self.last_seq = channel.last_seq;
                 self.channel = channel;
                 self.resyncing = false;
@@ -322,6 +357,16 @@ impl ChannelActor {
             let _ = w.send(());
         }
         ok
+    }
+
+    /// The view may be stale (another node changed the channel): seq-taking writes wait for
+    /// a reload, which happens at once when nothing is in flight and `now`, else when the
+    /// writes in flight settle (or, lazily, at the next write's gate).
+    fn refresh(&mut self, now: bool) {
+        self.resyncing = true;
+        if now && self.in_flight == 0 {
+            self.reload();
+        }
     }
 
     /// Whether a seq-taking write may be prepared now: at once, after the reload in progress
@@ -426,6 +471,24 @@ impl Actor for ChannelActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
         self.touch(ctx);
+        if self.cluster {
+            // A lost notification is outlived by CLUSTER_VIEW_TTL at most (see its doc).
+            ctx.run_interval(CLUSTER_VIEW_TTL / 2, |act, _| {
+                if act.used && act.loaded_at.elapsed() >= CLUSTER_VIEW_TTL / 2 {
+                    act.used = false;
+                    act.loaded_at = std::time::Instant::now();
+                    act.refresh(true);
+                }
+            });
+        }
+    }
+}
+
+impl Handler<Refresh> for ChannelActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Refresh, _: &mut Self::Context) {
+        self.refresh(msg.now);
     }
 }
 
