@@ -231,7 +231,9 @@ mod tests {
     fn database_selects_the_engine_by_url() {
         use switchboard_actors::store::DatabaseUrl;
         let mut c = Config::default();
-        assert!(!DatabaseUrl::parse(&c.database).expect("default").is_postgres());
+        assert!(!DatabaseUrl::parse(&c.database)
+            .expect("default")
+            .is_postgres());
         c.set("database", "postgres://sb@db.internal:5432/switchboard")
             .expect("postgres");
         assert!(DatabaseUrl::parse(&c.database).expect("pg").is_postgres());

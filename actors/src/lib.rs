@@ -25,8 +25,8 @@ pub mod registry;
 pub mod retention;
 pub mod session;
 pub mod settings;
-pub mod webhooks;
 pub mod store;
+pub mod webhooks;
 pub mod workspace;
 
 use std::sync::{Arc, OnceLock};

@@ -954,9 +954,7 @@ async fn a_postgres_outage_answers_backpressure_and_service_resumes_by_itself() 
         (1..=6).collect::<Vec<_>>()
     );
     assert_eq!(
-        pg.query(&format!(
-            "SELECT count(*) FROM events WHERE payload LIKE '%\"lost%'"
-        )),
+        pg.query("SELECT count(*) FROM events WHERE payload LIKE '%\"lost%'"),
         "0",
         "no event of a refused write"
     );

@@ -72,7 +72,13 @@ pub fn signin_signature(key: &str, secret: &str, socket_id: &str, user_data: &st
     format!("{key}:{}", hmac_sha256_hex(secret, &message))
 }
 
-pub fn verify_signin(key: &str, secret: &str, socket_id: &str, user_data: &str, given: &str) -> bool {
+pub fn verify_signin(
+    key: &str,
+    secret: &str,
+    socket_id: &str,
+    user_data: &str,
+    given: &str,
+) -> bool {
     constant_time_eq(&signin_signature(key, secret, socket_id, user_data), given)
 }
 
@@ -101,9 +107,23 @@ mod tests {
             "278d425bdf160c739803:fc92c2263fd5b72721e20dd1a06a900e6b3c4fbfac6cb9b098d68eb7911498a2"
         );
         let good = channel_signature(KEY, SECRET, "1234.1234", "presence-foobar", Some(data));
-        assert!(verify_channel_auth(KEY, SECRET, "1234.1234", "presence-foobar", Some(data), &good));
+        assert!(verify_channel_auth(
+            KEY,
+            SECRET,
+            "1234.1234",
+            "presence-foobar",
+            Some(data),
+            &good
+        ));
         // Another socket's signature, or other channel data, does not verify.
-        assert!(!verify_channel_auth(KEY, SECRET, "1234.9999", "presence-foobar", Some(data), &good));
+        assert!(!verify_channel_auth(
+            KEY,
+            SECRET,
+            "1234.9999",
+            "presence-foobar",
+            Some(data),
+            &good
+        ));
         assert!(!verify_channel_auth(
             KEY,
             SECRET,
@@ -118,7 +138,10 @@ mod tests {
     fn kinds_follow_prefixes() {
         assert_eq!(ChannelKind::of("a"), ChannelKind::Public);
         assert_eq!(ChannelKind::of("private-a"), ChannelKind::Private);
-        assert_eq!(ChannelKind::of("private-encrypted-a"), ChannelKind::PrivateEncrypted);
+        assert_eq!(
+            ChannelKind::of("private-encrypted-a"),
+            ChannelKind::PrivateEncrypted
+        );
         assert_eq!(ChannelKind::of("presence-a"), ChannelKind::Presence);
         assert!(!ChannelKind::PrivateEncrypted.allows_client_events());
     }

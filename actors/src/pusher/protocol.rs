@@ -137,8 +137,7 @@ pub fn connection_established(p: Protocol, socket_id: &str, activity_timeout: u6
 
 /// `pusher:error`: `data` is an object here (Pusher and Sockudo both send it so).
 pub fn error(p: Protocol, code: u16, message: &str) -> String {
-    json!({"event": p.name("pusher:error"), "data": {"code": code, "message": message}})
-        .to_string()
+    json!({"event": p.name("pusher:error"), "data": {"code": code, "message": message}}).to_string()
 }
 
 pub fn ping(p: Protocol) -> String {
@@ -187,8 +186,7 @@ pub fn member_removed(p: Protocol, channel: &str, user_id: &str) -> String {
 }
 
 pub fn signin_success(p: Protocol, user_data: &str) -> String {
-    json!({"event": p.name("pusher:signin_success"), "data": {"user_data": user_data}})
-        .to_string()
+    json!({"event": p.name("pusher:signin_success"), "data": {"user_data": user_data}}).to_string()
 }
 
 /// A client event as relayed to the other subscribers: never stored, no serial.

@@ -46,7 +46,12 @@ pub struct Recovered {
 }
 
 /// Why a channel cannot be resumed, in Sockudo's vocabulary.
-pub fn failure(channel: &str, code: &str, expected: Option<&str>, current: Option<&Channel>) -> Value {
+pub fn failure(
+    channel: &str,
+    code: &str,
+    expected: Option<&str>,
+    current: Option<&Channel>,
+) -> Value {
     json!({
         "channel": channel,
         "code": code,
@@ -83,7 +88,12 @@ pub fn resume_channel(
                 summary: json!({"channel": name, "source": "cold", "replayed": 0, "position": {"serial": 0}}),
             })
         } else {
-            Err(failure(name, "stream_reset", pos.stream_id.as_deref(), None))
+            Err(failure(
+                name,
+                "stream_reset",
+                pos.stream_id.as_deref(),
+                None,
+            ))
         });
     };
     let expected = pos.stream_id.as_deref();
@@ -92,10 +102,20 @@ pub fn resume_channel(
     }
     let tail = channel.last_seq;
     if pos.serial > tail {
-        return Ok(Err(failure(name, "continuity_unverifiable", expected, Some(&channel))));
+        return Ok(Err(failure(
+            name,
+            "continuity_unverifiable",
+            expected,
+            Some(&channel),
+        )));
     }
     if tail - pos.serial > max_replay {
-        return Ok(Err(failure(name, "position_expired", expected, Some(&channel))));
+        return Ok(Err(failure(
+            name,
+            "position_expired",
+            expected,
+            Some(&channel),
+        )));
     }
     let rows = queries::versions_after(conn, &channel.id, pos.serial, tail, max_replay)?;
     // Retention may have purged part of the range: a gap means the position expired.
@@ -105,7 +125,12 @@ pub fn resume_channel(
         .all(|(i, r)| r.seq == pos.serial + 1 + i as i64)
         && rows.len() as i64 == tail - pos.serial;
     if !contiguous {
-        return Ok(Err(failure(name, "position_expired", expected, Some(&channel))));
+        return Ok(Err(failure(
+            name,
+            "position_expired",
+            expected,
+            Some(&channel),
+        )));
     }
     let mut texts: HashMap<String, String> = HashMap::new();
     let mut frames = Vec::with_capacity(rows.len());

@@ -146,12 +146,27 @@ mod tests {
             queries::prune_events(conn, "1", Some("2027-01-01T00:00:00.000Z"), 1).expect("p"),
             2
         );
-        assert_eq!(queries::workspace_cursor_state(conn, "1").expect("state"), (3, 2));
+        assert_eq!(
+            queries::workspace_cursor_state(conn, "1").expect("state"),
+            (3, 2)
+        );
         // Inserts that ignore duplicates (ON CONFLICT DO NOTHING).
-        assert_eq!(queries::add_member(conn, "c1", "carol", "t").expect("add"), 1);
-        assert_eq!(queries::add_member(conn, "c1", "carol", "t").expect("again"), 0);
-        assert_eq!(queries::insert_join_request(conn, "c1", "dan", "t").expect("jr"), 1);
-        assert_eq!(queries::insert_join_request(conn, "c1", "dan", "t").expect("jr"), 0);
+        assert_eq!(
+            queries::add_member(conn, "c1", "carol", "t").expect("add"),
+            1
+        );
+        assert_eq!(
+            queries::add_member(conn, "c1", "carol", "t").expect("again"),
+            0
+        );
+        assert_eq!(
+            queries::insert_join_request(conn, "c1", "dan", "t").expect("jr"),
+            1
+        );
+        assert_eq!(
+            queries::insert_join_request(conn, "c1", "dan", "t").expect("jr"),
+            0
+        );
         // Messages, versions, reactions, unread counts (raw SQL with $n placeholders).
         let mut m = crate::domain::message::NewMessage {
             data: Some(serde_json::json!("hello")),
@@ -180,9 +195,11 @@ mod tests {
             .expect("read")
             .expect("message");
         assert_eq!(stored.data, serde_json::json!("bye"));
-        assert!(queries::version_by_op(conn, "c1", &m.message_serial, "update", "op2")
-            .expect("op")
-            .is_some());
+        assert!(
+            queries::version_by_op(conn, "c1", &m.message_serial, "update", "op2")
+                .expect("op")
+                .is_some()
+        );
         assert_eq!(
             queries::add_reaction(conn, "c1", &m.message_serial, "bob", "👍", "t").expect("r"),
             1
@@ -195,8 +212,7 @@ mod tests {
             queries::reaction_counts(conn, "c1", &m.message_serial).expect("counts")["👍"],
             1
         );
-        let reads =
-            queries::channels_with_reads(conn, &["c1".to_string()], "bob").expect("reads");
+        let reads = queries::channels_with_reads(conn, &["c1".to_string()], "bob").expect("reads");
         assert_eq!(reads.len(), 1);
         assert_eq!(reads[0].2, 1, "one unread message for bob");
         // Retention purges the old version but never the newest one.
@@ -204,7 +220,12 @@ mod tests {
             queries::purge_versions(conn, "1", "2030-01-01T00:00:00.000Z", 10).expect("purge"),
             1
         );
-        assert_eq!(queries::versions_of(conn, "c1", &m.message_serial).expect("v").len(), 1);
+        assert_eq!(
+            queries::versions_of(conn, "c1", &m.message_serial)
+                .expect("v")
+                .len(),
+            1
+        );
         // Entity search ignores ASCII case, as SQLite's LIKE does.
         let mut e =
             crate::domain::entity::test_entity("Zed_1", crate::domain::entity::Role::Member);
