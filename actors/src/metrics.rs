@@ -16,6 +16,10 @@ pub struct Metrics {
     pub webhooks_delivered: IntCounter,
     pub webhooks_failed: IntCounter,
     pub webhooks_dropped: IntCounter,
+    /// Writes refused because another node had written their channel (cluster mode).
+    pub stale_seq_refusals: IntCounter,
+    /// Posts renumbered onto the next free seq inside the transaction (cluster mode).
+    pub rebased_writes: IntCounter,
 }
 
 impl Metrics {
@@ -47,6 +51,14 @@ impl Metrics {
         let webhooks_dropped = counter(
             "switchboard_webhooks_dropped_total",
             "Webhook events dropped for a full queue",
+        );
+        let stale_seq_refusals = counter(
+            "switchboard_stale_seq_refusals_total",
+            "Writes refused because another node wrote their channel first",
+        );
+        let rebased_writes = counter(
+            "switchboard_rebased_writes_total",
+            "Posts renumbered onto the next seq because another node wrote their channel first",
         );
         let sessions = IntGauge::new("switchboard_sessions", "Open realtime sessions")
             .unwrap_or_else(|_| unreachable_metric());
@@ -81,6 +93,8 @@ impl Metrics {
             webhooks_delivered,
             webhooks_failed,
             webhooks_dropped,
+            stale_seq_refusals,
+            rebased_writes,
         }
     }
 

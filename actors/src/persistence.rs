@@ -420,7 +420,14 @@ impl Writer {
         }
         let mut staged: Vec<Staged> = Vec::with_capacity(n);
         let mut pending = writes.into_iter();
-        let body = run_batch(conn, &mut pending, &mut staged);
+        let mut rebased = 0u64;
+        let body = run_batch(conn, &mut pending, &mut staged, &mut rebased);
+        self.metrics.rebased_writes.inc_by(rebased);
+        let stale = staged
+            .iter()
+            .filter(|(_, r, _)| matches!(r, Err(WriteError::StaleSeq { .. })))
+            .count();
+        self.metrics.stale_seq_refusals.inc_by(stale as u64);
         type Tm = <Conn as Connection>::TransactionManager;
         let outcome = match body {
             Ok(()) => Tm::commit_transaction(conn).map_err(ApiError::from),
@@ -554,13 +561,14 @@ fn run_batch(
     conn: &mut Conn,
     pending: &mut std::vec::IntoIter<(Write, Reply)>,
     staged: &mut Vec<Staged>,
+    rebased: &mut u64,
 ) -> ApiResult<()> {
     let mut cursors: HashMap<String, i64> = HashMap::new();
     let mut seqs: HashMap<String, i64> = HashMap::new();
     let mut deferred = Deferred::default();
     for (write, reply) in pending.by_ref() {
         let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
-        let write = match rebase_if_stale(conn, write, &seqs) {
+        let write = match rebase_if_stale(conn, write, &seqs, rebased) {
             Ok(w) => w,
             Err(e) => {
                 if let Some(c) = &chain {
@@ -668,6 +676,7 @@ fn rebase_if_stale(
     conn: &mut Conn,
     mut write: Write,
     seqs: &HashMap<String, i64>,
+    rebased: &mut u64,
 ) -> Result<Write, WriteError> {
     let Some(s) = write.channel_seqs.as_mut() else {
         return Ok(write);
@@ -686,6 +695,7 @@ fn rebase_if_stale(
     }
     let first = committed + 1;
     let (apply, events) = rebase(conn, first).map_err(WriteError::Refused)?;
+    *rebased += 1;
     log::info!(
         "rebased a write on {} from seq {} to {first}",
         s.channel_id,

@@ -432,6 +432,12 @@ async fn two_nodes_write_at_once(in_flight: usize) {
     let took = start.elapsed();
     let total = 2 * (ONE + OTHER);
     eprintln!("{total} posts from two nodes ({in_flight} in flight on each) in {took:?}");
+    let conflicts = conflicts_seen(a).await + conflicts_seen(b).await;
+    eprintln!("{conflicts} writes refused or renumbered for another node's write");
+    assert!(
+        conflicts > 0,
+        "the two nodes never contended for the channel"
+    );
 
     // Every post answered 201; per channel, seqs 1..N each once.
     let mut seqs: HashMap<String, Vec<i64>> = HashMap::new();
@@ -966,4 +972,19 @@ async fn a_postgres_outage_answers_backpressure_and_service_resumes_by_itself() 
         "1",
         "the feed holds only the trigger after the restart"
     );
+}
+
+/// Writes a node refused or renumbered because another node had written the channel first
+/// (`/metrics`): proves the two nodes really contended.
+async fn conflicts_seen(node: &TestServer) -> u64 {
+    let (status, text) = node.get_text("/metrics").await;
+    assert_eq!(status, 200, "metrics: {text}");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchboard_stale_seq_refusals_total ")
+                || l.starts_with("switchboard_rebased_writes_total ")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }

@@ -459,4 +459,25 @@ async fn concurrent_appends_from_two_nodes_succeed_or_back_off_cleanly() {
         "cluster_streams: {backpressure_total} of {} concurrent appends answered 503",
         ROUNDS * 2 * PER_NODE
     );
+    let conflicts = conflicts_seen(a).await + conflicts_seen(b).await;
+    eprintln!("cluster_streams: {conflicts} writes refused or renumbered for the other node");
+    assert!(
+        conflicts > 0,
+        "the two nodes never contended for the stream"
+    );
+}
+
+/// Writes a node refused or renumbered because another node had written the channel first
+/// (`/metrics`): proves the two nodes really contended.
+async fn conflicts_seen(node: &TestServer) -> u64 {
+    let (status, text) = node.get_text("/metrics").await;
+    assert_eq!(status, 200, "metrics: {text}");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchboard_stale_seq_refusals_total ")
+                || l.starts_with("switchboard_rebased_writes_total ")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
