@@ -188,3 +188,19 @@ impl Tap {
         (frames, end)
     }
 }
+
+/// Writes a node refused or renumbered because another node had written the channel first
+/// (`/metrics`): tests of concurrent writers assert it is above zero, to prove the nodes
+/// really contended.
+pub async fn conflicts_seen(node: &TestServer) -> u64 {
+    let (status, text) = node.get_text("/metrics").await;
+    assert_eq!(status, 200, "metrics: {text}");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchboard_stale_seq_refusals_total ")
+                || l.starts_with("switchboard_rebased_writes_total ")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::cluster::{Cluster, Tap, TapEnd};
+use switchboard_integration::cluster::{conflicts_seen, Cluster, Tap, TapEnd};
 use switchboard_integration::harness::{
     assert_error, cursor_num, cursor_str, sign_query, uniq, ApiClient, Frame, SignOpts, TestServer,
     WsClient,
@@ -972,19 +972,4 @@ async fn a_postgres_outage_answers_backpressure_and_service_resumes_by_itself() 
         "1",
         "the feed holds only the trigger after the restart"
     );
-}
-
-/// Writes a node refused or renumbered because another node had written the channel first
-/// (`/metrics`): proves the two nodes really contended.
-async fn conflicts_seen(node: &TestServer) -> u64 {
-    let (status, text) = node.get_text("/metrics").await;
-    assert_eq!(status, 200, "metrics: {text}");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("switchboard_stale_seq_refusals_total ")
-                || l.starts_with("switchboard_rebased_writes_total ")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }

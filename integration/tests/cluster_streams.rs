@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::cluster::{Cluster, Tap};
+use switchboard_integration::cluster::{conflicts_seen, Cluster, Tap};
 use switchboard_integration::harness::{assert_error, uniq, ApiClient, TestServer};
 use switchboard_integration::pg_server::PgDatabase;
 
@@ -465,19 +465,4 @@ async fn concurrent_appends_from_two_nodes_succeed_or_back_off_cleanly() {
         conflicts > 0,
         "the two nodes never contended for the stream"
     );
-}
-
-/// Writes a node refused or renumbered because another node had written the channel first
-/// (`/metrics`): proves the two nodes really contended.
-async fn conflicts_seen(node: &TestServer) -> u64 {
-    let (status, text) = node.get_text("/metrics").await;
-    assert_eq!(status, 200, "metrics: {text}");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("switchboard_stale_seq_refusals_total ")
-                || l.starts_with("switchboard_rebased_writes_total ")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
