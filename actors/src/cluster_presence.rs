@@ -14,6 +14,9 @@
 //! - When Redis was unreachable, the node re-registers its whole local state when it comes
 //!   back (diffed, so only real changes raise events; silently when Redis lost its data).
 //! - Meanwhile, the node's own sockets keep working with the node's local view.
+//! - After its pub/sub subscription comes back (and after a silent re-registration), each hub
+//!   re-reads its presence channels' members, published through pub/sub in Redis's order,
+//!   and tells its sockets the difference with what they were told (`PresenceSnapshot`).
 //!
 //! Redis I/O stays on the broker's thread: actors only push to an unbounded queue, and the
 //! few callers that need an answer (a subscribe, the HTTP API) await a oneshot with a timeout
@@ -29,8 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 
 use crate::pusher::hub::{
-    ChannelStat, ClusterResync, PresenceMember, RemoteFrame, RemotePresence, TerminateUser,
-    MAX_PRESENCE_MEMBERS,
+    ChannelStat, ClusterResync, PresenceMember, PresenceResync, PresenceSeen, PresenceSnapshot,
+    RemoteFrame, RemotePresence, TerminateUser, MAX_PRESENCE_MEMBERS,
 };
 use crate::registry::Registry;
 
@@ -53,6 +56,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// After Redis lost its data (its epoch was set anew), member lists are not re-read for
+/// this long: every live node re-registers meanwhile (it reconnects within `MAX_BACKOFF` and
+/// heartbeats every `HEARTBEAT_EVERY`), so a resync never reads a half-rebuilt list.
+pub const SETTLE: Duration = Duration::from_secs(5);
 /// Operations applied per wake-up at most (heartbeats are not starved by a busy queue).
 const BATCH: usize = 256;
 
@@ -103,6 +110,17 @@ pub enum HubMessage {
     Terminate {
         user_id: String,
     },
+    /// The cluster-wide members of a channel, published by the snapshot script for the node
+    /// that asked (a resync): in Redis's order with the member changes around it.
+    Members {
+        channel: String,
+        /// `(user_id, user_info as JSON text)`.
+        #[serde(default, deserialize_with = "list")]
+        members: Vec<(String, String)>,
+    },
+    /// A node re-registered silently (Redis lost its data): every node re-reads its member
+    /// lists.
+    Resync,
 }
 
 #[derive(Serialize)]
@@ -152,6 +170,12 @@ pub(crate) enum Op {
         channel: String,
         count: usize,
         departed: Option<String>,
+    },
+    /// Publish the cluster-wide members of these presence channels for this node's hub
+    /// (`HubMessage::Members`), to resync what its sockets were told.
+    Snapshot {
+        ws: String,
+        channels: Vec<String>,
     },
     /// This node's whole state in a workspace (channels absent from it are left).
     Sync {
@@ -296,6 +320,19 @@ pub fn receive(registry: &Registry, node: &str, ws: &str, payload: &[u8]) {
         }),
         // This node's own were delivered to its sockets at once.
         HubMessage::Client { .. } | HubMessage::Terminate { .. } if own => {}
+        HubMessage::Members { channel, members } => {
+            // Asked for by this node's hub; the other nodes' sockets are not concerned.
+            if own {
+                addr.do_send(PresenceSnapshot {
+                    channel,
+                    members: members
+                        .into_iter()
+                        .map(|(u, i)| (u, info_value(&i)))
+                        .collect(),
+                });
+            }
+        }
+        HubMessage::Resync => addr.do_send(PresenceResync { delay: None }),
         HubMessage::Client { channel, frame } => addr.do_send(RemoteFrame { channel, frame }),
         HubMessage::Terminate { user_id } => addr.do_send(TerminateUser { user_id }),
     }
@@ -507,18 +544,35 @@ end
 return cjson.encode({ev = ev, dead = targets})
 "#;
 
-/// ARGV: node, ttl ms, a new epoch (used if none is set). Answers the epoch and whether the
+/// ARGV: node, ttl ms, a new epoch (used if none is set), settle ms (no member list is
+/// re-read for that long after a new epoch: see `SETTLE`). Answers the epoch and whether the
 /// node's key was still there.
 const HEARTBEAT: &str = r#"
 local e = redis.call('GET', P .. 'epoch')
 if not e then
   redis.call('SET', P .. 'epoch', ARGV[3])
+  redis.call('SET', P .. 'settling', '1', 'PX', ARGV[4])
   e = ARGV[3]
 end
 local was = alive(ARGV[1])
 redis.call('SET', P .. 'node:' .. ARGV[1], '1', 'PX', ARGV[2])
 redis.call('SADD', P .. 'nodes', ARGV[1])
 return cjson.encode({epoch = e, alive = was})
+"#;
+
+/// ARGV: node, ws, JSON list of channel names: publishes each channel's cluster-wide members
+/// for that node (`HubMessage::Members`), in Redis's order with the member changes. Answers
+/// `wait` (ms) while the cluster is still re-registering after a data loss.
+const MEMBERS: &str = r#"
+local node, ws = ARGV[1], ARGV[2]
+if not alive(node) then return cjson.encode({lost = true}) end
+local settling = redis.call('PTTL', P .. 'settling')
+if settling > 0 then return cjson.encode({wait = settling}) end
+for _, ch in ipairs(cjson.decode(ARGV[3])) do
+  local m = {node = node, kind = 'members', channel = ch, members = snapshot(ws, ch)}
+  redis.call('PUBLISH', 'switchboard:hub:' .. ws, cjson.encode(m))
+end
+return cjson.encode({ev = {}})
 "#;
 
 /// ARGV: 'channels' ws prefix | 'channel' ws name | 'users' ws name | 'index' node.
@@ -555,15 +609,17 @@ enum Script {
     Reap,
     Heartbeat,
     Query,
+    Members,
 }
 
-const SCRIPTS: [(Script, &str); 6] = [
+const SCRIPTS: [(Script, &str); 7] = [
     (Script::Join, JOIN),
     (Script::Leave, LEAVE),
     (Script::Sync, SYNC),
     (Script::Reap, REAP),
     (Script::Heartbeat, HEARTBEAT),
     (Script::Query, QUERY),
+    (Script::Members, MEMBERS),
 ];
 
 /// cjson encodes an empty table as `{}`: read it as an empty list.
@@ -603,12 +659,21 @@ struct Reply {
     ev: Vec<Transition>,
     #[serde(default, deserialize_with = "list")]
     members: Vec<(String, String)>,
+    /// The member lists cannot be read yet (ms): see `SETTLE`.
+    #[serde(default)]
+    wait: u64,
 }
 
 #[derive(Deserialize)]
 struct Beat {
     epoch: String,
     alive: bool,
+}
+
+fn members_of(list: &[(String, String)]) -> Vec<(String, Value)> {
+    list.iter()
+        .map(|(u, i)| (u.clone(), info_value(i)))
+        .collect()
 }
 
 fn info_value(text: &str) -> Value {
@@ -796,8 +861,12 @@ impl Task {
     async fn heartbeat(&mut self) {
         let ttl = NODE_TTL.as_millis().to_string();
         let fresh = ulid::Ulid::new().to_string();
+        let settle = SETTLE.as_millis().to_string();
         let node = self.node.clone();
-        let Some(text) = self.eval(Script::Heartbeat, &[&node, &ttl, &fresh]).await else {
+        let Some(text) = self
+            .eval(Script::Heartbeat, &[&node, &ttl, &fresh, &settle])
+            .await
+        else {
             return;
         };
         let Ok(beat) = serde_json::from_str::<Beat>(&text) else {
@@ -899,6 +968,11 @@ impl Task {
                         // The script announced the arrival before this answer: whoever
                         // the joiner tells next has been told already.
                         self.emit(r.ev, false);
+                        if !r.members.is_empty() {
+                            // What the joiner is told: the hub's view of the channel's members.
+                            let seen: Vec<(String, Value)> = members_of(&r.members);
+                            self.local_seen(&ws, channel, seen);
+                        }
                         let _ = reply.send(ClusterJoin::Members(members));
                     }
                     None => self.fallback(Op::Join {
@@ -951,7 +1025,25 @@ impl Task {
                             if silent { ", not announced" } else { "" }
                         );
                     }
+                    let changed = !r.ev.is_empty();
                     self.emit(r.ev, silent);
+                    if silent && changed {
+                        // Nothing was announced: every node re-reads its member lists.
+                        self.publish(&ws, &HubMessage::Resync).await;
+                    }
+                }
+            }
+            Op::Snapshot { ws, channels } => {
+                let node = self.node.clone();
+                let names = serde_json::to_string(&channels).unwrap_or_else(|_| "[]".into());
+                // Asked again later while the cluster settles or Redis cannot answer.
+                let again = match self.mutate(Script::Members, &[&node, &ws, &names]).await {
+                    Some(r) if r.wait > 0 => Some(Duration::from_millis(r.wait + 100)),
+                    Some(_) => None,
+                    None => Some(MAX_BACKOFF),
+                };
+                if let (Some(delay), Some(addr)) = (again, self.registry.running_workspace(&ws)) {
+                    addr.do_send(PresenceResync { delay: Some(delay) });
                 }
             }
             Op::Publish { ws, message } => {
@@ -1025,7 +1117,14 @@ impl Task {
                 self.stopped = true;
                 let _ = reply.send(());
             }
-            Op::Leave { .. } | Op::Sync { .. } | Op::Publish { .. } => {}
+            // A resync is asked for again when the subscription comes back.
+            Op::Leave { .. } | Op::Sync { .. } | Op::Publish { .. } | Op::Snapshot { .. } => {}
+        }
+    }
+
+    fn local_seen(&self, ws: &str, channel: String, members: Vec<(String, Value)>) {
+        if let Some(addr) = self.registry.running_workspace(ws) {
+            addr.do_send(PresenceSeen { channel, members });
         }
     }
 
@@ -1156,5 +1255,26 @@ mod tests {
         let back: EnvelopeIn = serde_json::from_str(&text).expect("parse");
         assert_eq!(back.node, "n1");
         assert!(matches!(back.message, HubMessage::Client { .. }));
+        // A snapshot as the members script publishes it (an empty list is `{}` in cjson).
+        let lua = r#"{"node":"n2","kind":"members","channel":"presence-a","members":{}}"#;
+        let back: EnvelopeIn = serde_json::from_str(lua).expect("parse");
+        assert!(matches!(
+            back.message,
+            HubMessage::Members { ref members, .. } if members.is_empty()
+        ));
+        let lua =
+            r#"{"members":[["u1","{}"]],"channel":"presence-a","kind":"members","node":"n2"}"#;
+        let back: EnvelopeIn = serde_json::from_str(lua).expect("parse");
+        assert!(matches!(
+            back.message,
+            HubMessage::Members { ref members, .. } if members.len() == 1
+        ));
+        let text = serde_json::to_string(&EnvelopeOut {
+            node: "n1",
+            message: &HubMessage::Resync,
+        })
+        .expect("json");
+        let back: EnvelopeIn = serde_json::from_str(&text).expect("parse");
+        assert!(matches!(back.message, HubMessage::Resync), "{text}");
     }
 }

@@ -18,6 +18,7 @@ use tokio::time::{timeout, Instant};
 use crate::broker::{Broker, Control, LocalBroker};
 use crate::cluster_presence::{self, ClusterPresence};
 use crate::domain::event::Event;
+use crate::pusher::hub::PresenceResync;
 use crate::redis_wire::{self, Envelope};
 use crate::registry::Registry;
 use crate::workspace::{CatchUp, Deliver, DeliverEphemeral};
@@ -291,8 +292,11 @@ async fn subscriber(
                 // drop every cache another node's change (events or controls) could have
                 // made stale.
                 registry.drop_caches(None);
+                // Member changes published meanwhile are gone too: the hubs re-read their
+                // presence channels' members (through pub/sub, so in order with later ones).
                 for w in registry.all_workspaces() {
                     w.do_send(CatchUp);
+                    w.do_send(PresenceResync { delay: None });
                 }
                 listen(pubsub, &node, &registry).await;
                 stats.subscribed.store(false, Ordering::Relaxed);

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::harness::{random_string, uniq, AppCreds, SignOpts, TestServer};
+use switchboard_integration::harness::{
+    random_string, uniq, AppCreds, Frame, SignOpts, TestServer,
+};
 use switchboard_integration::pusher_client::{fence, patch_settings, PusherClient};
 use switchboard_integration::redis_server::RedisServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -666,6 +668,146 @@ async fn presence_is_rebuilt_after_redis_restarts() {
         data_of(frames.last().expect("frame"))["user_id"],
         json!("u2")
     );
+}
+
+/// Every frame `s` receives until `pred` holds on all of them so far, or `deadline`.
+async fn frames_until(
+    s: &mut PusherClient,
+    deadline: Instant,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    while !pred(&out) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match s.next(left).await {
+            Frame::Json(v) => out.push(v),
+            Frame::Timeout => break,
+            Frame::Closed(code) => panic!("socket closed ({code:?}) after {out:?}"),
+        }
+    }
+    out
+}
+
+fn count(events: &[(String, String)], kind: &str, user: &str) -> usize {
+    events
+        .iter()
+        .filter(|(k, u)| k == kind && u == user)
+        .count()
+}
+
+/// Redis down (every subscription gone), then back empty: a member who left and one who
+/// joined on C meanwhile (told to C's sockets only) are announced to the sockets of A and B
+/// once each, by the resync that follows the resubscription / re-registration.
+const RESYNC_LIMIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn member_changes_missed_while_redis_was_down_are_resynced_once() {
+    let mut redis = RedisServer::start().await;
+    let c = cluster(&redis, None).await;
+    let app = c.a().app.clone();
+    let room = uniq("presence-m");
+
+    let mut ua = connect(c.a()).await;
+    ua.join_presence(&app, &room, "ua", json!({"n": "a"})).await;
+    let mut ub = connect(c.b()).await;
+    ub.join_presence(&app, &room, "ub", json!({"n": "b"})).await;
+    let mut uc = connect(c.c()).await;
+    uc.join_presence(&app, &room, "uc", json!({"n": "c"})).await;
+    let mut gone = connect(c.c()).await;
+    gone.join_presence(&app, &room, "gone", json!({"n": "gone"}))
+        .await;
+    for s in [&mut ua, &mut ub, &mut uc] {
+        s.until(|v| {
+            v["event"] == json!("pusher_internal:member_added")
+                && data_of(v)["user_id"] == json!("gone")
+        })
+        .await;
+    }
+    assert_eq!(
+        users(c.a(), &room).await,
+        sorted(&["ua", "ub", "uc", "gone"])
+    );
+
+    redis.stop();
+    // While it is down: one leaves on C, another joins on C; C's sockets are told.
+    gone.ws.close().await;
+    let mut fresh = connect(c.c()).await;
+    let p = fresh
+        .join_presence(&app, &room, "fresh", json!({"n": "fresh"}))
+        .await;
+    assert!(members(&p).0.contains(&"fresh".to_string()), "{p}");
+    let frames = uc
+        .until(|v| {
+            v["event"] == json!("pusher_internal:member_added")
+                && data_of(v)["user_id"] == json!("fresh")
+        })
+        .await;
+    assert_eq!(
+        count(&presence_events(&frames), "removed", "gone"),
+        1,
+        "{frames:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    redis.restart().await;
+    let back = Instant::now();
+    let told = |f: &[Value]| {
+        let ev = presence_events(f);
+        count(&ev, "removed", "gone") > 0 && count(&ev, "added", "fresh") > 0
+    };
+    let mut seen_a = frames_until(&mut ua, back + RESYNC_LIMIT, told).await;
+    let took = back.elapsed();
+    eprintln!("node A's socket resynced {took:?} after Redis came back");
+    assert!(told(&seen_a), "A was not resynced: {seen_a:?}");
+    let added = seen_a
+        .iter()
+        .find(|v| {
+            v["event"] == json!("pusher_internal:member_added")
+                && data_of(v)["user_id"] == json!("fresh")
+        })
+        .expect("member_added");
+    assert_eq!(
+        data_of(added)["user_info"],
+        json!({"n": "fresh"}),
+        "{added}"
+    );
+    let mut seen_b = frames_until(&mut ub, back + RESYNC_LIMIT, told).await;
+    assert!(told(&seen_b), "B was not resynced: {seen_b:?}");
+
+    eventually(3, "every node lists the same members", |i| {
+        let (n, room) = (&c.nodes[i], room.clone());
+        async move { users(n, &room).await == sorted(&["ua", "ub", "uc", "fresh"]) }
+    })
+    .await;
+
+    // Exactly once: nothing more comes (later resyncs find nothing to tell).
+    let quiet = Instant::now() + Duration::from_secs(4);
+    seen_a.extend(frames_until(&mut ua, quiet, |_| false).await);
+    seen_b.extend(frames_until(&mut ub, quiet, |_| false).await);
+    let seen_c = frames_until(&mut uc, quiet, |_| false).await;
+    for (who, seen) in [("A", &seen_a), ("B", &seen_b)] {
+        let ev = presence_events(seen);
+        assert_eq!(count(&ev, "removed", "gone"), 1, "{who}: {ev:?}");
+        assert_eq!(count(&ev, "added", "fresh"), 1, "{who}: {ev:?}");
+        assert_eq!(ev.len(), 2, "{who}: {ev:?}");
+    }
+    // C's sockets were told during the outage.
+    assert_eq!(presence_events(&seen_c), vec![], "{seen_c:?}");
+
+    // Live again afterwards.
+    fresh.ws.close().await;
+    for s in [&mut ua, &mut ub, &mut uc] {
+        let frames = s
+            .until(|v| v["event"] == json!("pusher_internal:member_removed"))
+            .await;
+        assert_eq!(
+            presence_events(&frames),
+            vec![("removed".to_string(), "fresh".to_string())]
+        );
+    }
 }
 
 #[tokio::test]

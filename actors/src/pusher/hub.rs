@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -192,6 +193,38 @@ pub struct ClusterResync {
     pub silent: bool,
 }
 
+/// Cluster mode: re-read the cluster-wide members of this workspace's presence channels and
+/// tell the local sockets what they missed (the pub/sub subscription came back, or a node
+/// re-registered after Redis lost its data).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceResync {
+    /// `None`: the default debounce (`RESYNC_DEBOUNCE`).
+    pub delay: Option<Duration>,
+}
+
+/// Cluster mode: the cluster-wide members of a channel, delivered in Redis's order with the
+/// member changes (`HubMessage::Members`): the hub tells its sockets the difference with what
+/// they were told.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceSnapshot {
+    pub channel: String,
+    pub members: Vec<(String, Value)>,
+}
+
+/// Cluster mode: members a joining socket was told of (`subscription_succeeded`), counted as
+/// told (no frame is sent).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PresenceSeen {
+    pub channel: String,
+    pub members: Vec<(String, Value)>,
+}
+
+/// Resync requests arriving within this are served by one read.
+const RESYNC_DEBOUNCE: Duration = Duration::from_millis(300);
+
 /// The presence data of `subscription_succeeded`: `{presence: {ids, hash, count}}`.
 pub fn presence_data(members: impl IntoIterator<Item = (String, Value)>) -> Value {
     let hash: serde_json::Map<String, Value> = members.into_iter().collect();
@@ -225,6 +258,10 @@ struct HubChannel {
     presence: bool,
     /// Sessions admitted by an entity's membership rather than a signature (see `Join`).
     via_member: HashMap<u64, String>,
+    /// Cluster mode, presence: the cluster-wide members this node's sockets were told of
+    /// (user id → user_info), as of the last member frame or snapshot; a resync tells them
+    /// the difference with the cluster's list.
+    told: HashMap<String, Value>,
 }
 
 impl HubChannel {
@@ -271,6 +308,8 @@ pub struct PusherHub {
     /// Set with the Redis broker: occupancy and presence events are then decided
     /// cluster-wide (see `cluster_presence`), not by this hub.
     cluster: Option<ClusterLink>,
+    /// A presence resync is scheduled.
+    resync_pending: bool,
 }
 
 impl PusherHub {
@@ -650,6 +689,12 @@ impl Handler<RemotePresence> for WorkspaceActor {
 
     fn handle(&mut self, msg: RemotePresence, _: &mut Self::Context) {
         let channel = msg.channel;
+        if let Some(ch) = self.pusher.channels.get_mut(&channel) {
+            match &msg.user_info {
+                Some(info) => ch.told.insert(msg.user_id.clone(), info.clone()),
+                None => ch.told.remove(&msg.user_id),
+            };
+        }
         let frames = match &msg.user_info {
             Some(info) => {
                 Frames::per_protocol(|p| protocol::member_added(p, &channel, &msg.user_id, info))
@@ -657,6 +702,100 @@ impl Handler<RemotePresence> for WorkspaceActor {
             None => Frames::per_protocol(|p| protocol::member_removed(p, &channel, &msg.user_id)),
         };
         self.pusher.broadcast(&channel, frames, msg.except_session);
+    }
+}
+
+impl Handler<PresenceSeen> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceSeen, _: &mut Self::Context) {
+        if let Some(ch) = self.pusher.channels.get_mut(&msg.channel) {
+            for (user, info) in msg.members {
+                ch.told.entry(user).or_insert(info);
+            }
+        }
+    }
+}
+
+impl Handler<PresenceResync> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceResync, ctx: &mut Self::Context) {
+        if self.pusher.cluster.is_none() || self.pusher.resync_pending {
+            return;
+        }
+        self.pusher.resync_pending = true;
+        ctx.run_later(msg.delay.unwrap_or(RESYNC_DEBOUNCE), |act, _| {
+            act.pusher.resync_pending = false;
+            let Some(link) = &act.pusher.cluster else {
+                return;
+            };
+            let mut channels: Vec<String> = act
+                .pusher
+                .channels
+                .iter()
+                .filter(|(_, ch)| ch.presence)
+                .map(|(name, _)| name.clone())
+                .collect();
+            if channels.is_empty() {
+                return;
+            }
+            channels.sort();
+            // Behind this node's earlier operations; the answer comes back through pub/sub,
+            // in order with the member changes (`PresenceSnapshot`).
+            link.presence.send(Op::Snapshot {
+                ws: link.workspace_id.clone(),
+                channels,
+            });
+        });
+    }
+}
+
+impl Handler<PresenceSnapshot> for WorkspaceActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PresenceSnapshot, _: &mut Self::Context) {
+        let hub = &mut self.pusher;
+        let Some(ch) = hub.channels.get_mut(&msg.channel) else {
+            return;
+        };
+        if !ch.presence {
+            return;
+        }
+        let now: HashMap<String, Value> = msg.members.into_iter().collect();
+        let mut removed: Vec<String> = ch
+            .told
+            .keys()
+            .filter(|u| !now.contains_key(*u))
+            .cloned()
+            .collect();
+        let mut added: Vec<(String, Value)> = now
+            .iter()
+            .filter(|(u, _)| !ch.told.contains_key(*u))
+            .map(|(u, i)| (u.clone(), i.clone()))
+            .collect();
+        removed.sort();
+        added.sort_by(|a, b| a.0.cmp(&b.0));
+        if !removed.is_empty() || !added.is_empty() {
+            log::info!(
+                "cluster presence: {} resynced ({} added, {} removed)",
+                msg.channel,
+                added.len(),
+                removed.len()
+            );
+        }
+        ch.told = now;
+        // The sockets only: the webhooks were decided by the scripts.
+        let channel = msg.channel;
+        for user in removed {
+            let frames = Frames::per_protocol(|p| protocol::member_removed(p, &channel, &user));
+            hub.broadcast(&channel, frames, None);
+        }
+        for (user, info) in added {
+            let frames =
+                Frames::per_protocol(|p| protocol::member_added(p, &channel, &user, &info));
+            hub.broadcast(&channel, frames, None);
+        }
     }
 }
 
