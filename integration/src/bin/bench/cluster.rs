@@ -11,8 +11,6 @@
 //! publishes to node 0 only, so every delivery on nodes 1.. crossed the broker. Server
 //! figures are read from every node's /proc entry, summed and shown per node.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -239,15 +237,7 @@ impl RedisProc {
     }
 
     fn answers_ping(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        if s.write_all(b"PING\r\n").is_err() {
-            return false;
-        }
-        let mut buf = [0u8; 16];
-        matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+        switchboard_integration::redis_server::answers_ping(self.port)
     }
 
     fn log(&self) -> String {
