@@ -27,6 +27,8 @@ use tokio_tungstenite::WebSocketStream;
 
 /// How long `TestServer::start` waits for `GET /readyz` to answer 200.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Starts of a test server before giving up on finding a port no other test took.
+const PORT_ATTEMPTS: usize = 5;
 /// Default wait for one WebSocket frame.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -169,6 +171,13 @@ impl ServerBuilder {
     }
 }
 
+/// How one start of the child went.
+enum Started {
+    Ready,
+    /// Another process had the port (the child could not bind, or another server answered).
+    PortTaken,
+}
+
 /// A running `switchboard serve` child process with its own SQLite database.
 pub struct TestServer {
     bin: PathBuf,
@@ -237,7 +246,23 @@ impl TestServer {
         lines[from..].join("\n")
     }
 
+    /// Starts the child and waits until it answers. Ports come from [`free_port`], which
+    /// another test may pick too between its probe and our bind: a child that could not bind,
+    /// or a port where another test's server answers, gets a fresh port and a new start.
     async fn spawn(&mut self) {
+        for _ in 0..PORT_ATTEMPTS {
+            match self.spawn_once().await {
+                Started::Ready => return,
+                Started::PortTaken => {
+                    self.kill_hard();
+                    self.port = free_port();
+                }
+            }
+        }
+        panic!("switchboard could not get a free port in {PORT_ATTEMPTS} attempts");
+    }
+
+    async fn spawn_once(&mut self) -> Started {
         assert!(
             self.bin.exists(),
             "switchboard binary not found at {} (build it with `cargo build` or set SWITCHBOARD_BIN)",
@@ -270,15 +295,18 @@ impl TestServer {
         }
         let child = cmd.spawn().expect("spawn switchboard");
         self.child = Some(child);
-        self.wait_ready().await;
+        self.wait_ready().await
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self) -> Started {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         let url = format!("{}/readyz", self.base_url());
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
+                    if self.log_tail().contains("Address already in use") {
+                        return Started::PortTaken;
+                    }
                     panic!(
                         "switchboard exited during start-up with {status}; log:\n{}",
                         self.log_tail()
@@ -293,7 +321,11 @@ impl TestServer {
                 .await
             {
                 if resp.status().as_u16() == 200 {
-                    return;
+                    return if self.answers_as_ours().await {
+                        Started::Ready
+                    } else {
+                        Started::PortTaken
+                    };
                 }
             }
             if tokio::time::Instant::now() > deadline {
@@ -304,6 +336,21 @@ impl TestServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether the server on our port is our child: only it knows our operator token, so it
+    /// answers an (invalid, changing nothing) operator request with 400 instead of 401.
+    async fn answers_as_ours(&self) -> bool {
+        let resp = self
+            .http
+            .post(format!("{}/admin/workspaces", self.base_url()))
+            .bearer_auth(&self.admin_token)
+            .header("content-type", "application/json")
+            .body("{}")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        matches!(resp, Ok(r) if r.status().as_u16() != 401)
     }
 
     /// SIGKILL (no graceful shutdown, no flush) and reap the child.
