@@ -1,10 +1,11 @@
 //! Durable appends through the persistence actor alone (no HTTP, no actors in front): the
 //! writer's ceiling. Each write is what an AI-stream append commits (as `channel/versions.rs`
-//! builds it): a version row, one `message.appended` event with its recipients, and the
-//! message's new state (text, version serial, append count), with a contiguous channel seq,
-//! group-committed with WAL and `synchronous=FULL`. The writer saves a message's state once
-//! per batch — the last of that batch's appends to it — so with `streams` messages appended
-//! to in turn, a batch of n appends rewrites min(n, streams) message rows.
+//! builds it): a version row, one `message.appended` event with its recipients, and what the
+//! append changed of its message (fragment, version serial, append count), with a contiguous
+//! channel seq, group-committed with WAL and `synchronous=FULL`. The writer folds a batch's
+//! appends to one message into one save, so with `streams` messages appended to in turn, a
+//! batch of n appends extends min(n, streams) message rows; every 4096 appends a message's
+//! text starts again, as a long reply continues in a new message.
 //!
 //! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path or URL]`
 //! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary SQLite database). A
@@ -17,11 +18,12 @@ use serde_json::json;
 use switchboard_actors::broker::Broker;
 use switchboard_actors::domain::channel::new_implicit;
 use switchboard_actors::domain::event::{Event, EventDraft};
-use switchboard_actors::domain::message::{Message, NewMessage};
+use switchboard_actors::domain::message::{Message, NewMessage, StreamStatus};
 use switchboard_actors::metrics::Metrics;
 use switchboard_actors::persistence::{
     ChannelSeqs, Persistence, PersistenceConfig, VersionWrite, Write,
 };
+use switchboard_actors::store::message_state::{AppendDelta, StateWrite};
 use switchboard_actors::store::rows::{VersionRow, WorkspaceRow};
 use switchboard_actors::store::{self, queries, DatabaseUrl};
 
@@ -108,15 +110,21 @@ fn main() -> Result<(), String> {
         for seq in first..writes + first {
             let message = &mut messages[seq as usize % streams];
             let fragment = "tok ";
-            if let serde_json::Value::String(s) = &mut message.data {
-                // A token stream's text, rotated like a real one at 4 KiB.
-                if s.len() > 4096 {
-                    s.clear();
-                }
-                s.push_str(fragment);
-            }
             message.version_serial = switchboard_actors::ids::version_serial(seq);
-            let stored = message.clone();
+            let stored = if message.append_count == 4096 {
+                // A reply rotates at 4096 appends: here an update that empties the text
+                // stands in for the next message.
+                message.data = json!("");
+                message.append_count = 0;
+                message.stream_status = StreamStatus::None;
+                StateWrite::Full(Box::new(message.clone()))
+            } else {
+                message.append_count += 1;
+                message.stream_status = StreamStatus::Open;
+                // What the channel actor sends for an append: the fragment and counters, not
+                // the whole text.
+                StateWrite::Append(AppendDelta::of(message, fragment, None))
+            };
             let row = VersionRow {
                 channel_id: channel.id.clone(),
                 seq,

@@ -27,9 +27,9 @@ use tokio::sync::oneshot;
 
 use crate::broker::Broker;
 use crate::domain::event::{Event, EventDraft, LiveRoute};
-use crate::domain::message::Message;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
+use crate::store::message_state::{PendingState, StateWrite};
 use crate::store::rows::{EventRow, VersionRow};
 use crate::store::{queries, AnyConnection, Conn, DbPool, PooledConn};
 
@@ -102,11 +102,12 @@ pub struct Write {
 }
 
 /// A version of a message: its row, and the message's state after it. The state is saved
-/// once per message per batch, the last one winning — a batch commits atomically, so nobody
-/// sees the states in between (a stream's appends in one batch rewrite its text once).
+/// once per message per batch, the batch's versions folded in order — a batch commits
+/// atomically, so nobody sees the states in between (a stream's appends in one batch extend
+/// its text once).
 pub struct VersionWrite {
     pub row: VersionRow,
-    pub state: Message,
+    pub state: StateWrite,
 }
 
 impl Write {
@@ -640,13 +641,18 @@ struct Deferred {
     versions: Vec<VersionRow>,
     /// Indices of staged writes whose event rows are still to insert.
     events: Vec<usize>,
-    states: HashMap<(String, String), Message>,
+    states: HashMap<(String, String), PendingState>,
 }
 
 impl Deferred {
-    fn defer_state(&mut self, m: Message) {
-        self.states
-            .insert((m.channel_id.clone(), m.message_serial.clone()), m);
+    fn defer_state(&mut self, s: StateWrite) {
+        let (channel, serial) = s.key();
+        let key = (channel.to_string(), serial.to_string());
+        let pending = match self.states.remove(&key) {
+            Some(earlier) => earlier.then(s),
+            None => PendingState::from(s),
+        };
+        self.states.insert(key, pending);
     }
 
     /// Writes everything waiting (inside the batch transaction, outside any savepoint).
@@ -662,8 +668,8 @@ impl Deferred {
             .map(|(row, _)| row)
             .collect();
         queries::insert_events(conn, &events)?;
-        for (_, m) in self.states.drain() {
-            queries::save_message_state(conn, &m)?;
+        for (_, state) in self.states.drain() {
+            state.save(conn)?;
         }
         Ok(())
     }
@@ -919,11 +925,17 @@ mod tests {
     }
 
     /// A version of `message` written without a savepoint, as appends are.
-    fn state_write(seq: i64, message: &Message) -> Write {
+    fn state_write(seq: i64, message: &crate::domain::message::Message) -> Write {
+        versioned_write(seq, StateWrite::Full(Box::new(message.clone())))
+    }
+
+    /// A version without savepoint leaving `state`.
+    fn versioned_write(seq: i64, state: StateWrite) -> Write {
+        let serial = state.key().1.to_string();
         let row = VersionRow {
             channel_id: "c1".into(),
             seq,
-            message_serial: message.message_serial.clone(),
+            message_serial: serial,
             action: "append".into(),
             actor: None,
             op_id: None,
@@ -932,10 +944,7 @@ mod tests {
             fingerprint: None,
         };
         Write {
-            version: Some(Box::new(VersionWrite {
-                row,
-                state: message.clone(),
-            })),
+            version: Some(Box::new(VersionWrite { row, state })),
             savepoint: false,
             ..seq_write(seq)
         }
@@ -982,6 +991,89 @@ mod tests {
         .expect("read")
         .expect("message");
         assert_eq!(stored.data, serde_json::json!("xxxxx"));
+    }
+
+    /// Appends sent as deltas (one batch or several, around a whole state) leave the text and
+    /// counters the whole states would have: the stored JSON stays valid whatever the
+    /// fragments hold.
+    async fn appends_extend_the_stored_text(pool: &DbPool, p: &Persistence) {
+        use crate::domain::message::{NewMessage, StreamStatus};
+        use crate::store::message_state::AppendDelta;
+        let mut conn = pool.get().expect("conn");
+        let texts = [Some(serde_json::json!("")), None];
+        let mut serials = Vec::new();
+        for (i, data) in texts.iter().enumerate() {
+            let mut m = NewMessage {
+                data: data.clone(),
+                content_ref: Some("ref".into()),
+                ..Default::default()
+            }
+            .into_message("c1", "alice", i as i64 + 1, "t");
+            m.data = data.clone().unwrap_or(serde_json::Value::Null);
+            queries::insert_message(&mut conn, &m, "1").expect("insert");
+            serials.push(m);
+        }
+        drop(conn);
+        let fragments = [
+            "plain ",
+            "\"quoted\" ",
+            "back\\slash\n",
+            "é ✓ 😀",
+            "\u{1}end",
+        ];
+        let mut seq = 0;
+        let mut futures = Vec::new();
+        for (n, fragment) in fragments.iter().enumerate() {
+            for m in &serials {
+                seq += 1;
+                let delta = AppendDelta {
+                    channel_id: "c1".into(),
+                    message_serial: m.message_serial.clone(),
+                    fragment: fragment.to_string(),
+                    version_serial: crate::ids::version_serial(seq),
+                    updated_at: format!("t{seq}"),
+                    append_count: n as i64 + 1,
+                    stream_status: StreamStatus::Open,
+                    extras: (n == 1).then(|| serde_json::json!({"k": "v"})),
+                };
+                futures.push(p.enqueue(versioned_write(seq, StateWrite::Append(delta))));
+            }
+            if n == 2 {
+                // Some in later batches than others.
+                for r in futures_util::future::join_all(std::mem::take(&mut futures)).await {
+                    r.expect("committed");
+                }
+            }
+        }
+        for r in futures_util::future::join_all(futures).await {
+            r.expect("committed");
+        }
+        let whole: String = fragments.concat();
+        let mut conn = pool.get().expect("conn");
+        for m in &serials {
+            let stored = queries::message(&mut conn, "c1", &m.message_serial)
+                .expect("read")
+                .expect("message");
+            assert_eq!(stored.data, serde_json::json!(whole));
+            assert_eq!(stored.append_count, fragments.len() as i64);
+            assert_eq!(stored.stream_status, StreamStatus::Open);
+            assert_eq!(stored.extras, serde_json::json!({"k": "v"}));
+            assert_eq!(stored.last_action, "append");
+            assert_eq!(stored.last_append_at, Some(stored.updated_at.clone()));
+        }
+    }
+
+    #[actix::test]
+    async fn appends_as_deltas_extend_the_stored_text_sqlite() {
+        let (_dir, pool, p, _) = setup();
+        appends_extend_the_stored_text(&pool, &p).await;
+    }
+
+    #[actix::test]
+    async fn appends_as_deltas_extend_the_stored_text_postgres() {
+        let (_db, pool) = pg_setup();
+        let (p, _) = pg_writer(&pool);
+        appends_extend_the_stored_text(&pool, &p).await;
     }
 
     #[actix::test]

@@ -432,7 +432,7 @@ impl ChannelActor {
     fn existing_message(&self, serial: &str) -> ApiResult<Message> {
         crate::domain::validation::serial(serial)?;
         if let Some(h) = self.hot.get(serial) {
-            return Ok(h.message.clone());
+            return Ok(Message::clone(&h.message));
         }
         queries::message(&mut *self.conn()?, &self.channel.id, serial)?
             .ok_or_else(|| ApiError::not_found("message not found"))
@@ -549,7 +549,7 @@ impl ChannelActor {
                 root,
             }) => {
                 let seq = message.history_serial;
-                self.hold_hot(message.clone());
+                self.hold_hot(Arc::new(message.clone()));
                 let mut seqs = self.channel_seqs(seq, seq);
                 seqs.rebase = Some(rebase);
                 let write =

@@ -17,6 +17,7 @@ use crate::domain::versioned::{self, Action, Mutation, StreamContext};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::persistence::{VersionWrite, Write};
 use crate::settings::AiTransportLimits;
+use crate::store::message_state::{AppendDelta, StateWrite};
 use crate::store::queries;
 use crate::store::rows::VersionRow;
 use actix::ResponseActFuture;
@@ -28,7 +29,8 @@ const HOT_TEXT_MAX: usize = 256 * 1024;
 
 /// The latest state of a message with writes possibly in flight.
 pub(super) struct HotMessage {
-    pub(super) message: Message,
+    /// Shared with the outcome of its last mutation: the text is not copied to answer.
+    pub(super) message: Arc<Message>,
     /// Writes of this message not yet committed or failed.
     pending: usize,
     /// op_ids of this actor's lifetime: (action, op_id) → (fingerprint, seq).
@@ -82,7 +84,7 @@ pub struct Mutate {
 #[derive(Debug)]
 pub struct MutationOutcome {
     /// The latest state after this mutation (for a duplicate: the latest state now).
-    pub message: Message,
+    pub message: Arc<Message>,
     pub action: Action,
     pub version_serial: String,
     pub delivery_serial: i64,
@@ -93,7 +95,7 @@ pub struct MutationOutcome {
 
 impl ChannelActor {
     /// Pins a message's state while a write of it is in flight.
-    pub(super) fn hold_hot(&mut self, message: Message) {
+    pub(super) fn hold_hot(&mut self, message: Arc<Message>) {
         match self.hot.get_mut(&message.message_serial) {
             Some(h) => {
                 h.message = message;
@@ -131,12 +133,13 @@ impl ChannelActor {
     }
 
     /// The latest state: the hot copy (which may include writes in flight) or the store's.
-    fn latest(&mut self, serial: &str) -> ApiResult<Message> {
+    fn latest(&mut self, serial: &str) -> ApiResult<Arc<Message>> {
         crate::domain::validation::serial(serial)?;
         if let Some(h) = self.hot.get(serial) {
             return Ok(h.message.clone());
         }
-        queries::message(&mut *self.conn()?, &self.channel.id, serial)?.ok_or_else(|| {
+        let stored = queries::message(&mut *self.conn()?, &self.channel.id, serial)?;
+        stored.map(Arc::new).ok_or_else(|| {
             ApiError::not_found(format!(
                 "Message '{serial}' was not found in channel '{}'",
                 self.channel.name
@@ -302,7 +305,7 @@ impl ChannelActor {
         let action = msg.mutation.action;
         self.authorize(&msg.actor, action, &current.sender)?;
         if let Some(seq) = self.replayed_op(&current.message_serial, &msg.mutation)? {
-            let message = self.state_at(current, seq)?;
+            let message = Arc::new(self.state_at(Arc::unwrap_or_clone(current), seq)?);
             return Ok(Prepared::Duplicate(MutationOutcome {
                 message,
                 action,
@@ -329,7 +332,7 @@ impl ChannelActor {
         mutation.body.client_id = msg.actor.id().map(str::to_string);
         let applied = versioned::apply(&current, &mutation, seq, &now, &msg.settings.ai, stream)?;
         self.last_seq = seq;
-        let next = applied.message;
+        let next = Arc::new(applied.message);
         match next.stream_status {
             StreamStatus::Open => {
                 if let Some(s) = self.open_streams.as_mut() {
@@ -364,6 +367,15 @@ impl ChannelActor {
             created_at: now,
             fingerprint: mutation.body.op_id.as_ref().map(|_| mutation.fingerprint()),
         };
+        // An append sends only what it changed: the stream's text is not copied per token.
+        let state = match action {
+            Action::Append => StateWrite::Append(AppendDelta::of(
+                &next,
+                mutation.fragment(),
+                mutation.body.extras.as_ref(),
+            )),
+            _ => StateWrite::Full(Box::new(Message::clone(&next))),
+        };
         // The writer inserts the version and saves the message's row, once per batch (see
         // `VersionWrite`). Nothing here can fail once it has checked the seq: no savepoint.
         let write = Write {
@@ -371,10 +383,7 @@ impl ChannelActor {
             channel_seqs: Some(self.channel_seqs(seq, seq)),
             apply: Box::new(|_| Ok(true)),
             events: vec![draft],
-            version: Some(Box::new(VersionWrite {
-                row,
-                state: next.clone(),
-            })),
+            version: Some(Box::new(VersionWrite { row, state })),
             savepoint: false,
         };
         Ok(Prepared::Write {
@@ -390,7 +399,7 @@ impl ChannelActor {
 enum Prepared {
     Duplicate(MutationOutcome),
     Write {
-        message: Message,
+        message: Arc<Message>,
         action: Action,
         seq: i64,
         write: Write,

@@ -75,6 +75,34 @@ fn empty_as_null<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error>
 }
 
 impl Message {
+    /// A copy with `data` null (the caller sets it): a streamed text is large.
+    pub fn clone_without_data(&self) -> Message {
+        Message {
+            message_serial: self.message_serial.clone(),
+            history_serial: self.history_serial,
+            version_serial: self.version_serial.clone(),
+            channel_id: self.channel_id.clone(),
+            sender: self.sender.clone(),
+            name: self.name.clone(),
+            data: Value::Null,
+            extras: self.extras.clone(),
+            thread_id: self.thread_id.clone(),
+            content_ref: self.content_ref.clone(),
+            attachments: self.attachments.clone(),
+            tags: self.tags.clone(),
+            metadata: self.metadata.clone(),
+            nonce: self.nonce.clone(),
+            deleted: self.deleted,
+            reply_count: self.reply_count,
+            stream_status: self.stream_status,
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            last_action: self.last_action,
+            append_count: self.append_count,
+            last_append_at: self.last_append_at.clone(),
+        }
+    }
+
     /// The payload of `message.*` events: `message_id`, `author_id`, the direct conversation
     /// when there is one, and the message's visible fields.
     pub fn event_payload(&self, direct_conversation_id: Option<&str>) -> Value {

@@ -189,7 +189,8 @@ impl Mutation {
         hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
     }
 
-    fn fragment(&self) -> &str {
+    /// The text an append adds (empty for a closing append without one).
+    pub fn fragment(&self) -> &str {
         self.body
             .data
             .as_ref()
@@ -248,7 +249,9 @@ pub fn apply(
     limits: &AiTransportLimits,
     stream: StreamContext,
 ) -> ApiResult<Applied> {
-    let mut next = current.clone();
+    // The data is copied only where the action keeps it: an append builds the new text
+    // from the current one instead of copying it first.
+    let mut next = current.clone_without_data();
     next.version_serial = crate::ids::version_serial(seq);
     next.updated_at = now.to_string();
     next.last_action = m.action.as_str();
@@ -275,7 +278,7 @@ pub fn apply(
             next.data = match (&b.data, m.clears("data")) {
                 (Some(d), _) => d.clone(),
                 (None, true) => Value::Null,
-                (None, false) => data_default.unwrap_or(next.data),
+                (None, false) => data_default.unwrap_or_else(|| current.data.clone()),
             };
             next.extras = match (&b.extras, m.clears("extras")) {
                 (Some(e), _) => e.clone(),

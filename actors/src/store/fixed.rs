@@ -207,3 +207,53 @@ fixed_statement!(SaveMessageState<'a, MessageState<'a>>, |s, out| {
     out.push_sql(" AND message_serial = ");
     out.push_bind_param::<Text, _>(&m.message_serial)?;
 });
+
+/// The columns an append sets, encoded for [`SaveAppendedState`].
+pub struct AppendedState<'a> {
+    delta: &'a super::message_state::AppendDelta,
+    /// The fragments as the inside of a JSON string (escaped, without quotes): appended to
+    /// the stored JSON text before its closing quote, it gives the encoding of the whole text.
+    escaped: String,
+    extras: Option<String>,
+}
+
+impl<'a> AppendedState<'a> {
+    pub fn of(delta: &'a super::message_state::AppendDelta) -> Self {
+        let quoted = to_json_text(&delta.fragment);
+        let escaped = quoted
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_string();
+        Self {
+            delta,
+            escaped,
+            extras: delta.extras.as_ref().map(to_json_text),
+        }
+    }
+}
+
+// Only the end of the stored text changes; the rest of the row is not re-encoded.
+fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
+    let d = s.delta;
+    out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
+    out.push_bind_param::<Text, _>(&s.escaped)?;
+    out.push_sql(" || '\"' ELSE substr(data, 1, length(data) - 1) || ");
+    out.push_bind_param::<Text, _>(&s.escaped)?;
+    out.push_sql(" || '\"' END, extras = COALESCE(");
+    out.push_bind_param::<Nullable<Text>, _>(&s.extras)?;
+    out.push_sql(", extras), version_serial = ");
+    out.push_bind_param::<Text, _>(&d.version_serial)?;
+    out.push_sql(", updated_at = ");
+    out.push_bind_param::<Text, _>(&d.updated_at)?;
+    out.push_sql(", last_action = 'append', append_count = ");
+    out.push_bind_param::<BigInt, _>(&d.append_count)?;
+    out.push_sql(", stream_status = ");
+    out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
+    out.push_sql(", last_append_at = ");
+    out.push_bind_param::<Text, _>(&d.updated_at)?;
+    out.push_sql(" WHERE channel_id = ");
+    out.push_bind_param::<Text, _>(&d.channel_id)?;
+    out.push_sql(" AND message_serial = ");
+    out.push_bind_param::<Text, _>(&d.message_serial)?;
+});

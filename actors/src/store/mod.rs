@@ -9,6 +9,7 @@ pub mod cluster_queries;
 mod conn;
 pub mod fixed;
 pub mod listing;
+pub mod message_state;
 #[cfg(test)]
 pub mod pg_test;
 pub mod queries;

@@ -1,0 +1,216 @@
+//! What a version leaves of its message's row, and how the writer folds a batch's versions of
+//! one message into one save.
+//!
+//! An update or delete carries the whole new state. An append carries only what it changed
+//! (its fragment and the stream's counters): copying a streamed text into every append's
+//! write cost a copy, an allocation and a JSON encoding of the whole text per token. The
+//! writer appends the batch's fragments to the stored text in one statement.
+
+use serde_json::Value;
+
+use super::fixed;
+use super::queries;
+use super::{on_engine, Conn};
+use crate::domain::message::{Message, StreamStatus};
+use diesel::{QueryResult, RunQueryDsl};
+
+/// The state of a message after one version.
+pub enum StateWrite {
+    /// The whole state (update, delete).
+    Full(Box<Message>),
+    /// An append: the fragment and the fields an append sets.
+    Append(AppendDelta),
+}
+
+impl StateWrite {
+    pub fn key(&self) -> (&str, &str) {
+        match self {
+            Self::Full(m) => (&m.channel_id, &m.message_serial),
+            Self::Append(d) => (&d.channel_id, &d.message_serial),
+        }
+    }
+}
+
+/// What one append changed, or (folded) several appends in a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendDelta {
+    pub channel_id: String,
+    pub message_serial: String,
+    /// The fragments, in order.
+    pub fragment: String,
+    pub version_serial: String,
+    pub updated_at: String,
+    /// The message's append count after it (absolute, not an increment).
+    pub append_count: i64,
+    pub stream_status: StreamStatus,
+    /// The extras the append set, if it set any (they replace the message's).
+    pub extras: Option<Value>,
+}
+
+impl AppendDelta {
+    /// The delta `message` (its state after an append of `fragment`) differs by.
+    pub fn of(message: &Message, fragment: &str, extras: Option<&Value>) -> Self {
+        Self {
+            channel_id: message.channel_id.clone(),
+            message_serial: message.message_serial.clone(),
+            fragment: fragment.to_string(),
+            version_serial: message.version_serial.clone(),
+            updated_at: message.updated_at.clone(),
+            append_count: message.append_count,
+            stream_status: message.stream_status,
+            extras: extras.cloned(),
+        }
+    }
+
+    /// Applies it to a whole state.
+    fn apply_to(self, m: &mut Message) {
+        match &mut m.data {
+            Value::String(s) => s.push_str(&self.fragment),
+            other => *other = Value::String(self.fragment),
+        }
+        if let Some(e) = self.extras {
+            m.extras = e;
+        }
+        m.version_serial = self.version_serial;
+        m.last_append_at = Some(self.updated_at.clone());
+        m.updated_at = self.updated_at;
+        m.last_action = "append";
+        m.append_count = self.append_count;
+        m.stream_status = self.stream_status;
+    }
+
+    /// Folds a later append of the same message into this one.
+    fn then(&mut self, later: AppendDelta) {
+        self.fragment.push_str(&later.fragment);
+        if later.extras.is_some() {
+            self.extras = later.extras;
+        }
+        self.version_serial = later.version_serial;
+        self.updated_at = later.updated_at;
+        self.append_count = later.append_count;
+        self.stream_status = later.stream_status;
+    }
+}
+
+/// A message's state still to save in this batch.
+pub enum PendingState {
+    Full(Box<Message>),
+    Appended(AppendDelta),
+}
+
+impl PendingState {
+    /// The pending state after `next`, a later version of the same message.
+    pub fn then(self, next: StateWrite) -> Self {
+        match (self, next) {
+            (_, StateWrite::Full(m)) => Self::Full(m),
+            (Self::Full(mut m), StateWrite::Append(d)) => {
+                d.apply_to(&mut m);
+                Self::Full(m)
+            }
+            (Self::Appended(mut a), StateWrite::Append(d)) => {
+                a.then(d);
+                Self::Appended(a)
+            }
+        }
+    }
+
+    pub fn from(first: StateWrite) -> Self {
+        match first {
+            StateWrite::Full(m) => Self::Full(m),
+            StateWrite::Append(d) => Self::Appended(d),
+        }
+    }
+
+    /// Saves it to the message's row.
+    pub fn save(&self, conn: &mut Conn) -> QueryResult<usize> {
+        match self {
+            Self::Full(m) => queries::save_message_state(conn, m),
+            Self::Appended(d) => {
+                let state = fixed::AppendedState::of(d);
+                on_engine!(conn, |c| fixed::SaveAppendedState(&state).execute(c))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::message::NewMessage;
+    use serde_json::json;
+
+    fn message(data: Value) -> Message {
+        NewMessage {
+            data: Some(data),
+            ..Default::default()
+        }
+        .into_message("chn_1", "agent", 1, "2026-12-06T00:00:00.000Z")
+    }
+
+    fn delta(m: &Message, fragment: &str, n: i64, extras: Option<Value>) -> AppendDelta {
+        AppendDelta {
+            channel_id: m.channel_id.clone(),
+            message_serial: m.message_serial.clone(),
+            fragment: fragment.into(),
+            version_serial: format!("v{n}"),
+            updated_at: format!("t{n}"),
+            append_count: n,
+            stream_status: StreamStatus::Open,
+            extras,
+        }
+    }
+
+    #[test]
+    fn appends_fold_in_order_and_the_last_counters_win() {
+        let m = message(json!(""));
+        let mut p = PendingState::from(StateWrite::Append(delta(&m, "ab", 1, None)));
+        p = p.then(StateWrite::Append(delta(
+            &m,
+            "c",
+            2,
+            Some(json!({"status": "x"})),
+        )));
+        p = p.then(StateWrite::Append(delta(&m, "d", 3, None)));
+        let PendingState::Appended(d) = p else {
+            panic!("appends alone stay a delta");
+        };
+        assert_eq!(d.fragment, "abcd");
+        assert_eq!(d.append_count, 3);
+        assert_eq!(d.version_serial, "v3");
+        assert_eq!(d.extras, Some(json!({"status": "x"})));
+    }
+
+    #[test]
+    fn an_append_after_a_whole_state_applies_to_it() {
+        let mut m = message(json!("hi "));
+        m.data = json!("edited ");
+        let mut p = PendingState::from(StateWrite::Full(Box::new(m.clone())));
+        p = p.then(StateWrite::Append(delta(&m, "more", 4, None)));
+        let PendingState::Full(s) = p else {
+            panic!("a whole state stays whole");
+        };
+        assert_eq!(s.data, json!("edited more"));
+        assert_eq!(s.append_count, 4);
+        assert_eq!(s.last_action, "append");
+        assert_eq!(s.last_append_at.as_deref(), Some("t4"));
+
+        let mut empty = message(Value::Null);
+        empty.data = Value::Null;
+        let p = PendingState::from(StateWrite::Full(Box::new(empty.clone())))
+            .then(StateWrite::Append(delta(&empty, "x", 1, None)));
+        let PendingState::Full(s) = p else {
+            panic!("whole")
+        };
+        assert_eq!(s.data, json!("x"));
+    }
+
+    #[test]
+    fn a_whole_state_replaces_what_came_before() {
+        let m = message(json!("a"));
+        let mut deleted = m.clone();
+        deleted.deleted = true;
+        let p = PendingState::from(StateWrite::Append(delta(&m, "b", 1, None)))
+            .then(StateWrite::Full(Box::new(deleted)));
+        assert!(matches!(p, PendingState::Full(s) if s.deleted));
+    }
+}
