@@ -257,3 +257,19 @@ fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
     out.push_sql(" AND message_serial = ");
     out.push_bind_param::<Text, _>(&d.message_serial)?;
 });
+
+// `(channel id, last seq)`: the writer marks each channel of a batch.
+fixed_statement!(SetChannelLastSeq<'a, (&'a str, i64)>, |v, out| {
+    out.push_sql("UPDATE channels SET last_seq = ");
+    out.push_bind_param::<BigInt, _>(&v.1)?;
+    out.push_sql(" WHERE id = ");
+    out.push_bind_param::<Text, _>(&v.0)?;
+});
+
+// `(workspace id, last cursor)`: the writer marks each workspace of a batch.
+fixed_statement!(SetWorkspaceLastCursor<'a, (&'a str, i64)>, |v, out| {
+    out.push_sql("UPDATE workspaces SET last_cursor = ");
+    out.push_bind_param::<BigInt, _>(&v.1)?;
+    out.push_sql(" WHERE id = ");
+    out.push_bind_param::<Text, _>(&v.0)?;
+});

@@ -76,8 +76,8 @@ pub fn allocate_cursors(conn: &mut Conn, workspace_id: &str, n: i64) -> QueryRes
 
 /// Records the last cursor a batch allocated (inside the write transaction).
 pub fn set_workspace_last_cursor(conn: &mut Conn, id: &str, last: i64) -> QueryResult<usize> {
-    on_engine!(conn, |c| diesel::update(workspaces::table.find(id))
-        .set(workspaces::last_cursor.eq(last))
+    // Once per batch: a fixed statement, prepared once (see `fixed`).
+    on_engine!(conn, |c| super::fixed::SetWorkspaceLastCursor(&(id, last))
         .execute(c))
 }
 
@@ -210,9 +210,11 @@ pub fn set_channel_last_seq(
     channel_id: &str,
     last_seq: i64,
 ) -> QueryResult<usize> {
-    on_engine!(conn, |c| diesel::update(channels::table.find(channel_id))
-        .set(channels::last_seq.eq(last_seq))
-        .execute(c))
+    // Once per channel per batch: a fixed statement, prepared once (see `fixed`).
+    on_engine!(conn, |c| super::fixed::SetChannelLastSeq(&(
+        channel_id, last_seq
+    ))
+    .execute(c))
 }
 
 pub fn channel_last_seq(conn: &mut Conn, channel_id: &str) -> QueryResult<i64> {
