@@ -97,7 +97,8 @@ fn main() -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let (persistence, _writer) =
         Persistence::start(&pool, broker.clone(), metrics, PersistenceConfig::default())?;
-    let recipients: Vec<String> = (0..6).map(|i| format!("member{i}")).collect();
+    // One shared list, as a channel actor keeps it while its members stay the same.
+    let recipients: Arc<[String]> = (0..6).map(|i| format!("member{i}")).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -143,7 +144,7 @@ fn main() -> Result<(), String> {
             )
             .channel(&channel.id)
             .seq(seq)
-            .private_to(Some(recipients.clone()));
+            .private_to_shared(Some(recipients.clone()));
             let fut = persistence.enqueue(Write {
                 workspace_id: "1".into(),
                 channel_seqs: Some(ChannelSeqs::new(channel.id.clone(), seq, seq)),

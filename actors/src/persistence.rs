@@ -333,7 +333,7 @@ type StagedEvent = (EventRow, serde_json::Value);
 type Staged = (
     Reply,
     Result<Vec<StagedEvent>, WriteError>,
-    Vec<(Option<Vec<String>>, LiveRoute)>,
+    Vec<(Option<Arc<[String]>>, LiveRoute)>,
 );
 
 /// How many times a PostgreSQL batch retries taking its row locks after a deadlock or
@@ -469,7 +469,7 @@ impl Writer {
                             &row.payload,
                             payload,
                         );
-                        ev.recipients = r.map(Arc::from);
+                        ev.recipients = r;
                         ev.live = live;
                         let ev = Arc::new(ev);
                         committed.push(ev.clone());
@@ -579,7 +579,7 @@ fn run_batch(
                 continue;
             }
         };
-        let recipients: Vec<(Option<Vec<String>>, LiveRoute)> = write
+        let recipients: Vec<(Option<Arc<[String]>>, LiveRoute)> = write
             .events
             .iter()
             .map(|e| (e.recipients.clone(), e.live.clone()))

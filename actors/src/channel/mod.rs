@@ -194,6 +194,8 @@ pub struct ChannelActor {
     cluster: bool,
     loaded_at: std::time::Instant,
     used: bool,
+    /// The members as one shared list for private events, rebuilt when they change.
+    shared_recipients: std::cell::RefCell<Option<Arc<[String]>>>,
 }
 
 impl ChannelActor {
@@ -222,6 +224,7 @@ impl ChannelActor {
             cluster,
             loaded_at: std::time::Instant::now(),
             used: false,
+            shared_recipients: Default::default(),
         }
     }
 
@@ -229,10 +232,28 @@ impl ChannelActor {
         (self.channel.channel_type == ChannelType::Direct).then_some(self.channel.id.as_str())
     }
 
+    /// Who may receive the channel's events (`None`: public), shared between events while the
+    /// members stay the same: a stream's appends do not copy the member list each.
+    fn recipients(&self) -> Option<Arc<[String]>> {
+        if self.channel.is_public() {
+            return None;
+        }
+        let members = &self.channel.members;
+        let mut cached = self.shared_recipients.borrow_mut();
+        if let Some(list) = cached.as_ref() {
+            if list.len() == members.len() && list.iter().eq(members.iter()) {
+                return Some(list.clone());
+            }
+        }
+        let list: Arc<[String]> = members.iter().cloned().collect();
+        *cached = Some(list.clone());
+        Some(list)
+    }
+
     fn draft(&self, event_type: &'static str, payload: serde_json::Value) -> EventDraft {
         EventDraft::new(event_type, payload)
             .channel(&self.channel.id)
-            .private_to(self.channel.private_recipients())
+            .private_to_shared(self.recipients())
             .live(LiveRoute {
                 channel_name: Some(Arc::from(self.channel.name.as_str())),
                 except_socket: None,

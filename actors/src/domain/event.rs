@@ -13,8 +13,9 @@ pub struct EventDraft {
     pub channel_id: Option<String>,
     pub seq: Option<i64>,
     pub payload: Value,
-    /// `Some` for private events: only these entities ever receive it.
-    pub recipients: Option<Vec<String>>,
+    /// `Some` for private events: only these entities ever receive it. Shared: a channel's
+    /// events carry one list until its membership changes.
+    pub recipients: Option<Arc<[String]>>,
     pub live: LiveRoute,
 }
 
@@ -50,6 +51,10 @@ impl EventDraft {
         self
     }
     pub fn private_to(mut self, recipients: Option<Vec<String>>) -> Self {
+        self.recipients = recipients.map(Arc::from);
+        self
+    }
+    pub fn private_to_shared(mut self, recipients: Option<Arc<[String]>>) -> Self {
         self.recipients = recipients;
         self
     }
