@@ -117,7 +117,15 @@ impl PendingState {
     pub fn from(first: StateWrite) -> Self {
         match first {
             StateWrite::Full(m) => Self::Full(m),
-            StateWrite::Append(d) => Self::Appended(d),
+            StateWrite::Append(mut d) => {
+                // The fragment was allocated by the thread that sent it: later fragments are
+                // added to a copy of the writer's own (growing another thread's allocation
+                // takes that thread's allocator lock).
+                let mut own = String::with_capacity(d.fragment.len().max(16) * 16);
+                own.push_str(&d.fragment);
+                d.fragment = own;
+                Self::Appended(d)
+            }
         }
     }
 
