@@ -204,3 +204,44 @@ pub async fn conflicts_seen(node: &TestServer) -> u64 {
         .map(|v| v as u64)
         .sum()
 }
+
+/// Nodes on one SQLite file and a Redis the test owns (cluster tests on one machine that do
+/// not need PostgreSQL). Started one after the other (the first creates and migrates the
+/// file); `settings`, if any, are applied through the first node before the others start, so
+/// every node reads them fresh.
+pub struct SharedFileNodes {
+    pub nodes: Vec<TestServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl SharedFileNodes {
+    pub async fn start(redis: &RedisServer, n: usize, settings: Option<&Value>) -> Self {
+        assert!(n >= 1, "a cluster has a node");
+        let dir = tempfile::Builder::new()
+            .prefix("switchboard-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let path = dir.path().join("shared.db");
+        let app = AppCreds {
+            id: "1001".into(),
+            key: format!("key{}", random_string(16)),
+            secret: random_string(32),
+        };
+        let node = || {
+            TestServer::builder()
+                .app(&app)
+                .database(&path)
+                .env("SWITCHBOARD_BROKER", &redis.url())
+                // Repairs and reconnections are logged at info: shown if a test fails.
+                .env("RUST_LOG", "info")
+        };
+        let mut nodes = vec![node().start().await];
+        if let Some(s) = settings {
+            crate::pusher_client::patch_settings(&nodes[0], s).await;
+        }
+        for _ in 1..n {
+            nodes.push(node().start().await);
+        }
+        Self { nodes, _dir: dir }
+    }
+}

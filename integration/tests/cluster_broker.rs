@@ -4,12 +4,12 @@
 //! sockets still see every event once, in cursor order.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use switchboard_integration::cluster::SharedFileNodes;
 use switchboard_integration::harness::{
-    cursor_num, cursor_str, random_string, uniq, ApiClient, AppCreds, Frame, TestServer, WsClient,
+    cursor_num, cursor_str, uniq, ApiClient, Frame, TestServer, WsClient,
 };
 use switchboard_integration::pusher_client::{trigger, PusherClient};
 use switchboard_integration::redis_server::RedisServer;
@@ -20,32 +20,18 @@ const WAIT: Duration = Duration::from_secs(15);
 struct Cluster {
     a: TestServer,
     b: TestServer,
-    _db: tempfile::TempDir,
+    _files: SharedFileNodes,
 }
 
 async fn cluster(redis: &RedisServer) -> Cluster {
-    let db = tempfile::Builder::new()
-        .prefix("switchboard-cluster-")
-        .tempdir()
-        .expect("temp dir");
-    let path: PathBuf = db.path().join("shared.db");
-    let app = AppCreds {
-        id: "1001".into(),
-        key: format!("key{}", random_string(16)),
-        secret: random_string(32),
-    };
-    let node = || {
-        TestServer::builder()
-            .app(&app)
-            .database(&path)
-            .env("SWITCHBOARD_BROKER", &redis.url())
-            // Repairs and reconnections are logged at info: shown if a test fails.
-            .env("RUST_LOG", "info")
-    };
-    // One after the other: the first creates and migrates the file.
-    let a = node().start().await;
-    let b = node().start().await;
-    Cluster { a, b, _db: db }
+    let mut files = SharedFileNodes::start(redis, 2, None).await;
+    let b = files.nodes.pop().expect("node b");
+    let a = files.nodes.pop().expect("node a");
+    Cluster {
+        a,
+        b,
+        _files: files,
+    }
 }
 
 /// Alice (poster, on A) and Bob in a group channel; answers alice's client and the channel id.

@@ -5,16 +5,13 @@
 //! node; a node killed with SIGKILL has its members removed within the documented bound; and
 //! after Redis restarts empty, the nodes rebuild the state from their own sockets.
 
-use std::path::PathBuf;
-
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::harness::{
-    random_string, uniq, AppCreds, Frame, SignOpts, TestServer,
-};
-use switchboard_integration::pusher_client::{fence, patch_settings, PusherClient};
+use switchboard_integration::cluster::SharedFileNodes;
+use switchboard_integration::harness::{uniq, Frame, SignOpts, TestServer};
+use switchboard_integration::pusher_client::{fence, PusherClient};
 use switchboard_integration::redis_server::RedisServer;
 use switchboard_integration::webhook_receiver::Receiver;
 use tokio::time::Instant;
@@ -23,53 +20,36 @@ use tokio::time::Instant;
 const DEAD_NODE_LIMIT: Duration = Duration::from_secs(15);
 const WAIT: Duration = Duration::from_secs(15);
 
-struct Cluster {
-    nodes: Vec<TestServer>,
-    _db: tempfile::TempDir,
+/// Three nodes on one database file and one Redis.
+struct Cluster(SharedFileNodes);
+
+impl std::ops::Deref for Cluster {
+    type Target = SharedFileNodes;
+    fn deref(&self) -> &SharedFileNodes {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut SharedFileNodes {
+        &mut self.0
+    }
 }
 
 impl Cluster {
     fn a(&self) -> &TestServer {
-        &self.nodes[0]
+        &self.0.nodes[0]
     }
     fn b(&self) -> &TestServer {
-        &self.nodes[1]
+        &self.0.nodes[1]
     }
     fn c(&self) -> &TestServer {
-        &self.nodes[2]
+        &self.0.nodes[2]
     }
 }
 
-/// Three nodes on one database file and one Redis; `settings` (if any) are applied through
-/// the first node before the others start, so every node reads them fresh.
 async fn cluster(redis: &RedisServer, settings: Option<Value>) -> Cluster {
-    let db = tempfile::Builder::new()
-        .prefix("switchboard-cluster-")
-        .tempdir()
-        .expect("temp dir");
-    let path: PathBuf = db.path().join("shared.db");
-    let app = AppCreds {
-        id: "1001".into(),
-        key: format!("key{}", random_string(16)),
-        secret: random_string(32),
-    };
-    let node = || {
-        TestServer::builder()
-            .app(&app)
-            .database(&path)
-            .env("SWITCHBOARD_BROKER", &redis.url())
-            .env("RUST_LOG", "info")
-    };
-    let a = node().start().await;
-    if let Some(s) = settings {
-        patch_settings(&a, &s).await;
-    }
-    let b = node().start().await;
-    let c = node().start().await;
-    Cluster {
-        nodes: vec![a, b, c],
-        _db: db,
-    }
+    Cluster(SharedFileNodes::start(redis, 3, settings.as_ref()).await)
 }
 
 async fn connect(node: &TestServer) -> PusherClient {
