@@ -7,9 +7,11 @@
 //! batch of n appends extends min(n, streams) message rows; every 4096 appends a message's
 //! text starts again, as a long reply continues in a new message.
 //!
-//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path or URL]`
-//! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary SQLite database). A
-//! `postgres://…` URL (an empty database; its tables are created) measures PostgreSQL.
+//! `cargo run --release -p switchboard-actors --example persistence_bench -- [writes] [in_flight] [streams] [db path or URL] [per-stream]`
+//! (defaults: 200,000 writes, 16,384 in flight, 1 stream, a temporary SQLite database (`-`),
+//! all streams in one channel; `per-stream` gives each stream a channel of its own, as the
+//! ai-stream scenario does). A `postgres://…` URL (an empty database; its tables are
+//! created) measures PostgreSQL.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,7 +53,12 @@ fn main() -> Result<(), String> {
     let streams: usize = arg(3, 1).max(1);
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let default_path = dir.path().join("bench.db").display().to_string();
-    let path: String = arg(4, default_path);
+    let path: String = Some(arg(4, "-".to_string()))
+        .filter(|p| p != "-")
+        .unwrap_or(default_path);
+    // `per-stream`: each stream in a channel of its own (as ai-stream's private channels);
+    // a batch then marks as many channels as it has streams.
+    let channel_per_stream = arg(5, String::new()) == "per-stream";
     let url = if path.starts_with("postgres://") || path.starts_with("postgresql://") {
         DatabaseUrl::parse(&path)?
     } else {
@@ -59,15 +66,30 @@ fn main() -> Result<(), String> {
     };
     let pool = store::open(&url, 4)?;
     let now = switchboard_actors::ids::now_rfc3339();
-    let channel =
-        new_implicit("chn_bench".into(), "1".into(), "bench", &now).map_err(|e| e.to_string())?;
-    let mut messages: Vec<Message> = (1..=streams as i64)
+    let channel_count = if channel_per_stream { streams } else { 1 };
+    let channels = (0..channel_count)
+        .map(|c| {
+            new_implicit(
+                format!("chn_bench{c}"),
+                "1".into(),
+                &format!("bench{c}"),
+                &now,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    // Stream n's channel, and the last seq each channel handed out.
+    let channel_of = |n: usize| n % channel_count;
+    let mut last_seqs = vec![0i64; channel_count];
+    let mut messages: Vec<Message> = (0..streams)
         .map(|n| {
+            let c = channel_of(n);
+            last_seqs[c] += 1;
             NewMessage {
                 data: Some(json!("")),
                 ..Default::default()
             }
-            .into_message(&channel.id, "agent", n, &now)
+            .into_message(&channels[c].id, "agent", last_seqs[c], &now)
         })
         .collect();
     {
@@ -86,17 +108,23 @@ fn main() -> Result<(), String> {
             },
         )
         .map_err(|e| e.to_string())?;
-        queries::insert_channel(&mut conn, &channel).map_err(|e| e.to_string())?;
+        for (channel, last) in channels.iter().zip(&last_seqs) {
+            queries::insert_channel(&mut conn, channel).map_err(|e| e.to_string())?;
+            queries::set_channel_last_seq(&mut conn, &channel.id, *last)
+                .map_err(|e| e.to_string())?;
+        }
         for m in &messages {
             queries::insert_message(&mut conn, m, "1").map_err(|e| e.to_string())?;
         }
-        queries::set_channel_last_seq(&mut conn, &channel.id, streams as i64)
-            .map_err(|e| e.to_string())?;
     }
     let broker = Arc::new(CountingBroker(Default::default()));
     let metrics = Arc::new(Metrics::new());
-    let (persistence, _writer) =
-        Persistence::start(&pool, broker.clone(), metrics, PersistenceConfig::default())?;
+    let (persistence, _writer) = Persistence::start(
+        &pool,
+        broker.clone(),
+        metrics.clone(),
+        PersistenceConfig::default(),
+    )?;
     // One shared list, as a channel actor keeps it while its members stay the same.
     let recipients: Arc<[String]> = (0..6).map(|i| format!("member{i}")).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -107,9 +135,13 @@ fn main() -> Result<(), String> {
     let mut failed = 0usize;
     runtime.block_on(async {
         let mut pending = std::collections::VecDeque::new();
-        let first = streams as i64 + 1;
-        for seq in first..writes + first {
-            let message = &mut messages[seq as usize % streams];
+        for n in 0..writes as usize {
+            let stream = n % streams;
+            let c = channel_of(stream);
+            last_seqs[c] += 1;
+            let seq = last_seqs[c];
+            let channel = &channels[c];
+            let message = &mut messages[stream];
             let fragment = "tok ";
             message.version_serial = switchboard_actors::ids::version_serial(seq);
             let stored = if message.append_count == 4096 {
@@ -166,17 +198,18 @@ fn main() -> Result<(), String> {
     });
     let secs = started.elapsed().as_secs_f64();
     let published = broker.0.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = metrics.commit_batches.get();
     println!(
-        "persistence: {writes} durable appends to {streams} stream(s) in {secs:.2} s = {:.0} appends/s ({failed} failed, {published} events published)",
+        "persistence: {writes} durable appends to {streams} stream(s) in {channel_count} channel(s) in {secs:.2} s = {:.0} appends/s ({failed} failed, {published} events published, {batches} group commits)",
         writes as f64 / secs,
     );
     // The last line is the result for `make bench` to collect.
     println!(
         "{}",
         json!({"scenario": "persistence", "writes": writes, "in_flight": in_flight,
-               "streams": streams,
+               "streams": streams, "channels": channel_count,
                "secs": secs, "appends_per_sec": writes as f64 / secs, "failed": failed,
-               "events_published": published,
+               "events_published": published, "group_commits": batches,
                "passed": failed == 0 && published == writes as usize})
     );
     Ok(())
