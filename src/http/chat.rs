@@ -26,7 +26,20 @@ use super::error::HttpResult;
 use super::{json, versions, State};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/me", web::get().to(me))
+    // The router tries resources in this order, matching each dynamic path with a regex:
+    // the hot ones (posting, streaming appends) come first. Among the message routes, the
+    // fixed names (`reactions`) must stay before `{action}`, which would take them.
+    cfg.route("/channels/{id}/messages", web::post().to(post_message))
+        .route(
+            "/channels/{id}/messages/{serial}/reactions",
+            web::post().to(add_reaction),
+        )
+        .route(
+            "/channels/{id}/messages/{serial}/{action}",
+            web::post().to(mutate_message),
+        )
+        .route("/channels/{id}/read", web::post().to(mark_read))
+        .route("/me", web::get().to(me))
         .route("/members", web::get().to(list_members))
         .route("/members/{entity_id}", web::patch().to(moderate_member))
         .route("/channels", web::get().to(list_channels))
@@ -53,7 +66,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/channels/{id}/join-requests/{entity_id}/reject",
             web::post().to(reject),
         )
-        .route("/channels/{id}/messages", web::post().to(post_message))
         .route("/channels/{id}/messages", web::get().to(list_messages))
         .route(
             "/channels/{id}/messages/{serial}",
@@ -68,18 +80,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(list_versions),
         )
         .route(
-            "/channels/{id}/messages/{serial}/reactions",
-            web::post().to(add_reaction),
-        )
-        .route(
             "/channels/{id}/messages/{serial}/reactions/{emoji}",
             web::delete().to(remove_reaction),
-        )
-        .route(
-            "/channels/{id}/messages/{serial}/{action}",
-            web::post().to(mutate_message),
-        )
-        .route("/channels/{id}/read", web::post().to(mark_read));
+        );
 }
 
 /// `{message, event[, status]}` written straight to text: the event is already a JSON frame,
