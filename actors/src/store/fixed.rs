@@ -233,12 +233,36 @@ impl<'a> AppendedState<'a> {
     }
 }
 
+/// The stored JSON text of `data` without its closing quote, in each engine's SQL.
+trait DataButLast {
+    const SQL: &'static str;
+}
+
+// SQLite's `length` and `substr` count characters, scanning the whole text; as a BLOB both
+// count bytes (the text is UTF-8 and its last byte is the quote).
+impl DataButLast for Sqlite {
+    const SQL: &'static str =
+        "CAST(substr(CAST(data AS BLOB), 1, length(CAST(data AS BLOB)) - 1) AS TEXT)";
+}
+
+impl DataButLast for Pg {
+    const SQL: &'static str = "substr(data, 1, length(data) - 1)";
+}
+
+fn data_but_last<DB: diesel::backend::Backend + DataButLast>(
+    _: &AstPass<'_, '_, DB>,
+) -> &'static str {
+    DB::SQL
+}
+
 // Only the end of the stored text changes; the rest of the row is not re-encoded.
 fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
     let d = s.delta;
     out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
     out.push_bind_param::<Text, _>(&s.escaped)?;
-    out.push_sql(" || '\"' ELSE substr(data, 1, length(data) - 1) || ");
+    out.push_sql(" || '\"' ELSE ");
+    out.push_sql(data_but_last(&out));
+    out.push_sql(" || ");
     out.push_bind_param::<Text, _>(&s.escaped)?;
     out.push_sql(" || '\"' END, extras = COALESCE(");
     out.push_bind_param::<Nullable<Text>, _>(&s.extras)?;
