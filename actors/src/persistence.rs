@@ -831,12 +831,8 @@ mod tests {
         fn publish_ephemeral(&self, _: Arc<Event>) {}
     }
 
-    fn setup() -> (tempfile::TempDir, DbPool, Persistence, Arc<Recorder>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 4).expect("open");
+    /// Workspace "1" and the direct channel "c1" (alice and bob).
+    fn seed(pool: &DbPool) {
         let mut conn = pool.get().expect("conn");
         queries::insert_workspace(&mut conn, &crate::store::rows::WorkspaceRow::for_tests("1"))
             .expect("workspace");
@@ -846,6 +842,15 @@ mod tests {
             crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
                 .expect("c");
         queries::insert_channel(&mut conn, &channel).expect("channel");
+    }
+
+    fn setup() -> (tempfile::TempDir, DbPool, Persistence, Arc<Recorder>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url =
+            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
+                .expect("url");
+        let pool = crate::store::open(&url, 4).expect("open");
+        seed(&pool);
         let recorder = Arc::new(Recorder::default());
         let (p, _) = Persistence::start(
             &pool,
@@ -1147,15 +1152,7 @@ mod tests {
     fn pg_setup() -> (TestDb, DbPool) {
         let db = TestDb::create();
         let pool = db.pool(8);
-        let mut conn = pool.get().expect("conn");
-        queries::insert_workspace(&mut conn, &crate::store::rows::WorkspaceRow::for_tests("1"))
-            .expect("workspace");
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("c");
-        queries::insert_channel(&mut conn, &channel).expect("channel");
+        seed(&pool);
         (db, pool)
     }
 
