@@ -107,9 +107,17 @@ pub struct ServerBuilder {
     app: Option<AppCreds>,
     database: Option<PathBuf>,
     database_url: Option<String>,
+    port: Option<u16>,
 }
 
 impl ServerBuilder {
+    /// Tries this port first (a test of what happens when it is taken); another is picked if
+    /// it is.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// Adds an environment variable for the server process (e.g.
     /// `SWITCHBOARD_REALTIME_MAX_REPLAY`, `SWITCHBOARD_REALTIME_SESSION_QUEUE`,
     /// `SWITCHBOARD_ALLOWED_ORIGINS`).
@@ -156,7 +164,7 @@ impl ServerBuilder {
         });
         let mut server = TestServer {
             bin: default_bin(),
-            port: free_port(),
+            port: self.port.unwrap_or_else(free_port),
             dir,
             database: self.database,
             database_url: self.database_url,
@@ -208,6 +216,10 @@ impl TestServer {
 
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn addr(&self) -> String {
