@@ -8,11 +8,10 @@
 
 use serde_json::Value;
 
-use super::fixed;
 use super::queries;
-use super::{on_engine, Conn};
+use super::Conn;
 use crate::domain::message::{Message, StreamStatus};
-use diesel::{QueryResult, RunQueryDsl};
+use diesel::QueryResult;
 
 /// The state of a message after one version.
 pub enum StateWrite {
@@ -133,10 +132,7 @@ impl PendingState {
     pub fn save(&self, conn: &mut Conn) -> QueryResult<usize> {
         match self {
             Self::Full(m) => queries::save_message_state(conn, m),
-            Self::Appended(d) => {
-                let state = fixed::AppendedState::of(d);
-                on_engine!(conn, |c| fixed::SaveAppendedState(&state).execute(c))
-            }
+            Self::Appended(d) => queries::save_appended_state(conn, d),
         }
     }
 }

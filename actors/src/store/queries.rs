@@ -629,6 +629,15 @@ pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
     on_engine!(conn, |c| super::fixed::SaveMessageState(&state).execute(c))
 }
 
+/// Extends a message's stored text by one batch's appends and sets what they changed.
+pub fn save_appended_state(
+    conn: &mut Conn,
+    d: &super::message_state::AppendDelta,
+) -> QueryResult<usize> {
+    let state = super::fixed::AppendedState::of(d);
+    on_engine!(conn, |c| super::fixed::SaveAppendedState(&state).execute(c))
+}
+
 /// The version an op_id produced for this message and action, if any.
 pub fn version_by_op(
     conn: &mut Conn,
