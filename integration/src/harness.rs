@@ -247,6 +247,18 @@ impl TestServer {
         self.dir.path().join("server.log")
     }
 
+    /// What the server wrote to the log from byte `start` on.
+    fn log_since(&self, start: u64) -> String {
+        use std::io::{Seek, SeekFrom};
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.log_path()) {
+            if f.seek(SeekFrom::Start(start)).is_ok() {
+                let _ = f.read_to_string(&mut s);
+            }
+        }
+        s
+    }
+
     /// The last lines the server wrote to stdout/stderr (for diagnostics).
     pub fn log_tail(&self) -> String {
         let mut s = String::new();
@@ -280,6 +292,7 @@ impl TestServer {
             "switchboard binary not found at {} (build it with `cargo build` or set SWITCHBOARD_BIN)",
             self.bin.display()
         );
+        let log_start = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -307,16 +320,17 @@ impl TestServer {
         }
         let child = cmd.spawn().expect("spawn switchboard");
         self.child = Some(child);
-        self.wait_ready().await
+        self.wait_ready(log_start).await
     }
 
-    async fn wait_ready(&mut self) -> Started {
+    /// `log_start`: where this start's output begins in the log (which keeps earlier ones).
+    async fn wait_ready(&mut self, log_start: u64) -> Started {
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         let url = format!("{}/readyz", self.base_url());
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    if self.log_tail().contains("Address already in use") {
+                    if self.log_since(log_start).contains("Address already in use") {
                         return Started::PortTaken;
                     }
                     panic!(
@@ -1061,6 +1075,19 @@ impl ApiClient {
         }
         out
     }
+}
+
+/// `v` as a string; panics naming `what` otherwise.
+pub fn str_of(v: &Value, what: &str) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what} is a string: {v}"))
+        .to_owned()
+}
+
+/// `v` as an integer; panics naming `what` otherwise.
+pub fn i64_of(v: &Value, what: &str) -> i64 {
+    v.as_i64()
+        .unwrap_or_else(|| panic!("{what} is an integer: {v}"))
 }
 
 /// A cursor as a string (cursors are opaque; accept a JSON string or number).

@@ -18,7 +18,6 @@ async fn a_port_held_by_another_server_is_not_mistaken_for_ours() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = first.signed(Method::GET, &path, None).await;
     assert_eq!(status, 200, "{body}");
-    assert_ne!(first.app.secret, second.app.secret);
 }
 
 #[tokio::test]
