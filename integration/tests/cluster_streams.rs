@@ -13,19 +13,8 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use switchboard_integration::cluster::{conflicts_seen, Cluster, Tap};
-use switchboard_integration::harness::{assert_error, uniq, ApiClient, TestServer};
+use switchboard_integration::harness::{assert_error, i64_of, str_of, uniq, ApiClient, TestServer};
 use switchboard_integration::pg_server::PgDatabase;
-
-fn str_of(v: &Value, what: &str) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("{what} is a string: {v}"))
-        .to_owned()
-}
-
-fn i64_of(v: &Value, what: &str) -> i64 {
-    v.as_i64()
-        .unwrap_or_else(|| panic!("{what} is an integer: {v}"))
-}
 
 /// Replaces the workspace's `ai_transport` limits (through node `s`; the others hear of it
 /// through the control notification).

@@ -12,8 +12,8 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use switchboard_integration::harness::{
-    cursor_str, mint_token, uniq, urlencode, ApiClient, SignOpts, TestServer, WsClient, WsOpts,
-    FRAME_TIMEOUT,
+    cursor_str, mint_token, str_of, uniq, urlencode, ApiClient, SignOpts, TestServer, WsClient,
+    WsOpts, FRAME_TIMEOUT,
 };
 
 const ACTIONS: [&str; 3] = ["update", "delete", "append"];
@@ -80,12 +80,6 @@ fn check_error(resp: &(u16, Value), expect: &Expect) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn str_of(v: &Value, what: &str) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("{what} is a string: {v}"))
-        .to_owned()
 }
 
 /// The body a matrix sends for `action` (`update`/`append` change `data`; `delete` is bare).

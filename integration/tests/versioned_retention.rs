@@ -6,16 +6,12 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use switchboard_integration::harness::{mint_token, uniq, ApiClient, SignOpts, TestServer};
+use switchboard_integration::harness::{
+    i64_of, mint_token, str_of, uniq, ApiClient, SignOpts, TestServer,
+};
 
 const PURGE_ENV: &str = "SWITCHBOARD_VERSIONED_MESSAGES_PURGE_INTERVAL_SECONDS";
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn str_of(v: &Value, what: &str) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("{what} is a string: {v}"))
-        .to_owned()
-}
 
 async fn start_purging_server() -> TestServer {
     let s = TestServer::builder().env(PURGE_ENV, "1").start().await;
@@ -660,7 +656,7 @@ async fn purge_keeps_stream_limits_idempotency_and_replay_text() {
     );
 
     // Replay from before both streams rebuilds both texts (the event log is not purged).
-    let last_seq = i64_of(&fifth["event"]["seq"]);
+    let last_seq = i64_of(&fifth["event"]["seq"], "the fifth append's seq");
     let mut ws = s.ws(&bob.token, Some(&c0)).await;
     let frames = ws
         .collect_until(Duration::from_secs(30), |f| f["seq"] == json!(last_seq))
@@ -700,8 +696,4 @@ async fn purge_keeps_stream_limits_idempotency_and_replay_text() {
         );
         assert_eq!(get_message(&alice, &cid, mid).await["data"], json!(want));
     }
-}
-
-fn i64_of(v: &Value) -> i64 {
-    v.as_i64().unwrap_or_else(|| panic!("an integer: {v}"))
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use switchboard_integration::harness::{
-    cursor_str, uniq, urlencode, ApiClient, Frame, TestServer, WsClient,
+    cursor_str, i64_of, str_of, uniq, urlencode, ApiClient, Frame, TestServer, WsClient,
 };
 
 const PREFIX: &str = "<start>";
@@ -24,17 +24,6 @@ fn frag(task: usize, i: usize) -> String {
     let f = format!("[{task:03}.{i:04}]");
     assert_eq!(f.len(), FRAG_LEN);
     f
-}
-
-fn str_of(v: &Value, what: &str) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("{what} is a string: {v}"))
-        .to_owned()
-}
-
-fn i64_of(v: &Value, what: &str) -> i64 {
-    v.as_i64()
-        .unwrap_or_else(|| panic!("{what} is an integer: {v}"))
 }
 
 /// Splits `PREFIX + fragments` into its fragments.
