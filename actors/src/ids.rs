@@ -3,11 +3,23 @@
 use chrono::{SecondsFormat, Utc};
 
 pub fn new_channel_id() -> String {
-    format!("chn_{}", ulid::Ulid::new().to_string().to_lowercase())
+    prefixed_ulid("chn_")
 }
 
+/// Called once per event by the single writer thread: one allocation, no formatting.
 pub fn new_event_id() -> String {
-    format!("evt_{}", ulid::Ulid::new().to_string().to_lowercase())
+    prefixed_ulid("evt_")
+}
+
+/// `prefix` and a new ULID in lower case.
+fn prefixed_ulid(prefix: &str) -> String {
+    let mut buf = [0u8; ulid::ULID_LEN];
+    let encoded = ulid::Ulid::new().array_to_str(&mut buf);
+    encoded.make_ascii_lowercase();
+    let mut id = String::with_capacity(prefix.len() + ulid::ULID_LEN);
+    id.push_str(prefix);
+    id.push_str(encoded);
+    id
 }
 
 /// RFC 3339 UTC with milliseconds: sorts as text, which the prune cut-off relies on.
@@ -67,6 +79,21 @@ mod tests {
     fn serials_sort_as_text_in_seq_order() {
         assert!(message_serial(9) < message_serial(10));
         assert!(version_serial(99) < version_serial(100));
+    }
+
+    #[test]
+    fn event_and_channel_ids_are_a_prefix_and_a_lower_case_ulid() {
+        let (a, b) = (new_event_id(), new_event_id());
+        for id in [&a, &b] {
+            let ulid = id.strip_prefix("evt_").expect("prefix");
+            assert_eq!(ulid.len(), ulid::ULID_LEN);
+            assert!(ulid
+                .bytes()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
+            assert!(ulid::Ulid::from_string(&ulid.to_uppercase()).is_ok());
+        }
+        assert_ne!(a, b);
+        assert!(new_channel_id().starts_with("chn_"));
     }
 
     #[test]

@@ -243,8 +243,15 @@ impl Persistence {
     /// future of its commit, with the reason should it fail.
     pub fn enqueue_typed(
         &self,
-        write: Write,
+        mut write: Write,
     ) -> impl std::future::Future<Output = TypedWriteResult> + 'static {
+        // Serialized here, on the caller's thread: the one writer thread serializes all
+        // writes, so what can be done before it is done before it.
+        for draft in &mut write.events {
+            if draft.payload_text.is_none() {
+                draft.payload_text = serde_json::to_string(&draft.payload).ok();
+            }
+        }
         let (reply, rx) = oneshot::channel();
         let queued = match self.tx.try_send(Command::Write(write, reply)) {
             Ok(()) => Ok(rx),
@@ -450,7 +457,11 @@ impl Writer {
             self.drop_conn_after_failure();
             return;
         }
-        let mut committed: Vec<Arc<Event>> = Vec::new();
+        let event_count = staged
+            .iter()
+            .map(|(_, r, _)| r.as_ref().map_or(0, Vec::len))
+            .sum();
+        let mut committed: Vec<Arc<Event>> = Vec::with_capacity(event_count);
         let mut replies = Vec::with_capacity(staged.len());
         for (reply, result, recipients) in staged {
             let result = result.map(|rows| {
@@ -642,6 +653,10 @@ struct Deferred {
     /// Indices of staged writes whose event rows are still to insert.
     events: Vec<usize>,
     states: HashMap<(String, String), PendingState>,
+    /// The stored text of each recipient list seen in the batch: a channel's events share
+    /// one list (`Arc`) while its members stay the same, so it is built once per batch. The
+    /// key is the list's address, kept valid by the `Arc` held beside the text.
+    recipient_texts: HashMap<usize, (Arc<[String]>, String)>,
 }
 
 impl Deferred {
@@ -653,6 +668,15 @@ impl Deferred {
             None => PendingState::from(s),
         };
         self.states.insert(key, pending);
+    }
+
+    fn recipients_text(&mut self, recipients: &Arc<[String]>) -> String {
+        let key = Arc::as_ptr(recipients) as *const String as usize;
+        let (_, text) = self.recipient_texts.entry(key).or_insert_with(|| {
+            let text = crate::store::rows::recipients_text(recipients);
+            (recipients.clone(), text)
+        });
+        text.clone()
     }
 
     /// Writes everything waiting (inside the batch transaction, outside any savepoint).
@@ -770,7 +794,7 @@ fn stage_write(
         }
         state = Some(s);
     }
-    let mut rows = Vec::new();
+    let mut rows = Vec::with_capacity(write.events.len());
     if keep_events && !write.events.is_empty() {
         let mut next = match cursors.get(&write.workspace_id) {
             Some(c) => *c,
@@ -786,13 +810,17 @@ fn stage_write(
                 event_type: draft.event_type.to_string(),
                 channel_id: draft.channel_id,
                 seq: draft.seq,
-                payload: serde_json::to_string(&draft.payload).map_err(ApiError::internal)?,
+                payload: match draft.payload_text {
+                    Some(text) => text,
+                    // A write rebuilt in the writer (`Rebase`) brings new drafts.
+                    None => serde_json::to_string(&draft.payload).map_err(ApiError::internal)?,
+                },
                 is_private: draft.recipients.is_some(),
                 created_at: now.clone(),
                 recipients: draft
                     .recipients
-                    .as_deref()
-                    .map(crate::store::rows::recipients_text),
+                    .as_ref()
+                    .map(|r| deferred.recipients_text(r)),
             };
             if deferred_at.is_none() {
                 queries::insert_event(conn, &row)?;

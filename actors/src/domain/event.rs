@@ -17,6 +17,10 @@ pub struct EventDraft {
     /// events carry one list until its membership changes.
     pub recipients: Option<Arc<[String]>>,
     pub live: LiveRoute,
+    /// `payload` as JSON text, written by the thread that queues the write
+    /// ([`crate::persistence::Persistence::enqueue`]) so that the single writer thread does
+    /// not have to; `None` until then.
+    pub payload_text: Option<String>,
 }
 
 /// How a committed event travels live, beyond what the log stores: the channel's name (the
@@ -36,6 +40,7 @@ impl EventDraft {
             payload,
             recipients: None,
             live: LiveRoute::default(),
+            payload_text: None,
         }
     }
     pub fn live(mut self, live: LiveRoute) -> Self {
@@ -225,7 +230,10 @@ impl Event {
             seq,
             created_at: &created_at,
         };
-        let mut frame = serde_json::to_string(&head).unwrap_or_default();
+        // Sized once for the head and the payload: the writer builds one per event.
+        let mut head_json = Vec::with_capacity(192 + payload_text.len());
+        let _ = serde_json::to_writer(&mut head_json, &head);
+        let mut frame = String::from_utf8(head_json).unwrap_or_default();
         frame.pop();
         frame.push_str(",\"payload\":");
         frame.push_str(if payload_text.is_empty() {

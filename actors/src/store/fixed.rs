@@ -2,7 +2,7 @@
 //! prepared statement of an UPDATE it builds (so each call re-parsed it: ~44k instructions),
 //! and keys inserts by their SQL text, rebuilt on every call. The single-row statements here
 //! carry a static query id instead: diesel caches them by type, so a call only binds and
-//! steps. The multi-row inserts are cached by their text, one statement per row count.
+//! steps. So do the multi-row inserts: one type, and one cached statement, per row count.
 //!
 //! Each statement is written once and implemented for both engines (SQLite and PostgreSQL),
 //! and runs natively on the engine's own connection: `push_bind_param` writes each
@@ -92,6 +92,25 @@ macro_rules! both_engines {
     };
 }
 
+/// Implements `QueryFragment` for both engines for a statement over `N` rows.
+macro_rules! rows_statement {
+    ($name:ident, |$rows:ident, $out:ident| $body:block) => {
+        rows_statement!(@one $name, Sqlite, SqliteConnection, |$rows, $out| $body);
+        rows_statement!(@one $name, Pg, PgConnection, |$rows, $out| $body);
+    };
+    (@one $name:ident, $db:ty, $conn:ty, |$rows:ident, $out:ident| $body:block) => {
+        impl<const N: usize> QueryFragment<$db> for $name<'_, N> {
+            fn walk_ast<'b>(&'b self, mut $out: AstPass<'_, 'b, $db>) -> QueryResult<()> {
+                let $rows = self.0;
+                $body
+                Ok(())
+            }
+        }
+
+        impl<const N: usize> RunQueryDsl<$conn> for $name<'_, N> {}
+    };
+}
+
 /// Declares a statement type over a borrowed value whose prepared statement diesel caches by
 /// type, with the body that writes its SQL and binds.
 macro_rules! fixed_statement {
@@ -118,17 +137,17 @@ fixed_statement!(InsertVersion<'a, VersionRow>, |v, out| {
     push_version_values!(out, v);
 });
 
-/// Several versions in one statement (see [`InsertEvents`]).
-pub struct InsertVersions<'a>(pub &'a [&'a VersionRow]);
+/// `N` versions in one statement (see [`InsertEvents`]).
+pub struct InsertVersions<'a, const N: usize>(pub &'a [&'a VersionRow; N]);
 
-impl QueryId for InsertVersions<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
+impl<const N: usize> QueryId for InsertVersions<'_, N> {
+    type QueryId = InsertVersions<'static, N>;
+    const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-both_engines!(InsertVersions, |this, out| {
+rows_statement!(InsertVersions, |rows, out| {
     out.push_sql(INSERT_VERSIONS);
-    for (i, v) in this.0.iter().enumerate() {
+    for (i, v) in rows.iter().enumerate() {
         if i > 0 {
             out.push_sql(", ");
         }
@@ -144,18 +163,20 @@ fixed_statement!(InsertEvent<'a, EventRow>, |e, out| {
     push_event_values!(out, e);
 });
 
-/// Several events in one statement: one statement step and reset for all of them. Cached by
-/// its SQL text, so callers keep to a few row counts.
-pub struct InsertEvents<'a>(pub &'a [&'a EventRow]);
+/// `N` events in one statement: one statement step and reset for all of them. Each row count
+/// is a type of its own with a static query id, so diesel finds its prepared statement by
+/// type instead of rebuilding and hashing the SQL text of every call; callers keep to a few
+/// row counts ([`crate::store::queries::insert_events`]).
+pub struct InsertEvents<'a, const N: usize>(pub &'a [&'a EventRow; N]);
 
-impl QueryId for InsertEvents<'_> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
+impl<const N: usize> QueryId for InsertEvents<'_, N> {
+    type QueryId = InsertEvents<'static, N>;
+    const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-both_engines!(InsertEvents, |this, out| {
+rows_statement!(InsertEvents, |rows, out| {
     out.push_sql(INSERT_EVENTS);
-    for (i, e) in this.0.iter().enumerate() {
+    for (i, e) in rows.iter().enumerate() {
         if i > 0 {
             out.push_sql(", ");
         }

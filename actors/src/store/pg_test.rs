@@ -116,6 +116,13 @@ mod tests {
     }
 
     #[test]
+    fn postgres_multi_row_inserts_keep_every_row() {
+        let db = TestDb::create();
+        let mut conn = setup(&db);
+        queries::tests::multi_row_inserts_keep_every_row(&mut conn);
+    }
+
+    #[test]
     fn postgres_schema_migrates_and_the_queries_run() {
         let db = TestDb::create();
         let mut conn = setup(&db);

@@ -502,13 +502,28 @@ pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
     on_engine!(conn, |c| super::fixed::InsertVersion(v).execute(c))
 }
 
-/// Inserts versions in statements of up to 64 rows (at most 64 distinct statements cached).
+/// Runs `$statement` over `$rows` in statements of the first of `$sizes` rows that fit, then
+/// the next: a few statement shapes, each prepared once (see `fixed::InsertEvents`). The
+/// last size must be 1.
+macro_rules! insert_rows {
+    ($conn:expr, $rows:expr, $statement:ident, [$($size:literal),+]) => {{
+        let mut rest = $rows;
+        while !rest.is_empty() {
+            $(
+                if let Some((head, tail)) = rest.split_first_chunk::<$size>() {
+                    on_engine!(&mut *$conn, |c| super::fixed::$statement(head).execute(c))?;
+                    rest = tail;
+                    continue;
+                }
+            )+
+        }
+        Ok(())
+    }};
+}
+
+/// Inserts versions in statements of 64 rows, then 16, 4 and 1 for the rest.
 pub fn insert_versions(conn: &mut Conn, rows: &[&VersionRow]) -> QueryResult<()> {
-    for chunk in rows.chunks(64) {
-        on_engine!(&mut *conn, |c| super::fixed::InsertVersions(chunk)
-            .execute(c))?;
-    }
-    Ok(())
+    insert_rows!(conn, rows, InsertVersions, [64, 16, 4, 1])
 }
 
 pub fn message(conn: &mut Conn, channel_id: &str, serial: &str) -> QueryResult<Option<Message>> {
@@ -946,12 +961,9 @@ pub fn insert_event(conn: &mut Conn, row: &EventRow) -> QueryResult<()> {
     on_engine!(conn, |c| super::fixed::InsertEvent(row).execute(c)).map(|_| ())
 }
 
-/// Inserts events in statements of up to 64 rows (at most 64 distinct statements cached).
+/// Inserts events in statements of 64 rows, then 16, 4 and 1 for the rest.
 pub fn insert_events(conn: &mut Conn, rows: &[&EventRow]) -> QueryResult<()> {
-    for chunk in rows.chunks(64) {
-        on_engine!(&mut *conn, |c| super::fixed::InsertEvents(chunk).execute(c))?;
-    }
-    Ok(())
+    insert_rows!(conn, rows, InsertEvents, [64, 16, 4, 1])
 }
 
 /// Events after `after` up to `tail` (inclusive) that `viewer` may see by the recipients
@@ -1077,7 +1089,7 @@ fn numbered_placeholders(sql: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::test_conn;
 
@@ -1101,6 +1113,80 @@ mod tests {
         };
         insert_event(conn, &row).expect("insert event");
         cursor
+    }
+
+    /// Inserts batches of every shape `insert_rows!` splits (none, under 4, between sizes,
+    /// exactly 64, over 64) and reads every row back once, in order, with its own values.
+    /// Needs workspace "1" and channel "c1". Run on both engines.
+    pub(crate) fn multi_row_inserts_keep_every_row(conn: &mut Conn) {
+        let mut next = 0i64;
+        for n in [0usize, 1, 3, 4, 17, 63, 64, 65, 150] {
+            let rows: Vec<(EventRow, VersionRow)> = (next + 1..=next + n as i64)
+                .map(|k| {
+                    let event = EventRow {
+                        workspace_id: "1".into(),
+                        cursor: k,
+                        id: format!("evt_{k}"),
+                        event_type: "message.appended".into(),
+                        channel_id: Some("c1".into()),
+                        seq: Some(k),
+                        payload: format!("{{\"k\":{k}}}"),
+                        is_private: k % 2 == 0,
+                        created_at: "2026-01-01T00:00:00.000Z".into(),
+                        recipients: (k % 2 == 0).then(|| format!(",e{k},")),
+                    };
+                    let version = VersionRow {
+                        channel_id: "c1".into(),
+                        seq: k,
+                        message_serial: "m1".into(),
+                        action: "append".into(),
+                        actor: Some(format!("e{k}")),
+                        op_id: None,
+                        body: format!("{{\"data\":\"{k}\"}}"),
+                        created_at: "2026-01-01T00:00:00.000Z".into(),
+                        fingerprint: None,
+                    };
+                    (event, version)
+                })
+                .collect();
+            let events: Vec<&EventRow> = rows.iter().map(|(e, _)| e).collect();
+            let versions: Vec<&VersionRow> = rows.iter().map(|(_, v)| v).collect();
+            insert_events(conn, &events).expect("insert events");
+            insert_versions(conn, &versions).expect("insert versions");
+            next += n as i64;
+        }
+        // Public events, and the private ones listed for their viewer.
+        let public = events_after_for(conn, "1", "nobody", 0, next, 1000).expect("events");
+        assert_eq!(
+            public.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            (1..=next).filter(|k| k % 2 == 1).collect::<Vec<_>>()
+        );
+        for e in &public {
+            assert_eq!(e.payload, format!("{{\"k\":{}}}", e.cursor));
+            assert_eq!(e.seq, Some(e.cursor));
+        }
+        let private = events_after_for(conn, "1", "e64", 0, next, 1000).expect("events");
+        assert_eq!(private.iter().filter(|e| e.is_private).count(), 1);
+        let versions = versions_of(conn, "c1", "m1").expect("versions");
+        assert_eq!(versions.len() as i64, next);
+        for (v, k) in versions.iter().zip(1..) {
+            assert_eq!(v.seq, k);
+            assert_eq!(v.actor.as_deref(), Some(format!("e{k}").as_str()));
+            assert_eq!(v.body, format!("{{\"data\":\"{k}\"}}"));
+        }
+    }
+
+    #[test]
+    fn multi_row_inserts_keep_every_row_sqlite() {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let creator =
+            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+        let channel =
+            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+                .expect("channel");
+        insert_channel(&mut conn, &channel).expect("insert channel");
+        multi_row_inserts_keep_every_row(&mut conn);
     }
 
     #[test]

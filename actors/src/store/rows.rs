@@ -329,7 +329,9 @@ pub struct EventRow {
 
 /// The stored form of a recipient list: ids between commas, so `instr` finds `,id,`.
 pub fn recipients_text(recipients: &[String]) -> String {
-    let mut s = String::from(",");
+    let len = 2 + recipients.iter().map(|r| r.len() + 1).sum::<usize>();
+    let mut s = String::with_capacity(len);
+    s.push(',');
     for r in recipients {
         s.push_str(r);
         s.push(',');
@@ -365,5 +367,19 @@ impl EventRow {
             &self.payload,
             payload,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recipients_text;
+
+    #[test]
+    fn recipients_text_puts_every_id_between_commas() {
+        let ids = ["ent_a".to_string(), "ent_bc".to_string()];
+        assert_eq!(recipients_text(&ids), ",ent_a,ent_bc,");
+        assert_eq!(recipients_text(&ids[..1]), ",ent_a,");
+        // No recipient: nobody's `,id,` is found in it.
+        assert_eq!(recipients_text(&[]), ",,");
     }
 }
