@@ -757,7 +757,11 @@ pub fn open_streams(
 ) -> QueryResult<Vec<(String, Option<String>)>> {
     messages::table
         .filter(messages::channel_id.eq(channel_id))
-        .filter(messages::stream_status.eq("open"))
+        // A literal, not a bound value: the partial index `messages_open_streams` holds
+        // only these rows, and a planner can use it only when the query names its term.
+        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "messages.stream_status = 'open'",
+        ))
         .select((messages::message_serial, messages::last_append_at))
         .load(conn)
 }
@@ -1187,6 +1191,88 @@ pub(crate) mod tests {
                 .expect("channel");
         insert_channel(&mut conn, &channel).expect("insert channel");
         multi_row_inserts_keep_every_row(&mut conn);
+    }
+
+    /// Open streams and thread replies are found through partial indexes that hold only
+    /// those rows (migration 000005): the queries still find exactly them.
+    #[test]
+    fn open_streams_and_replies_are_found_through_their_partial_indexes() {
+        use crate::domain::message::{NewMessage, StreamStatus};
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let creator =
+            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+        let channel =
+            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+                .expect("channel");
+        insert_channel(&mut conn, &channel).expect("insert channel");
+        let statuses = [
+            StreamStatus::None,
+            StreamStatus::Open,
+            StreamStatus::Closed,
+            StreamStatus::Open,
+        ];
+        let mut serials = Vec::new();
+        for (seq, status) in (1..).zip(statuses) {
+            let mut m = NewMessage::default().into_message("c1", "alice", seq, "t");
+            m.stream_status = status;
+            insert_message(&mut conn, &m, "1").expect("insert message");
+            serials.push(m.message_serial);
+        }
+        let root = serials[0].clone();
+        for seq in 5..8 {
+            let reply = NewMessage {
+                thread_id: Some(root.clone()),
+                ..Default::default()
+            }
+            .into_message("c1", "alice", seq, "t");
+            insert_message(&mut conn, &reply, "1").expect("insert reply");
+        }
+        let mut open: Vec<String> = open_streams(&mut conn, "c1")
+            .expect("open streams")
+            .into_iter()
+            .map(|(serial, _)| serial)
+            .collect();
+        open.sort();
+        assert_eq!(open, vec![serials[1].clone(), serials[3].clone()]);
+        assert!(open_streams(&mut conn, "other").expect("q").is_empty());
+        let replies = thread_replies(&mut conn, "c1", &root, 0, 10).expect("replies");
+        assert_eq!(
+            replies.iter().map(|m| m.history_serial).collect::<Vec<_>>(),
+            vec![5, 6, 7]
+        );
+        let roots = list_roots(&mut conn, "c1", None, None, 10).expect("roots");
+        assert_eq!(
+            roots.iter().map(|m| m.history_serial).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        // The planner uses the partial indexes for these queries' terms.
+        let plan = |conn: &mut Conn, sql: &str| -> String {
+            #[derive(diesel::QueryableByName)]
+            struct Step {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                detail: String,
+            }
+            diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+                .load::<Step>(conn)
+                .expect("plan")
+                .into_iter()
+                .map(|s| s.detail)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let open_plan = plan(
+            &mut conn,
+            "SELECT message_serial FROM messages WHERE channel_id = 'c1' \
+             AND messages.stream_status = 'open'",
+        );
+        assert!(open_plan.contains("messages_open_streams"), "{open_plan}");
+        let reply_plan = plan(
+            &mut conn,
+            "SELECT message_serial FROM messages WHERE channel_id = 'c1' AND thread_id = 'x' \
+             AND history_seq > 0 ORDER BY history_seq",
+        );
+        assert!(reply_plan.contains("messages_thread"), "{reply_plan}");
     }
 
     #[test]
