@@ -1101,6 +1101,19 @@ pub(crate) mod tests {
         insert_workspace(conn, &WorkspaceRow::for_tests("1")).expect("insert workspace");
     }
 
+    /// Workspace "1" with a direct channel "c1" between alice and bob.
+    fn workspace_with_channel_c1() -> Conn {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let creator =
+            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+        let channel =
+            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+                .expect("channel");
+        insert_channel(&mut conn, &channel).expect("insert channel");
+        conn
+    }
+
     fn event(conn: &mut Conn, created_at: &str, recipients: Option<&[String]>) -> i64 {
         let cursor = allocate_cursors(conn, "1", 1).expect("cursor");
         let row = EventRow {
@@ -1182,14 +1195,7 @@ pub(crate) mod tests {
 
     #[test]
     fn multi_row_inserts_keep_every_row_sqlite() {
-        let mut conn = test_conn();
-        workspace(&mut conn);
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        insert_channel(&mut conn, &channel).expect("insert channel");
+        let mut conn = workspace_with_channel_c1();
         multi_row_inserts_keep_every_row(&mut conn);
     }
 
@@ -1198,14 +1204,7 @@ pub(crate) mod tests {
     #[test]
     fn open_streams_and_replies_are_found_through_their_partial_indexes() {
         use crate::domain::message::{NewMessage, StreamStatus};
-        let mut conn = test_conn();
-        workspace(&mut conn);
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        insert_channel(&mut conn, &channel).expect("insert channel");
+        let mut conn = workspace_with_channel_c1();
         let statuses = [
             StreamStatus::None,
             StreamStatus::Open,
