@@ -1012,6 +1012,11 @@ pub fn event_exists(conn: &mut Conn, workspace_id: &str, cursor: i64) -> QueryRe
 
 /// Deletes events created before `cutoff` (if any) that are not among the newest
 /// `keep_latest`; recipients go with them, messages are untouched. Returns the count.
+///
+/// The writer stamps events in cursor order, so `created_at` rises with the cursor: the
+/// events older than `cutoff` are a prefix of the log, found by bisection over the cursor
+/// instead of through an index on `created_at` that every event would pay for (give or take
+/// a clock stepped back, or the clock skew between cluster nodes, at the prefix's end).
 pub fn prune_events(
     conn: &mut Conn,
     workspace_id: &str,
@@ -1031,32 +1036,64 @@ pub fn prune_events(
         let Some(max_prunable) = protected_from else {
             return Ok(0);
         };
-        let mut victims = events::table
-            .filter(events::workspace_id.eq(workspace_id))
-            .filter(events::cursor.le(max_prunable))
-            .select(events::cursor)
-            .into_boxed();
-        if let Some(c) = cutoff {
-            victims = victims.filter(events::created_at.lt(c.to_string()));
-        }
-        let cursors: Vec<i64> = victims.load(conn)?;
-        let Some(&highest) = cursors.iter().max() else {
+        let through = match cutoff {
+            Some(c) => last_cursor_before(conn, workspace_id, max_prunable, c)?,
+            None => Some(max_prunable),
+        };
+        let Some(through) = through else {
             return Ok(0);
         };
-        for chunk in cursors.chunks(500) {
-            diesel::delete(
-                events::table
-                    .filter(events::workspace_id.eq(workspace_id))
-                    .filter(events::cursor.eq_any(chunk)),
-            )
-            .execute(conn)?;
-        }
+        let pruned = diesel::delete(
+            events::table
+                .filter(events::workspace_id.eq(workspace_id))
+                .filter(events::cursor.le(through)),
+        )
+        .execute(conn)?;
         diesel::update(workspaces::table.find(workspace_id))
-            .filter(workspaces::pruned_through.lt(highest))
-            .set(workspaces::pruned_through.eq(highest))
+            .filter(workspaces::pruned_through.lt(through))
+            .set(workspaces::pruned_through.eq(through))
             .execute(conn)?;
-        Ok(cursors.len())
+        Ok(pruned)
     })
+}
+
+/// The highest stored cursor at or below `max` whose event was created before `cutoff`, by
+/// bisection over the cursor (see [`prune_events`]): about 2·log2(events) primary-key reads.
+fn last_cursor_before(
+    conn: &mut Conn,
+    workspace_id: &str,
+    max: i64,
+    cutoff: &str,
+) -> QueryResult<Option<i64>> {
+    // The first stored event at or after `from` (and at or below `max`), with its time.
+    let first_from = |conn: &mut Conn, from: i64| -> QueryResult<Option<(i64, String)>> {
+        events::table
+            .filter(events::workspace_id.eq(workspace_id))
+            .filter(events::cursor.ge(from))
+            .filter(events::cursor.le(max))
+            .order(events::cursor.asc())
+            .select((events::cursor, events::created_at))
+            .first(conn)
+            .optional()
+    };
+    let Some((mut low, _)) = first_from(conn, i64::MIN)? else {
+        return Ok(None);
+    };
+    let mut high = max;
+    let mut found = None;
+    while low <= high {
+        let mid = low + (high - low) / 2;
+        match first_from(conn, mid)? {
+            Some((cursor, created_at)) if created_at.as_str() < cutoff => {
+                found = Some(cursor);
+                low = cursor + 1;
+            }
+            // Nothing stored in [mid, max], or the first there is not old enough: neither
+            // is anything after it.
+            _ => high = mid - 1,
+        }
+    }
+    Ok(found)
 }
 
 /// A channel's versions with `after < seq <= until`, oldest first (V2 `resume`).
@@ -1326,6 +1363,49 @@ pub(crate) mod tests {
         assert_eq!(
             prune_events(&mut conn, "1", Some("2025-01-01T00:00:00.000Z"), 0).expect("prune"),
             0
+        );
+    }
+
+    /// The cut by age falls exactly after the last event older than the cut-off, wherever it
+    /// is in the log (the bisection's every branch), and never into the newest kept ones.
+    #[test]
+    fn prune_by_age_cuts_exactly_at_the_cutoff() {
+        let mut conn = test_conn();
+        workspace(&mut conn);
+        let at = |minute: i64| format!("2026-01-01T{:02}:{:02}:00.000Z", minute / 60, minute % 60);
+        // Event n (cursor n) was created at minute n.
+        for minute in 1..=37 {
+            event(&mut conn, &at(minute), None);
+        }
+        let oldest_left = |conn: &mut Conn| {
+            (1..=37)
+                .find(|&c| event_exists(conn, "1", c).expect("q"))
+                .unwrap_or(38)
+        };
+        // (cut-off minute, keep_latest, events pruned by this call, oldest cursor left).
+        let steps = [
+            (0, 0, 0, 1),
+            (1, 0, 0, 1), // strictly older: the event at minute 1 stays
+            (2, 0, 1, 2),
+            (11, 0, 9, 11),
+            (12, 0, 1, 12),
+            (26, 0, 14, 26),
+            (26, 0, 0, 26),
+            (60, 5, 7, 33), // everything is old enough; the newest 5 stay
+            (60, 0, 5, 38),
+        ];
+        for (minute, keep, pruned, oldest) in steps {
+            let cutoff = at(minute);
+            let n = prune_events(&mut conn, "1", Some(&cutoff), keep).expect("prune");
+            assert_eq!(
+                (n, oldest_left(&mut conn)),
+                (pruned, oldest),
+                "cut-off {cutoff}"
+            );
+        }
+        assert_eq!(
+            workspace_cursor_state(&mut conn, "1").expect("state"),
+            (37, 37)
         );
     }
 }
