@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::harness::{random_string, AppCreds, Frame, ServerBuilder, TestServer, WsClient};
+use crate::harness::{AppCreds, Frame, ServerBuilder, TestServer, WsClient};
 use crate::redis_server::RedisServer;
 
 /// Nodes of one cluster: the same database, the same Redis, the same workspace.
@@ -38,11 +38,7 @@ impl Cluster {
     pub async fn start_with(db_url: &str, n: usize, env: &[(&str, &str)]) -> Cluster {
         assert!(n >= 1, "a cluster has a node");
         let redis = RedisServer::start().await;
-        let app = AppCreds {
-            id: "1001".into(),
-            key: format!("key{}", random_string(16)),
-            secret: random_string(32),
-        };
+        let app = AppCreds::random("1001");
         let mut cluster = Cluster {
             nodes: Vec::new(),
             redis,
@@ -222,11 +218,7 @@ impl SharedFileNodes {
             .tempdir()
             .expect("temp dir");
         let path = dir.path().join("shared.db");
-        let app = AppCreds {
-            id: "1001".into(),
-            key: format!("key{}", random_string(16)),
-            secret: random_string(32),
-        };
+        let app = AppCreds::random("1001");
         let node = || {
             TestServer::builder()
                 .app(&app)

@@ -42,6 +42,17 @@ pub struct AppCreds {
     pub secret: String,
 }
 
+impl AppCreds {
+    /// Workspace `id` with a fresh random key and secret.
+    pub fn random(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            key: format!("key{}", random_string(16)),
+            secret: random_string(32),
+        }
+    }
+}
+
 /// Random lowercase-alphanumeric string of `n` characters.
 pub fn random_string(n: usize) -> String {
     rand::thread_rng()
@@ -157,11 +168,9 @@ impl ServerBuilder {
             .prefix("switchboard-it-")
             .tempdir()
             .expect("create temp dir");
-        let app = self.app.unwrap_or_else(|| AppCreds {
-            id: self.app_id.unwrap_or_else(|| "1001".to_owned()),
-            key: format!("key{}", random_string(16)),
-            secret: random_string(32),
-        });
+        let app = self
+            .app
+            .unwrap_or_else(|| AppCreds::random(self.app_id.as_deref().unwrap_or("1001")));
         let mut server = TestServer {
             bin: default_bin(),
             port: self.port.unwrap_or_else(free_port),

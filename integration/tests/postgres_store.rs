@@ -196,11 +196,7 @@ async fn chat_versioned_replay_and_pusher_flows_run_on_postgres() {
 async fn two_nodes_on_one_postgres_post_to_one_channel_at_once() {
     let db = PgDatabase::fresh();
     let redis = RedisServer::start().await;
-    let app = AppCreds {
-        id: "1001".into(),
-        key: format!("key{}", random_string(16)),
-        secret: random_string(32),
-    };
+    let app = AppCreds::random("1001");
     let node = || {
         TestServer::builder()
             .app(&app)
