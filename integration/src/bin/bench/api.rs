@@ -64,12 +64,27 @@ pub fn http_client(pool: usize) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(pool)
-        .pool_idle_timeout(Duration::from_secs(90))
+        // Below the server's keep-alive (actix-web's 5 s): a pooled connection the server is
+        // closing just as a request goes out on it fails that request.
+        .pool_idle_timeout(Duration::from_secs(4))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| format!("http client: {e}"))
+}
+
+/// An error with its causes ("error sending request: connection closed before message
+/// completed"): reqwest's own text names only the request.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Short text of a response body for error messages.

@@ -498,13 +498,16 @@ impl Scheduler {
         Box::pin(async move {
             let sent = Instant::now();
             let answer = match request.send().await {
-                Err(e) => Answer::Transport(e.to_string()),
+                Err(e) => Answer::Transport(crate::api::error_chain(&e)),
                 Ok(r) => {
                     let status = r.status().as_u16();
                     match (status, r.bytes().await) {
                         (201, Ok(_)) => Answer::Created,
                         (_, Ok(b)) => Answer::Refused(status, reason(status, &b)),
-                        (_, Err(e)) => Answer::Transport(format!("reading the answer: {e}")),
+                        (_, Err(e)) => Answer::Transport(format!(
+                            "reading the answer: {}",
+                            crate::api::error_chain(&e)
+                        )),
                     }
                 }
             };

@@ -1168,7 +1168,7 @@ impl Publisher {
                     false
                 }
                 Ok(Err(e)) => {
-                    o.error = Some(format!("transport: {e}"));
+                    o.error = Some(format!("transport: {}", crate::api::error_chain(&e)));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     matches!(self.route, PubRoute::Chat { .. }) || e.is_connect()
                 }

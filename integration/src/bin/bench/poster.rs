@@ -120,7 +120,8 @@ impl PosterTask {
                     Ok(Err(e)) => {
                         out.transport_errors += 1;
                         if out.first_error.is_none() {
-                            out.first_error = Some(format!("transport: {e}"));
+                            out.first_error =
+                                Some(format!("transport: {}", crate::api::error_chain(&e)));
                         }
                         if attempt < MAX_ATTEMPTS {
                             out.retries += 1;

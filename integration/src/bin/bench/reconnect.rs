@@ -518,13 +518,16 @@ async fn post_all(
             async move {
                 let sent = Instant::now();
                 let answer = match request.send().await {
-                    Err(e) => Err((0, format!("transport: {e}"))),
+                    Err(e) => Err((0, format!("transport: {}", crate::api::error_chain(&e)))),
                     Ok(r) => {
                         let status = r.status().as_u16();
                         match (status, r.bytes().await) {
                             (201, Ok(_)) => Ok(()),
                             (_, Ok(b)) => Err((status, reason(status, &b))),
-                            (_, Err(e)) => Err((status, format!("reading the answer: {e}"))),
+                            (_, Err(e)) => Err((
+                                status,
+                                format!("reading the answer: {}", crate::api::error_chain(&e)),
+                            )),
                         }
                     }
                 };

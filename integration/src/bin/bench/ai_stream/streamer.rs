@@ -303,7 +303,7 @@ impl StreamerTask {
             let response = match response {
                 Ok(r) => r,
                 Err(e) => {
-                    last_error = format!("transport: {e}");
+                    last_error = format!("transport: {}", crate::api::error_chain(&e));
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -359,7 +359,7 @@ fn message_serial(body: &[u8]) -> Result<String, String> {
 async fn answer_of(request: reqwest::RequestBuilder) -> (Answer, u64) {
     let sent = Instant::now();
     let answer = match request.send().await {
-        Err(e) => Answer::Transport(e.to_string()),
+        Err(e) => Answer::Transport(crate::api::error_chain(&e)),
         Ok(response) => {
             let status = response.status().as_u16();
             let body = response.bytes().await;
@@ -369,7 +369,10 @@ async fn answer_of(request: reqwest::RequestBuilder) -> (Answer, u64) {
                     status,
                     error: reason(status, &body),
                 },
-                (_, Err(e)) => Answer::Transport(format!("reading the answer: {e}")),
+                (_, Err(e)) => Answer::Transport(format!(
+                    "reading the answer: {}",
+                    crate::api::error_chain(&e)
+                )),
             }
         }
     };
