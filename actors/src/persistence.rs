@@ -577,7 +577,7 @@ fn run_batch(
 ) -> ApiResult<()> {
     let mut cursors: HashMap<String, i64> = HashMap::new();
     let mut seqs: HashMap<String, i64> = HashMap::new();
-    let mut deferred = Deferred::default();
+    let mut deferred = Deferred::with_capacity(pending.len());
     for (write, reply) in pending.by_ref() {
         let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
         let write = match rebase_if_stale(conn, write, &seqs, rebased) {
@@ -652,7 +652,9 @@ struct Deferred {
     versions: Vec<VersionRow>,
     /// Indices of staged writes whose event rows are still to insert.
     events: Vec<usize>,
-    states: HashMap<(String, String), PendingState>,
+    /// By channel, then message serial: looked up by `&str`, a write's key is copied only
+    /// the first time its message is seen in the batch.
+    states: HashMap<String, HashMap<String, PendingState>>,
     /// The stored text of each recipient list seen in the batch: a channel's events share
     /// one list (`Arc`) while its members stay the same, so it is built once per batch. The
     /// key is the list's address, kept valid by the `Arc` held beside the text.
@@ -660,14 +662,26 @@ struct Deferred {
 }
 
 impl Deferred {
+    /// A batch sized for `writes` writes.
+    fn with_capacity(writes: usize) -> Self {
+        Self {
+            versions: Vec::with_capacity(writes),
+            events: Vec::with_capacity(writes),
+            ..Self::default()
+        }
+    }
+
     fn defer_state(&mut self, s: StateWrite) {
         let (channel, serial) = s.key();
-        let key = (channel.to_string(), serial.to_string());
-        let pending = match self.states.remove(&key) {
-            Some(earlier) => earlier.then(s),
-            None => PendingState::from(s),
-        };
-        self.states.insert(key, pending);
+        if let Some(earlier) = self.states.get_mut(channel).and_then(|m| m.get_mut(serial)) {
+            earlier.absorb(s);
+            return;
+        }
+        let (channel, serial) = (channel.to_string(), serial.to_string());
+        self.states
+            .entry(channel)
+            .or_default()
+            .insert(serial, PendingState::from(s));
     }
 
     fn recipients_text(&mut self, recipients: &Arc<[String]>) -> String {
@@ -692,8 +706,10 @@ impl Deferred {
             .map(|(row, _)| row)
             .collect();
         queries::insert_events(conn, &events)?;
-        for (_, state) in self.states.drain() {
-            state.save(conn)?;
+        for (_, messages) in self.states.drain() {
+            for state in messages.values() {
+                state.save(conn)?;
+            }
         }
         Ok(())
     }
@@ -827,7 +843,12 @@ fn stage_write(
             }
             rows.push((row, draft.payload));
         }
-        cursors.insert(write.workspace_id.clone(), next);
+        match cursors.get_mut(&write.workspace_id) {
+            Some(c) => *c = next,
+            None => {
+                cursors.insert(write.workspace_id.clone(), next);
+            }
+        }
     }
     if let Some(s) = write.channel_seqs {
         seqs.insert(s.channel_id, s.last);

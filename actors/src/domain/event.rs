@@ -208,40 +208,16 @@ impl Event {
         payload_text: &str,
         payload: Value,
     ) -> Self {
-        #[derive(Serialize)]
-        struct Head<'a> {
-            id: &'a str,
-            cursor: String,
-            #[serde(rename = "type")]
-            event_type: &'a str,
-            workspace_id: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            channel_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            seq: Option<i64>,
-            created_at: &'a str,
-        }
-        let head = Head {
-            id: &id,
-            cursor: crate::ids::cursor_string(cursor),
-            event_type: &event_type,
-            workspace_id: &workspace_id,
-            channel_id: channel_id.as_deref(),
+        let frame = stored_frame(
+            &id,
+            cursor,
+            &event_type,
+            &workspace_id,
+            channel_id.as_deref(),
             seq,
-            created_at: &created_at,
-        };
-        // Sized once for the head and the payload: the writer builds one per event.
-        let mut head_json = Vec::with_capacity(192 + payload_text.len());
-        let _ = serde_json::to_writer(&mut head_json, &head);
-        let mut frame = String::from_utf8(head_json).unwrap_or_default();
-        frame.pop();
-        frame.push_str(",\"payload\":");
-        frame.push_str(if payload_text.is_empty() {
-            "null"
-        } else {
-            payload_text
-        });
-        frame.push('}');
+            &created_at,
+            payload_text,
+        );
         Self {
             id,
             cursor: Some(cursor),
@@ -259,6 +235,60 @@ impl Event {
 
     pub fn to_json(&self) -> Value {
         serde_json::from_str(&self.frame).unwrap_or(Value::Null)
+    }
+}
+
+/// The wire frame of a stored event: its head, then its payload's JSON text as stored.
+/// Written by hand: the writer builds one per event it commits, and serde's field-by-field
+/// escaping of the head was most of that work (every head string but a hostile workspace id
+/// is plain ASCII that needs none).
+#[allow(clippy::too_many_arguments)]
+fn stored_frame(
+    id: &str,
+    cursor: i64,
+    event_type: &str,
+    workspace_id: &str,
+    channel_id: Option<&str>,
+    seq: Option<i64>,
+    created_at: &str,
+    payload_text: &str,
+) -> String {
+    use std::fmt::Write as _;
+    let mut frame = String::with_capacity(160 + payload_text.len());
+    frame.push_str("{\"id\":");
+    push_json_str(&mut frame, id);
+    let _ = write!(frame, ",\"cursor\":\"{cursor}\",\"type\":");
+    push_json_str(&mut frame, event_type);
+    frame.push_str(",\"workspace_id\":");
+    push_json_str(&mut frame, workspace_id);
+    if let Some(c) = channel_id {
+        frame.push_str(",\"channel_id\":");
+        push_json_str(&mut frame, c);
+    }
+    if let Some(n) = seq {
+        let _ = write!(frame, ",\"seq\":{n}");
+    }
+    frame.push_str(",\"created_at\":");
+    push_json_str(&mut frame, created_at);
+    frame.push_str(",\"payload\":");
+    frame.push_str(if payload_text.is_empty() {
+        "null"
+    } else {
+        payload_text
+    });
+    frame.push('}');
+    frame
+}
+
+/// `s` as a JSON string, exactly as serde_json writes it (which escapes only control
+/// characters, `"` and `\\`).
+fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
     }
 }
 
@@ -287,6 +317,81 @@ impl Viewer<'_> {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    /// The frame as serde writes it (how it was built before `stored_frame`).
+    fn serde_frame(
+        id: &str,
+        cursor: i64,
+        event_type: &str,
+        workspace_id: &str,
+        channel_id: Option<&str>,
+        seq: Option<i64>,
+        created_at: &str,
+        payload_text: &str,
+    ) -> String {
+        #[derive(Serialize)]
+        struct Head<'a> {
+            id: &'a str,
+            cursor: String,
+            #[serde(rename = "type")]
+            event_type: &'a str,
+            workspace_id: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            channel_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            seq: Option<i64>,
+            created_at: &'a str,
+        }
+        let head = Head {
+            id,
+            cursor: cursor.to_string(),
+            event_type,
+            workspace_id,
+            channel_id,
+            seq,
+            created_at,
+        };
+        let mut frame = serde_json::to_string(&head).expect("a head serializes");
+        frame.pop();
+        let payload = if payload_text.is_empty() {
+            "null"
+        } else {
+            payload_text
+        };
+        format!("{frame},\"payload\":{payload}}}")
+    }
+
+    #[test]
+    fn stored_frames_match_serde_byte_for_byte() {
+        let odd = ["ws \"q\" \\ back", "tab\there\u{1}", "é ü 日本 \u{7f}", ""];
+        for (i, workspace) in ["ws_01abc"].iter().chain(odd.iter()).enumerate() {
+            for channel in [None, Some("chn_01x"), Some("a\"b")] {
+                for seq in [None, Some(0), Some(i64::MAX), Some(-3)] {
+                    for payload in ["", r#"{"a":1}"#] {
+                        let args = (
+                            "evt_01h",
+                            i as i64 * 1_000_003,
+                            "message.created",
+                            *workspace,
+                            channel,
+                            seq,
+                            "2026-12-06T11:00:00.000Z",
+                            payload,
+                        );
+                        let ours = stored_frame(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                        );
+                        let theirs = serde_frame(
+                            args.0, args.1, args.2, args.3, args.4, args.5, args.6, args.7,
+                        );
+                        assert_eq!(ours, theirs);
+                        let v: Value = serde_json::from_str(&ours).expect("valid JSON");
+                        assert_eq!(v["workspace_id"], Value::String(workspace.to_string()));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn private_events_reach_recipients_only() {

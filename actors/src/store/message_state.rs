@@ -99,17 +99,17 @@ pub enum PendingState {
 
 impl PendingState {
     /// The pending state after `next`, a later version of the same message.
-    pub fn then(self, next: StateWrite) -> Self {
+    pub fn then(mut self, next: StateWrite) -> Self {
+        self.absorb(next);
+        self
+    }
+
+    /// Becomes the state after `next`, a later version of the same message, in place.
+    pub fn absorb(&mut self, next: StateWrite) {
         match (self, next) {
-            (_, StateWrite::Full(m)) => Self::Full(m),
-            (Self::Full(mut m), StateWrite::Append(d)) => {
-                d.apply_to(&mut m);
-                Self::Full(m)
-            }
-            (Self::Appended(mut a), StateWrite::Append(d)) => {
-                a.then(d);
-                Self::Appended(a)
-            }
+            (this, StateWrite::Full(m)) => *this = Self::Full(m),
+            (Self::Full(m), StateWrite::Append(d)) => d.apply_to(m),
+            (Self::Appended(a), StateWrite::Append(d)) => a.then(d),
         }
     }
 
