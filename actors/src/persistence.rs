@@ -578,6 +578,9 @@ fn run_batch(
     let mut cursors: HashMap<String, i64> = HashMap::new();
     let mut seqs: HashMap<String, i64> = HashMap::new();
     let mut deferred = Deferred::with_capacity(pending.len());
+    // One stamp for the batch's events: they commit together, and stamps stay in cursor
+    // order (pruning by age relies on it).
+    let stamp = crate::ids::now_rfc3339();
     for (write, reply) in pending.by_ref() {
         let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
         let write = match rebase_if_stale(conn, write, &seqs, rebased) {
@@ -605,12 +608,29 @@ fn run_batch(
             Err(e) => Err(e),
             Ok(()) if write.savepoint => conn
                 .transaction::<_, ApiError, _>(|conn| {
-                    stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, None)
+                    stage_write(
+                        conn,
+                        write,
+                        &stamp,
+                        &mut cursors,
+                        &mut seqs,
+                        &mut deferred,
+                        None,
+                    )
                 })
                 .map_err(WriteError::Refused),
             Ok(()) => {
                 let at = Some(index);
-                match stage_write(conn, write, &mut cursors, &mut seqs, &mut deferred, at) {
+                let staged_write = stage_write(
+                    conn,
+                    write,
+                    &stamp,
+                    &mut cursors,
+                    &mut seqs,
+                    &mut deferred,
+                    at,
+                );
+                match staged_write {
                     // No savepoint can undo its partial change: the batch goes.
                     Err(e) => {
                         log::error!("a write without savepoint failed: {e}");
@@ -793,6 +813,7 @@ fn check_seqs(
 fn stage_write(
     conn: &mut Conn,
     write: Write,
+    stamp: &str,
     cursors: &mut HashMap<String, i64>,
     seqs: &mut HashMap<String, i64>,
     deferred: &mut Deferred,
@@ -816,7 +837,6 @@ fn stage_write(
             Some(c) => *c,
             None => queries::workspace_cursor_state(conn, &write.workspace_id)?.0,
         };
-        let now = crate::ids::now_rfc3339();
         for draft in write.events {
             next += 1;
             let row = EventRow {
@@ -832,7 +852,7 @@ fn stage_write(
                     None => serde_json::to_string(&draft.payload).map_err(ApiError::internal)?,
                 },
                 is_private: draft.recipients.is_some(),
-                created_at: now.clone(),
+                created_at: stamp.to_string(),
                 recipients: draft
                     .recipients
                     .as_ref()

@@ -253,11 +253,14 @@ fn stored_frame(
     created_at: &str,
     payload_text: &str,
 ) -> String {
-    use std::fmt::Write as _;
-    let mut frame = String::with_capacity(160 + payload_text.len());
+    let strings = id.len() + event_type.len() + workspace_id.len() + created_at.len();
+    let mut frame =
+        String::with_capacity(128 + strings + channel_id.map_or(0, str::len) + payload_text.len());
     frame.push_str("{\"id\":");
     push_json_str(&mut frame, id);
-    let _ = write!(frame, ",\"cursor\":\"{cursor}\",\"type\":");
+    frame.push_str(",\"cursor\":\"");
+    push_int(&mut frame, cursor);
+    frame.push_str("\",\"type\":");
     push_json_str(&mut frame, event_type);
     frame.push_str(",\"workspace_id\":");
     push_json_str(&mut frame, workspace_id);
@@ -266,7 +269,8 @@ fn stored_frame(
         push_json_str(&mut frame, c);
     }
     if let Some(n) = seq {
-        let _ = write!(frame, ",\"seq\":{n}");
+        frame.push_str(",\"seq\":");
+        push_int(&mut frame, n);
     }
     frame.push_str(",\"created_at\":");
     push_json_str(&mut frame, created_at);
@@ -278,6 +282,27 @@ fn stored_frame(
     });
     frame.push('}');
     frame
+}
+
+/// `n` in decimal, without `core::fmt` (a fifth of the frame's cost when it was used).
+fn push_int(out: &mut String, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        out.push('-');
+    }
+    for &d in &digits[at..] {
+        out.push(d as char);
+    }
 }
 
 /// `s` as a JSON string, exactly as serde_json writes it (which escapes only control
@@ -366,7 +391,14 @@ mod tests {
         let odd = ["ws \"q\" \\ back", "tab\there\u{1}", "é ü 日本 \u{7f}", ""];
         for (i, workspace) in ["ws_01abc"].iter().chain(odd.iter()).enumerate() {
             for channel in [None, Some("chn_01x"), Some("a\"b")] {
-                for seq in [None, Some(0), Some(i64::MAX), Some(-3)] {
+                for seq in [
+                    None,
+                    Some(0),
+                    Some(7),
+                    Some(i64::MAX),
+                    Some(-3),
+                    Some(i64::MIN),
+                ] {
                     for payload in ["", r#"{"a":1}"#] {
                         let args = (
                             "evt_01h",
