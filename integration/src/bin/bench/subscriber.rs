@@ -134,9 +134,12 @@ pub async fn connect(
         HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|e| format!("ws auth header: {e}"))?,
     );
+    // A 4 KiB read buffer, as every other scenario's sockets: tungstenite zero-fills up to
+    // `read_buffer_size` (128 KiB by default) before each read, which was a fifth of this
+    // generator's CPU in ai-stream (`perf`: memset).
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(req),
+        tokio_tungstenite::connect_async_with_config(req, Some(crate::chat::ws_config(4096)), true),
     )
     .await
     .map_err(|_| "ws connect timed out after 10s".to_string())?
