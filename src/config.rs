@@ -22,6 +22,11 @@ pub struct Config {
     /// The Pusher face's timeouts; its queue and replay budget follow `realtime.*`.
     pub pusher: PusherConfig,
     pub workers: usize,
+    /// How long an idle HTTP/1.1 keep-alive connection stays open (`None`: closed after each
+    /// answer). Longer than a load balancer's idle timeout (60 s on common ones), so the
+    /// balancer, not the server, closes an idle connection: a server closing one while a
+    /// request is on its way fails that request.
+    pub keep_alive: Option<Duration>,
     /// How often old message versions are purged (workspaces with a retention window).
     pub purge_interval: Duration,
     /// fsync on every commit (`full`, the default) or only at checkpoints (`normal`).
@@ -43,6 +48,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             pusher: PusherConfig::default(),
             workers: 2,
+            keep_alive: Some(Duration::from_secs(75)),
             purge_interval: Duration::from_secs(60),
             durability: Default::default(),
             echo_route: false,
@@ -76,6 +82,10 @@ const KEYS: &[(&str, &str)] = &[
         "SWITCHBOARD_PUSHER_PONG_TIMEOUT_SECONDS",
     ),
     ("workers", "SWITCHBOARD_WORKERS"),
+    (
+        "http.keep_alive_seconds",
+        "SWITCHBOARD_HTTP_KEEP_ALIVE_SECONDS",
+    ),
     ("durability", "SWITCHBOARD_DURABILITY"),
     (
         "versioned_messages.purge_interval_seconds",
@@ -143,6 +153,12 @@ impl Config {
                 self.pusher.pong_timeout = Duration::from_secs(num(v)?.clamp(1, 600) as u64)
             }
             "workers" => self.workers = num(v)?.clamp(1, 64) as usize,
+            "http.keep_alive_seconds" => {
+                self.keep_alive = match num(v)?.clamp(0, 3600) as u64 {
+                    0 => None,
+                    s => Some(Duration::from_secs(s)),
+                }
+            }
             "durability" => self.durability = switchboard_actors::store::Durability::parse(v)?,
             "versioned_messages.purge_interval_seconds" => {
                 self.purge_interval = Duration::from_secs(num(v)?.clamp(1, 86_400) as u64)
@@ -213,6 +229,19 @@ mod tests {
         assert_eq!(v.get("realtime.max_replay").map(String::as_str), Some("10"));
         let mut c = Config::default();
         assert!(c.set("nope", "1").is_err());
+    }
+
+    #[test]
+    fn keep_alive_defaults_past_load_balancer_idle_timeouts() {
+        let mut c = Config::default();
+        assert_eq!(c.keep_alive, Some(Duration::from_secs(75)));
+        c.set("http.keep_alive_seconds", "5").expect("5");
+        assert_eq!(c.keep_alive, Some(Duration::from_secs(5)));
+        c.set("http.keep_alive_seconds", "0").expect("0");
+        assert_eq!(c.keep_alive, None);
+        c.set("http.keep_alive_seconds", "999999").expect("clamped");
+        assert_eq!(c.keep_alive, Some(Duration::from_secs(3600)));
+        assert!(c.set("http.keep_alive_seconds", "soon").is_err());
     }
 
     #[test]

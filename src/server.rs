@@ -87,6 +87,10 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
                 .configure(http::configure)
         })
         .workers(config.workers)
+        .keep_alive(match config.keep_alive {
+            Some(idle) => actix_web::http::KeepAlive::Timeout(idle),
+            None => actix_web::http::KeepAlive::Disabled,
+        })
         .backlog(4096)
         .max_connections(50_000)
         .disable_signals()

@@ -52,3 +52,63 @@ async fn graceful_shutdown_closes_sockets_4200_and_keeps_writes() {
         serde_json::json!(21)
     );
 }
+
+/// Sends `GET /healthz` on `conn` and reads its whole answer; its status line.
+async fn healthz_on(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .expect("send request");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // The probe answers with a Content-Length body; read until headers and body are in.
+    loop {
+        let n = conn.read(&mut chunk).await.expect("read answer");
+        assert!(n > 0, "the server closed before answering");
+        answer.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&answer).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .expect("content-length");
+            if answer.len() >= end + 4 + length {
+                return text.lines().next().unwrap_or_default().to_string();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_configured_time_only() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    // One second: an idle connection is closed by the server after it.
+    let short = TestServer::builder()
+        .env("SWITCHBOARD_HTTP_KEEP_ALIVE_SECONDS", "1")
+        .start()
+        .await;
+    let mut conn = tokio::net::TcpStream::connect(short.addr())
+        .await
+        .expect("connect");
+    assert!(healthz_on(&mut conn).await.contains(" 200 "));
+    let mut byte = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut byte))
+        .await
+        .expect("closed within 3 s");
+    assert_eq!(closed.expect("clean close"), 0, "EOF after the keep-alive");
+
+    // The default (75 s): the same connection still serves a request after 6 s idle (more
+    // than actix-web's own default of 5 s).
+    let default = TestServer::start().await;
+    let mut conn = tokio::net::TcpStream::connect(default.addr())
+        .await
+        .expect("connect");
+    assert!(healthz_on(&mut conn).await.contains(" 200 "));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(healthz_on(&mut conn).await.contains(" 200 "));
+}

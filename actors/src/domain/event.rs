@@ -344,6 +344,7 @@ mod tests {
     use std::collections::HashSet;
 
     /// The frame as serde writes it (how it was built before `stored_frame`).
+    #[allow(clippy::too_many_arguments)]
     fn serde_frame(
         id: &str,
         cursor: i64,
