@@ -64,8 +64,9 @@ pub fn http_client(pool: usize) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(pool)
-        // Below the server's keep-alive (actix-web's 5 s): a pooled connection the server is
-        // closing just as a request goes out on it fails that request.
+        // Below any keep-alive a server here is likely to use (Switchboard's 75 s, actix-web's
+        // own 5 s, other Pusher servers'): a pooled connection the server is closing just as a
+        // request goes out on it fails that request.
         .pool_idle_timeout(Duration::from_secs(4))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
