@@ -575,15 +575,15 @@ fn run_batch(
     staged: &mut Vec<Staged>,
     rebased: &mut u64,
 ) -> ApiResult<()> {
-    let mut cursors: HashMap<String, i64> = HashMap::new();
-    let mut seqs: HashMap<String, i64> = HashMap::new();
-    let mut deferred = Deferred::with_capacity(pending.len());
-    // One stamp for the batch's events: they commit together, and stamps stay in cursor
-    // order (pruning by age relies on it).
-    let stamp = crate::ids::now_rfc3339();
+    let mut batch = Batch {
+        stamp: crate::ids::now_rfc3339(),
+        cursors: HashMap::new(),
+        seqs: HashMap::new(),
+        deferred: Deferred::with_capacity(pending.len()),
+    };
     for (write, reply) in pending.by_ref() {
         let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
-        let write = match rebase_if_stale(conn, write, &seqs, rebased) {
+        let write = match rebase_if_stale(conn, write, &batch.seqs, rebased) {
             Ok(w) => w,
             Err(e) => {
                 if let Some(c) = &chain {
@@ -600,37 +600,17 @@ fn run_batch(
             .collect();
         if write.version.is_none() {
             // Its change may read or write message rows: they must be current.
-            deferred.flush(conn, staged)?;
+            batch.deferred.flush(conn, staged)?;
         }
         let index = staged.len();
         let chain = write.channel_seqs.as_ref().and_then(|s| s.chain.clone());
-        let result = match check_seqs(conn, &write, &seqs) {
+        let result = match check_seqs(conn, &write, &batch.seqs) {
             Err(e) => Err(e),
             Ok(()) if write.savepoint => conn
-                .transaction::<_, ApiError, _>(|conn| {
-                    stage_write(
-                        conn,
-                        write,
-                        &stamp,
-                        &mut cursors,
-                        &mut seqs,
-                        &mut deferred,
-                        None,
-                    )
-                })
+                .transaction::<_, ApiError, _>(|conn| stage_write(conn, write, &mut batch, None))
                 .map_err(WriteError::Refused),
             Ok(()) => {
-                let at = Some(index);
-                let staged_write = stage_write(
-                    conn,
-                    write,
-                    &stamp,
-                    &mut cursors,
-                    &mut seqs,
-                    &mut deferred,
-                    at,
-                );
-                match staged_write {
+                match stage_write(conn, write, &mut batch, Some(index)) {
                     // No savepoint can undo its partial change: the batch goes.
                     Err(e) => {
                         log::error!("a write without savepoint failed: {e}");
@@ -654,14 +634,26 @@ fn run_batch(
         }
         staged.push((reply, result, recipients));
     }
-    deferred.flush(conn, staged)?;
-    for (ws, last) in &cursors {
+    batch.deferred.flush(conn, staged)?;
+    for (ws, last) in &batch.cursors {
         queries::set_workspace_last_cursor(conn, ws, *last)?;
     }
-    for (channel, last) in &seqs {
+    for (channel, last) in &batch.seqs {
         queries::set_channel_last_seq(conn, channel, *last)?;
     }
     Ok(())
+}
+
+/// What a batch's writes share while it runs.
+struct Batch {
+    /// The `created_at` of the batch's events: they commit together, and stamps stay in
+    /// cursor order (pruning by age relies on it).
+    stamp: String,
+    /// The last cursor given out per workspace.
+    cursors: HashMap<String, i64>,
+    /// The last seq taken per channel.
+    seqs: HashMap<String, i64>,
+    deferred: Deferred,
 }
 
 /// What the batch's writes left to write: the version and event rows of writes without
@@ -813,12 +805,15 @@ fn check_seqs(
 fn stage_write(
     conn: &mut Conn,
     write: Write,
-    stamp: &str,
-    cursors: &mut HashMap<String, i64>,
-    seqs: &mut HashMap<String, i64>,
-    deferred: &mut Deferred,
+    batch: &mut Batch,
     deferred_at: Option<usize>,
 ) -> ApiResult<Vec<StagedEvent>> {
+    let Batch {
+        stamp,
+        cursors,
+        seqs,
+        deferred,
+    } = batch;
     let keep_events = (write.apply)(conn)?;
     let mut state = None;
     if let Some(v) = write.version {
