@@ -98,12 +98,6 @@ pub enum PendingState {
 }
 
 impl PendingState {
-    /// The pending state after `next`, a later version of the same message.
-    pub fn then(mut self, next: StateWrite) -> Self {
-        self.absorb(next);
-        self
-    }
-
     /// Becomes the state after `next`, a later version of the same message, in place.
     pub fn absorb(&mut self, next: StateWrite) {
         match (self, next) {
@@ -168,13 +162,13 @@ mod tests {
     fn appends_fold_in_order_and_the_last_counters_win() {
         let m = message(json!(""));
         let mut p = PendingState::from(StateWrite::Append(delta(&m, "ab", 1, None)));
-        p = p.then(StateWrite::Append(delta(
+        p.absorb(StateWrite::Append(delta(
             &m,
             "c",
             2,
             Some(json!({"status": "x"})),
         )));
-        p = p.then(StateWrite::Append(delta(&m, "d", 3, None)));
+        p.absorb(StateWrite::Append(delta(&m, "d", 3, None)));
         let PendingState::Appended(d) = p else {
             panic!("appends alone stay a delta");
         };
@@ -189,7 +183,7 @@ mod tests {
         let mut m = message(json!("hi "));
         m.data = json!("edited ");
         let mut p = PendingState::from(StateWrite::Full(Box::new(m.clone())));
-        p = p.then(StateWrite::Append(delta(&m, "more", 4, None)));
+        p.absorb(StateWrite::Append(delta(&m, "more", 4, None)));
         let PendingState::Full(s) = p else {
             panic!("a whole state stays whole");
         };
@@ -200,8 +194,8 @@ mod tests {
 
         let mut empty = message(Value::Null);
         empty.data = Value::Null;
-        let p = PendingState::from(StateWrite::Full(Box::new(empty.clone())))
-            .then(StateWrite::Append(delta(&empty, "x", 1, None)));
+        let mut p = PendingState::from(StateWrite::Full(Box::new(empty.clone())));
+        p.absorb(StateWrite::Append(delta(&empty, "x", 1, None)));
         let PendingState::Full(s) = p else {
             panic!("whole")
         };
@@ -213,8 +207,8 @@ mod tests {
         let m = message(json!("a"));
         let mut deleted = m.clone();
         deleted.deleted = true;
-        let p = PendingState::from(StateWrite::Append(delta(&m, "b", 1, None)))
-            .then(StateWrite::Full(Box::new(deleted)));
+        let mut p = PendingState::from(StateWrite::Append(delta(&m, "b", 1, None)));
+        p.absorb(StateWrite::Full(Box::new(deleted)));
         assert!(matches!(p, PendingState::Full(s) if s.deleted));
     }
 }

@@ -26,7 +26,6 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -223,12 +222,6 @@ struct Connected {
 }
 
 /// Small buffers: this many idle sockets should not cost the bench 256 KiB each.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-}
-
 /// TCP connect (from `route`'s source address when given) and WebSocket upgrade of `req`.
 pub(crate) async fn open_ws(
     req: tokio_tungstenite::tungstenite::handshake::client::Request,
@@ -247,14 +240,18 @@ pub(crate) async fn open_ws(
             tokio_tungstenite::client_async_with_config(
                 req,
                 MaybeTlsStream::Plain(stream),
-                Some(ws_config()),
+                Some(crate::chat::ws_config(4096)),
             )
             .await
             .map_err(|e| format!("ws upgrade: {e}"))?
         }
-        None => tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true)
-            .await
-            .map_err(|e| format!("ws connect: {e}"))?,
+        None => tokio_tungstenite::connect_async_with_config(
+            req,
+            Some(crate::chat::ws_config(4096)),
+            true,
+        )
+        .await
+        .map_err(|e| format!("ws connect: {e}"))?,
     };
     Ok(ws)
 }
