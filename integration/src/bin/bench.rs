@@ -48,6 +48,8 @@ mod pusher;
 mod reconnect;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/scan.rs"]
+mod scan;
 #[path = "bench/server.rs"]
 mod server;
 #[path = "bench/subscriber.rs"]

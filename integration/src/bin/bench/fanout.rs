@@ -49,6 +49,7 @@ use crate::plot::{Point, Recorder, Timeline};
 use crate::poster::{reason, retry_after};
 use crate::pusher::{self, Face, FaceArgs, PusherFrame};
 use crate::report::{cpu_delta, hist_json, opt, proc_json};
+use crate::scan::Scanner;
 use crate::server::{self, AppCreds, ProcSample};
 use crate::subscriber::{cursor_gt, Ws};
 use crate::workers::{self, hist_from_hex, hist_to_hex, unix_ns, Out, WorkerSet};
@@ -485,6 +486,9 @@ impl<'a> Seen<'a> {
     fn parse(face: Face, text: &'a str) -> Option<Self> {
         match face {
             Face::Chat => {
+                if let Some(seen) = Self::scan_chat(text) {
+                    return Some(seen);
+                }
                 let f: Frame<'a> = serde_json::from_str(text).ok()?;
                 Some(Self {
                     kind: if f.ty == "message.created" {
@@ -516,6 +520,73 @@ impl<'a> Seen<'a> {
                 })
             }
         }
+    }
+}
+
+impl<'a> Seen<'a> {
+    /// The chat face's fast path: the members the checks read, borrowed, stopping at
+    /// `payload.data` once the others are known (the server writes `payload` last). `None`
+    /// (escapes, an unexpected shape) leaves the frame to serde.
+    fn scan_chat(text: &'a str) -> Option<Self> {
+        let mut s = Scanner::new(text);
+        s.begin_object()?;
+        let (mut ty, mut cursor, mut channel, mut seq, mut data) = (None, None, None, None, None);
+        while let Some(key) = s.next_key().ok()? {
+            match key {
+                "type" => ty = Some(s.plain_str()?),
+                "cursor" => cursor = Some(s.plain_str()?),
+                "channel_id" => {
+                    channel = if s.null()? {
+                        None
+                    } else {
+                        Some(s.plain_str()?)
+                    }
+                }
+                "seq" => seq = s.int()?,
+                "payload" => {
+                    if s.null()? {
+                        continue;
+                    }
+                    s.begin_object()?;
+                    let mut complete = false;
+                    while let Some(key) = s.next_key().ok()? {
+                        if key != "data" {
+                            s.skip()?;
+                            continue;
+                        }
+                        data = if s.null()? {
+                            None
+                        } else {
+                            Some(s.plain_str()?)
+                        };
+                        complete = ty.is_some()
+                            && cursor.is_some()
+                            && channel.is_some()
+                            && seq.is_some()
+                            && data.is_some();
+                        if complete {
+                            break;
+                        }
+                    }
+                    if complete {
+                        break;
+                    }
+                }
+                _ => s.skip()?,
+            }
+        }
+        let ty = ty?;
+        Some(Self {
+            kind: if ty == "message.created" {
+                Kind::Message
+            } else {
+                Kind::Other
+            },
+            cursor,
+            channel: channel.map(Cow::Borrowed),
+            seq,
+            data: data.map(Cow::Borrowed),
+        })
     }
 }
 
@@ -2477,6 +2548,70 @@ mod tests {
             delivered: AtomicU64::new(0),
             open: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+        }
+    }
+
+    /// What serde reads of a chat frame, for comparison with the fast path.
+    fn serde_seen(
+        text: &str,
+    ) -> Option<(
+        Kind,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    )> {
+        let f: Frame<'_> = serde_json::from_str(text).ok()?;
+        Some((
+            if f.ty == "message.created" {
+                Kind::Message
+            } else {
+                Kind::Other
+            },
+            f.cursor.map(str::to_string),
+            f.channel_id.map(str::to_string),
+            f.seq,
+            f.payload.and_then(|p| p.data).map(str::to_string),
+        ))
+    }
+
+    #[test]
+    fn the_chat_fast_path_reads_what_serde_reads() {
+        let frames = [
+            // The server's order: payload last, data among sorted payload keys.
+            r#"{"id":"evt_1","cursor":"17","type":"message.created","workspace_id":"w","channel_id":"c","seq":4,"created_at":"t","payload":{"attachments":[],"author_id":"a","data":"3:99","extras":{"k":[1,{"x":"}"}]},"tags":null}}"#,
+            // Another order, whitespace, data before the top-level members.
+            r#"{ "payload" : { "data" : "5:1" , "z" : 1 } , "seq" : 9 , "type" : "message.created" , "cursor" : "2" , "channel_id" : "c" }"#,
+            // Nulls and absences.
+            r#"{"type":"realtime.ready","cursor":"0","payload":null}"#,
+            r#"{"type":"channel.updated","channel_id":null,"seq":null,"payload":{"name":"x"}}"#,
+            r#"{"type":"message.created","cursor":"3","channel_id":"c","seq":1,"payload":{"data":null}}"#,
+        ];
+        for text in frames {
+            let fast = Seen::scan_chat(text).unwrap_or_else(|| panic!("fast path: {text}"));
+            let fast = (
+                fast.kind,
+                fast.cursor.map(str::to_string),
+                fast.channel.map(|c| c.into_owned()),
+                fast.seq,
+                fast.data.map(|d| d.into_owned()),
+            );
+            assert_eq!(Some(fast), serde_seen(text), "{text}");
+        }
+        // An escaped string: the fast path declines and leaves the frame to serde (which
+        // borrows its strings, so it refuses it too: the frame counts as unparsable).
+        let escaped = r#"{"type":"message.created","cursor":"1","channel_id":"c\u0041","seq":1,"payload":{"data":"1:2"}}"#;
+        assert!(Seen::scan_chat(escaped).is_none());
+        assert!(Seen::parse(Face::Chat, escaped).is_none());
+        assert!(serde_seen(escaped).is_none());
+        // Not an object of this shape: neither path reads it.
+        for bad in [
+            r#"{"type":1}"#,
+            r#"{"cursor":"1"}"#,
+            r#"{"type":"x","seq":"1"}"#,
+            "nope",
+        ] {
+            assert!(Seen::parse(Face::Chat, bad).is_none(), "{bad}");
         }
     }
 
