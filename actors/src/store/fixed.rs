@@ -276,31 +276,54 @@ fn data_but_last<DB: diesel::backend::Backend + DataButLast>(
     DB::SQL
 }
 
-// Only the end of the stored text changes; the rest of the row is not re-encoded.
+/// The `SET` list of an append's `UPDATE` up to `extras`, `version_serial`, `updated_at`,
+/// `last_action`, `append_count`: only the end of the stored text changes, the rest of the
+/// row is not re-encoded.
+macro_rules! push_appended_set {
+    ($out:ident, $s:ident) => {{
+        let d = $s.delta;
+        $out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
+        $out.push_bind_param::<Text, _>(&$s.escaped)?;
+        $out.push_sql(" || '\"' ELSE ");
+        $out.push_sql(data_but_last(&$out));
+        $out.push_sql(" || ");
+        $out.push_bind_param::<Text, _>(&$s.escaped)?;
+        $out.push_sql(" || '\"' END, extras = COALESCE(");
+        $out.push_bind_param::<Nullable<Text>, _>(&$s.extras)?;
+        $out.push_sql(", extras), version_serial = ");
+        $out.push_bind_param::<Text, _>(&d.version_serial)?;
+        $out.push_sql(", updated_at = ");
+        $out.push_bind_param::<Text, _>(&d.updated_at)?;
+        $out.push_sql(", last_action = 'append', append_count = ");
+        $out.push_bind_param::<BigInt, _>(&d.append_count)?;
+        $out.push_sql(", last_append_at = ");
+        $out.push_bind_param::<Text, _>(&d.updated_at)?;
+        d
+    }};
+}
+
+// An append that changes the stream's status (its first, or a closing one).
 fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
-    let d = s.delta;
-    out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
-    out.push_bind_param::<Text, _>(&s.escaped)?;
-    out.push_sql(" || '\"' ELSE ");
-    out.push_sql(data_but_last(&out));
-    out.push_sql(" || ");
-    out.push_bind_param::<Text, _>(&s.escaped)?;
-    out.push_sql(" || '\"' END, extras = COALESCE(");
-    out.push_bind_param::<Nullable<Text>, _>(&s.extras)?;
-    out.push_sql(", extras), version_serial = ");
-    out.push_bind_param::<Text, _>(&d.version_serial)?;
-    out.push_sql(", updated_at = ");
-    out.push_bind_param::<Text, _>(&d.updated_at)?;
-    out.push_sql(", last_action = 'append', append_count = ");
-    out.push_bind_param::<BigInt, _>(&d.append_count)?;
+    let d = push_appended_set!(out, s);
     out.push_sql(", stream_status = ");
     out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
-    out.push_sql(", last_append_at = ");
-    out.push_bind_param::<Text, _>(&d.updated_at)?;
     out.push_sql(" WHERE channel_id = ");
     out.push_bind_param::<Text, _>(&d.channel_id)?;
     out.push_sql(" AND message_serial = ");
     out.push_bind_param::<Text, _>(&d.message_serial)?;
+});
+
+// An append that keeps the stored status: it matches no row when the status differs. With
+// `stream_status` out of the `SET` list SQLite leaves the partial index on open streams
+// alone, instead of deleting and re-inserting the message's entry on every append.
+fixed_statement!(SaveAppendedText<'a, AppendedState<'a>>, |s, out| {
+    let d = push_appended_set!(out, s);
+    out.push_sql(" WHERE channel_id = ");
+    out.push_bind_param::<Text, _>(&d.channel_id)?;
+    out.push_sql(" AND message_serial = ");
+    out.push_bind_param::<Text, _>(&d.message_serial)?;
+    out.push_sql(" AND stream_status = ");
+    out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
 });
 
 // `(channel id, last seq)`: the writer marks each channel of a batch.

@@ -650,6 +650,11 @@ pub fn save_appended_state(
     d: &super::message_state::AppendDelta,
 ) -> QueryResult<usize> {
     let state = super::fixed::AppendedState::of(d);
+    // Most appends keep the status: the statement that leaves it out of the `SET` list first.
+    let kept = on_engine!(conn, |c| super::fixed::SaveAppendedText(&state).execute(c))?;
+    if kept > 0 {
+        return Ok(kept);
+    }
     on_engine!(conn, |c| super::fixed::SaveAppendedState(&state).execute(c))
 }
 
@@ -1309,6 +1314,68 @@ pub(crate) mod tests {
              AND history_seq > 0 ORDER BY history_seq",
         );
         assert!(reply_plan.contains("messages_thread"), "{reply_plan}");
+    }
+
+    /// An append that keeps the stored status goes through the statement that leaves the
+    /// status alone; one that changes it (a stream's first or closing append), or finds the
+    /// stored status other than it expects, through the one that sets it.
+    #[test]
+    fn appended_states_keep_or_change_the_stream_status() {
+        use crate::domain::message::{NewMessage, StreamStatus};
+        use crate::store::message_state::AppendDelta;
+        let mut conn = workspace_with_channel_c1();
+        let m = NewMessage {
+            data: Some(serde_json::json!("")),
+            ..Default::default()
+        }
+        .into_message("c1", "agent", 1, "t0");
+        insert_message(&mut conn, &m, "1").expect("insert");
+        let delta = |fragment: &str, n: i64, status: StreamStatus| AppendDelta {
+            channel_id: "c1".into(),
+            message_serial: m.message_serial.clone(),
+            fragment: fragment.into(),
+            version_serial: format!("v{n}"),
+            updated_at: format!("t{n}"),
+            append_count: n,
+            stream_status: status,
+            extras: None,
+        };
+        let open = |conn: &mut Conn| -> Vec<String> {
+            open_streams(conn, "c1")
+                .expect("open streams")
+                .into_iter()
+                .map(|(serial, _)| serial)
+                .collect()
+        };
+        let steps = [
+            ("a\"", StreamStatus::Open),
+            ("b", StreamStatus::Open),
+            ("c", StreamStatus::Open),
+            ("", StreamStatus::Closed),
+        ];
+        let mut text = String::new();
+        for (n, (fragment, status)) in (1..).zip(steps) {
+            let saved = save_appended_state(&mut conn, &delta(fragment, n, status)).expect("save");
+            assert_eq!(saved, 1, "append {n} saved one row");
+            text.push_str(fragment);
+            let stored = message(&mut conn, "c1", &m.message_serial)
+                .expect("read")
+                .expect("row");
+            assert_eq!(stored.data, serde_json::json!(text), "append {n}");
+            assert_eq!(stored.stream_status, status, "append {n}");
+            assert_eq!(stored.append_count, n);
+            assert_eq!(stored.version_serial, format!("v{n}"));
+            let expect_open = status == StreamStatus::Open;
+            assert_eq!(
+                open(&mut conn) == [m.message_serial.clone()],
+                expect_open,
+                "append {n}"
+            );
+        }
+        // A message that is not there: nothing saved, by either statement.
+        let mut missing = delta("x", 9, StreamStatus::Open);
+        missing.message_serial = "absent".into();
+        assert_eq!(save_appended_state(&mut conn, &missing).expect("save"), 0);
     }
 
     #[test]
