@@ -2551,16 +2551,17 @@ mod tests {
         }
     }
 
-    /// What serde reads of a chat frame, for comparison with the fast path.
-    fn serde_seen(
-        text: &str,
-    ) -> Option<(
+    /// `(kind, cursor, channel, seq, data)` as read from a frame.
+    type Read = (
         Kind,
         Option<String>,
         Option<String>,
         Option<i64>,
         Option<String>,
-    )> {
+    );
+
+    /// What serde reads of a chat frame, for comparison with the fast path.
+    fn serde_seen(text: &str) -> Option<Read> {
         let f: Frame<'_> = serde_json::from_str(text).ok()?;
         Some((
             if f.ty == "message.created" {

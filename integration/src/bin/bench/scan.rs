@@ -181,20 +181,23 @@ mod tests {
     fn skips_every_kind_of_value_to_the_next_key() {
         let text = r#"{"s":"a\"}b\\","o":{"x":[1,{"y":"]}"}],"z":null},"a":[],"n":-12.5e3,
             "t":true , "f":false,"last":"end"}"#;
-        assert_eq!(keys(text).unwrap(), ["s", "o", "a", "n", "t", "f", "last"]);
-        assert_eq!(keys("{}").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            keys(text).expect("keys"),
+            ["s", "o", "a", "n", "t", "f", "last"]
+        );
+        assert_eq!(keys("{}").expect("keys"), Vec::<String>::new());
     }
 
     #[test]
     fn reads_plain_strings_and_integers() {
         let mut s = Scanner::new(r#"{"a":"plain","b":"esc\"aped","c":42,"d":null,"e":1.5}"#);
-        s.begin_object().unwrap();
+        s.begin_object().expect("scan");
         assert_eq!(s.next_key(), Ok(Some("a")));
         assert_eq!(s.plain_str(), Some("plain"));
         assert_eq!(s.next_key(), Ok(Some("b")));
         assert_eq!(s.plain_str(), None, "an escaped string is left to serde");
         let mut s = Scanner::new(r#"{"c":42,"d":null,"e":1.5,"f":-7}"#);
-        s.begin_object().unwrap();
+        s.begin_object().expect("scan");
         assert_eq!(s.next_key(), Ok(Some("c")));
         assert_eq!(s.int(), Some(Some(42)));
         assert_eq!(s.next_key(), Ok(Some("d")));
@@ -202,7 +205,7 @@ mod tests {
         assert_eq!(s.next_key(), Ok(Some("e")));
         assert_eq!(s.int(), None, "not an integer");
         let mut s = Scanner::new(r#"{"f":-7}"#);
-        s.begin_object().unwrap();
+        s.begin_object().expect("scan");
         assert_eq!(s.next_key(), Ok(Some("f")));
         assert_eq!(s.int(), Some(Some(-7)));
         assert_eq!(s.next_key(), Ok(None));
