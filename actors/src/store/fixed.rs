@@ -276,9 +276,9 @@ fn data_but_last<DB: diesel::backend::Backend + DataButLast>(
     DB::SQL
 }
 
-/// The `SET` list of an append's `UPDATE` up to `extras`, `version_serial`, `updated_at`,
-/// `last_action`, `append_count`: only the end of the stored text changes, the rest of the
-/// row is not re-encoded.
+/// An append's `UPDATE` with the `SET` list both statements share (text, extras, version
+/// serial, times, append count); it yields the delta for the rest. Only the end of the
+/// stored text changes: the rest of the row is not re-encoded.
 macro_rules! push_appended_set {
     ($out:ident, $s:ident) => {{
         let d = $s.delta;
