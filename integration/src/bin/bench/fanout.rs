@@ -521,9 +521,7 @@ impl<'a> Seen<'a> {
             }
         }
     }
-}
 
-impl<'a> Seen<'a> {
     /// The chat face's fast path: the members the checks read, borrowed, stopping at
     /// `payload.data` once the others are known (the server writes `payload` last). `None`
     /// (escapes, an unexpected shape) leaves the frame to serde.
