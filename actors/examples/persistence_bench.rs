@@ -25,7 +25,7 @@ use switchboard_actors::metrics::Metrics;
 use switchboard_actors::persistence::{
     ChannelSeqs, Persistence, PersistenceConfig, VersionWrite, Write,
 };
-use switchboard_actors::store::message_state::{AppendDelta, StateWrite};
+use switchboard_actors::store::message_state::StateWrite;
 use switchboard_actors::store::rows::{VersionRow, WorkspaceRow};
 use switchboard_actors::store::{self, queries, DatabaseUrl};
 
@@ -154,9 +154,12 @@ fn main() -> Result<(), String> {
             } else {
                 message.append_count += 1;
                 message.stream_status = StreamStatus::Open;
-                // What the channel actor sends for an append: the fragment and counters, not
-                // the whole text.
-                StateWrite::Append(AppendDelta::of(message, fragment, None))
+                if let serde_json::Value::String(text) = &mut message.data {
+                    text.push_str(fragment);
+                }
+                // What the channel actor sends for an append: the fragment and counters (with
+                // the whole text only at a long text's checkpoints).
+                StateWrite::of_append(message, fragment, None)
             };
             let row = VersionRow {
                 channel_id: channel.id.clone(),

@@ -1104,6 +1104,7 @@ mod tests {
                     append_count: n as i64 + 1,
                     stream_status: StreamStatus::Open,
                     extras: (n == 1).then(|| serde_json::json!({"k": "v"})),
+                    writes_text: true,
                 };
                 futures.push(p.enqueue(versioned_write(seq, StateWrite::Append(delta))));
             }

@@ -1299,3 +1299,77 @@ async fn a_run_longer_than_a_backfill_page_is_still_one_compacted_event() {
     assert_eq!(p["data"], json!(text));
     assert_eq!(p["length"], json!(text.len()));
 }
+
+/// A stream past a few KiB: its appends stop rewriting the stored text (it is written at
+/// checkpoints and at the close, docs/versioned-messages.md), yet the message, the history
+/// listing, a SIGKILL and restart, appends after it and the close all see the whole text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_stream_reads_whole_through_checkpoints_a_restart_and_its_close() {
+    let mut s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    s.create_entity("bob", "Bob", "human", "member").await;
+    let ch = alice.create_group(&uniq("long"), &["bob"], json!({})).await;
+    let cid = str_of(&ch["id"], "id");
+    let mid = str_of(
+        &alice.say(&cid, PREFIX).await["message"]["message_serial"],
+        "serial",
+    );
+    // 100-byte fragments: inline up to 2 KiB, then deferred, with a checkpoint at 8 KiB.
+    let fragment = |i: usize| format!("{i:05}{}", "x".repeat(95));
+    let mut text = PREFIX.to_string();
+    let read_back = |text: String| {
+        let (alice, cid, mid) = (alice.clone(), cid.clone(), mid.clone());
+        async move {
+            let m = get_message(&alice, &cid, &mid).await;
+            assert_eq!(str_of(&m["data"], "data"), text, "GET message");
+            let (st, listed) = alice.get(&format!("/api/channels/{cid}/messages")).await;
+            assert_eq!(st, 200, "{listed}");
+            let found = listed["messages"]
+                .as_array()
+                .and_then(|ms| ms.iter().find(|m| m["message_serial"] == json!(mid)))
+                .cloned()
+                .unwrap_or_else(|| panic!("message listed: {listed}"));
+            assert_eq!(str_of(&found["data"], "data"), text, "history listing");
+            m
+        }
+    };
+    for i in 0..120 {
+        let f = fragment(i);
+        text.push_str(&f);
+        let answer = append(&alice, &cid, &mid, &json!({"data": f})).await;
+        assert_eq!(answer["event"]["payload"]["length"], json!(text.len()));
+        if i % 40 == 39 {
+            read_back(text.clone()).await;
+        }
+    }
+
+    s.kill_hard();
+    s.restart().await;
+    let m = read_back(text.clone()).await;
+    assert_eq!(m["version_serial"], json!(version_serial_of(121)));
+    assert_eq!(m["stream_status"], json!("open"));
+
+    // The channel actor starts from the stored state: later appends continue the same text.
+    for i in 120..150 {
+        let f = fragment(i);
+        text.push_str(&f);
+        let answer = append(&alice, &cid, &mid, &json!({"data": f})).await;
+        assert_eq!(answer["event"]["payload"]["length"], json!(text.len()));
+    }
+    read_back(text.clone()).await;
+    append(
+        &alice,
+        &cid,
+        &mid,
+        &json!({"data": "", "extras": {"status": "complete"}}),
+    )
+    .await;
+    let m = read_back(text.clone()).await;
+    assert_eq!(m["stream_status"], json!("closed"));
+    assert_eq!(m["version_serial"], json!(version_serial_of(152)));
+
+    // And after another restart the closed message is whole from its row.
+    s.kill_hard();
+    s.restart().await;
+    read_back(text).await;
+}

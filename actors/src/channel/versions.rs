@@ -17,7 +17,7 @@ use crate::domain::versioned::{self, Action, Mutation, StreamContext};
 use crate::error::{ApiError, ApiResult, ErrorCode};
 use crate::persistence::{VersionWrite, Write};
 use crate::settings::AiTransportLimits;
-use crate::store::message_state::{AppendDelta, StateWrite};
+use crate::store::message_state::StateWrite;
 use crate::store::queries;
 use crate::store::rows::VersionRow;
 use actix::ResponseActFuture;
@@ -369,11 +369,9 @@ impl ChannelActor {
         };
         // An append sends only what it changed: the stream's text is not copied per token.
         let state = match action {
-            Action::Append => StateWrite::Append(AppendDelta::of(
-                &next,
-                mutation.fragment(),
-                mutation.body.extras.as_ref(),
-            )),
+            Action::Append => {
+                StateWrite::of_append(&next, mutation.fragment(), mutation.body.extras.as_ref())
+            }
             _ => StateWrite::Full(Box::new(Message::clone(&next))),
         };
         // The writer inserts the version and saves the message's row, once per batch (see

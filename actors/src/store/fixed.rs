@@ -223,13 +223,13 @@ fixed_statement!(SaveMessageState<'a, MessageState<'a>>, |s, out| {
     out.push_bind_param::<Text, _>(m.stream_status.as_str())?;
     out.push_sql(", last_append_at = ");
     out.push_bind_param::<Nullable<Text>, _>(&m.last_append_at)?;
-    out.push_sql(" WHERE channel_id = ");
+    out.push_sql(", text_seq = NULL WHERE channel_id = ");
     out.push_bind_param::<Text, _>(&m.channel_id)?;
     out.push_sql(" AND message_serial = ");
     out.push_bind_param::<Text, _>(&m.message_serial)?;
 });
 
-/// The columns an append sets, encoded for [`SaveAppendedState`].
+/// The columns an append sets, encoded for the append statements ([`SaveAppendedText`] …).
 pub struct AppendedState<'a> {
     delta: &'a super::message_state::AppendDelta,
     /// The fragments as the inside of a JSON string (escaped, without quotes): appended to
@@ -240,12 +240,16 @@ pub struct AppendedState<'a> {
 
 impl<'a> AppendedState<'a> {
     pub fn of(delta: &'a super::message_state::AppendDelta) -> Self {
-        let quoted = to_json_text(&delta.fragment);
-        let escaped = quoted
-            .strip_prefix('"')
-            .and_then(|s| s.strip_suffix('"'))
-            .unwrap_or_default()
-            .to_string();
+        let escaped = if delta.writes_text {
+            let quoted = to_json_text(&delta.fragment);
+            quoted
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            String::new()
+        };
         Self {
             delta,
             escaped,
@@ -276,19 +280,31 @@ fn data_but_last<DB: diesel::backend::Backend + DataButLast>(
     DB::SQL
 }
 
-/// An append's `UPDATE` with the `SET` list both statements share (text, extras, version
-/// serial, times, append count); it yields the delta for the rest. Only the end of the
-/// stored text changes: the rest of the row is not re-encoded.
-macro_rules! push_appended_set {
-    ($out:ident, $s:ident) => {{
+/// An append's `UPDATE`. With `text`, the batch's fragments go onto the end of the stored
+/// text, which must be current (`text_seq IS NULL`): only its end changes, the rest of the row
+/// is not re-encoded. Without, the text is left as it is and `text_seq` keeps the version
+/// through which it is written (the row's version before its first unwritten append); the
+/// record keeps its size, so SQLite rewrites it in place and leaves the text's overflow pages
+/// alone. With `status` it sets the stream's status; without, it matches only a row whose
+/// status is the append's, and so leaves the partial index on open streams alone.
+macro_rules! push_append {
+    ($out:ident, $s:ident, text: $text:literal, status: $status:literal) => {{
         let d = $s.delta;
-        $out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
-        $out.push_bind_param::<Text, _>(&$s.escaped)?;
-        $out.push_sql(" || '\"' ELSE ");
-        $out.push_sql(data_but_last(&$out));
-        $out.push_sql(" || ");
-        $out.push_bind_param::<Text, _>(&$s.escaped)?;
-        $out.push_sql(" || '\"' END, extras = COALESCE(");
+        if $text {
+            $out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
+            $out.push_bind_param::<Text, _>(&$s.escaped)?;
+            $out.push_sql(" || '\"' ELSE ");
+            $out.push_sql(data_but_last(&$out));
+            $out.push_sql(" || ");
+            $out.push_bind_param::<Text, _>(&$s.escaped)?;
+            $out.push_sql(" || '\"' END");
+        } else {
+            $out.push_sql(
+                "UPDATE messages SET \
+                 text_seq = COALESCE(text_seq, CAST(substr(version_serial, 2) AS BIGINT))",
+            );
+        }
+        $out.push_sql(", extras = COALESCE(");
         $out.push_bind_param::<Nullable<Text>, _>(&$s.extras)?;
         $out.push_sql(", extras), version_serial = ");
         $out.push_bind_param::<Text, _>(&d.version_serial)?;
@@ -298,32 +314,38 @@ macro_rules! push_appended_set {
         $out.push_bind_param::<BigInt, _>(&d.append_count)?;
         $out.push_sql(", last_append_at = ");
         $out.push_bind_param::<Text, _>(&d.updated_at)?;
-        d
+        if $status {
+            $out.push_sql(", stream_status = ");
+            $out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
+        }
+        $out.push_sql(" WHERE channel_id = ");
+        $out.push_bind_param::<Text, _>(&d.channel_id)?;
+        $out.push_sql(" AND message_serial = ");
+        $out.push_bind_param::<Text, _>(&d.message_serial)?;
+        if !$status {
+            $out.push_sql(" AND stream_status = ");
+            $out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
+        }
+        if $text {
+            $out.push_sql(" AND text_seq IS NULL");
+        }
     }};
 }
 
-// An append that changes the stream's status (its first, or a closing one).
-fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
-    let d = push_appended_set!(out, s);
-    out.push_sql(", stream_status = ");
-    out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
-    out.push_sql(" WHERE channel_id = ");
-    out.push_bind_param::<Text, _>(&d.channel_id)?;
-    out.push_sql(" AND message_serial = ");
-    out.push_bind_param::<Text, _>(&d.message_serial)?;
+fixed_statement!(SaveAppendedText<'a, AppendedState<'a>>, |s, out| {
+    push_append!(out, s, text: true, status: false);
 });
 
-// An append that keeps the stored status: it matches no row when the status differs. With
-// `stream_status` out of the `SET` list SQLite leaves the partial index on open streams
-// alone, instead of deleting and re-inserting the message's entry on every append.
-fixed_statement!(SaveAppendedText<'a, AppendedState<'a>>, |s, out| {
-    let d = push_appended_set!(out, s);
-    out.push_sql(" WHERE channel_id = ");
-    out.push_bind_param::<Text, _>(&d.channel_id)?;
-    out.push_sql(" AND message_serial = ");
-    out.push_bind_param::<Text, _>(&d.message_serial)?;
-    out.push_sql(" AND stream_status = ");
-    out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
+fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
+    push_append!(out, s, text: true, status: true);
+});
+
+fixed_statement!(SaveDeferredAppend<'a, AppendedState<'a>>, |s, out| {
+    push_append!(out, s, text: false, status: false);
+});
+
+fixed_statement!(SaveDeferredAppendState<'a, AppendedState<'a>>, |s, out| {
+    push_append!(out, s, text: false, status: true);
 });
 
 // `(channel id, last seq)`: the writer marks each channel of a batch.

@@ -5,6 +5,14 @@
 //! (its fragment and the stream's counters): copying a streamed text into every append's
 //! write cost a copy, an allocation and a JSON encoding of the whole text per token. The
 //! writer appends the batch's fragments to the stored text in one statement.
+//!
+//! A long text is not rewritten by every append at all: SQLite re-encodes a row whose size
+//! changes, and a text past a page sits in overflow pages that each append wrote again (a
+//! 20 KB text cost ~26 KB of WAL per append). Past [`INLINE_TEXT_MAX`] an append leaves the
+//! stored text as it is and the row records the version through which it is written; the
+//! fragments after it are in the versions the same commits wrote, and readers add them
+//! (`queries::complete_text`). The whole text is written again at checkpoints
+//! ([`passes_checkpoint`]) and when the stream closes.
 
 use serde_json::Value;
 
@@ -12,6 +20,19 @@ use super::queries;
 use super::Conn;
 use crate::domain::message::{Message, StreamStatus};
 use diesel::QueryResult;
+
+/// A stream's text up to this many bytes is written by every append: it fits on the
+/// message row's own page.
+pub const INLINE_TEXT_MAX: usize = 2048;
+
+/// Whether a long text growing from `before` to `after` bytes passes a checkpoint, where the
+/// whole text is written again: every 8 KiB, or every eighth of the text past 64 KiB. Over a
+/// stream's life the text is then written a bounded number of times its length, and a reader
+/// adds at most a checkpoint's span of fragments from the versions.
+pub fn passes_checkpoint(before: usize, after: usize) -> bool {
+    let step = (after.next_power_of_two() / 8).max(8 * 1024);
+    before / step != after / step
+}
 
 /// The state of a message after one version.
 pub enum StateWrite {
@@ -22,6 +43,20 @@ pub enum StateWrite {
 }
 
 impl StateWrite {
+    /// What the append of `fragment` that left its message as `next` writes: a delta, with
+    /// or without its text, or the whole state at a checkpoint or a long stream's close.
+    pub fn of_append(next: &Message, fragment: &str, extras: Option<&Value>) -> Self {
+        let after = next.data.as_str().map_or(0, str::len);
+        let before = after.saturating_sub(fragment.len());
+        if after <= INLINE_TEXT_MAX {
+            return Self::Append(AppendDelta::of(next, fragment, extras, true));
+        }
+        if next.stream_status != StreamStatus::Open || passes_checkpoint(before, after) {
+            return Self::Full(Box::new(next.clone()));
+        }
+        Self::Append(AppendDelta::of(next, fragment, extras, false))
+    }
+
     pub fn key(&self) -> (&str, &str) {
         match self {
             Self::Full(m) => (&m.channel_id, &m.message_serial),
@@ -44,11 +79,18 @@ pub struct AppendDelta {
     pub stream_status: StreamStatus,
     /// The extras the append set, if it set any (they replace the message's).
     pub extras: Option<Value>,
+    /// Whether the fragments go onto the stored text (see [`INLINE_TEXT_MAX`]).
+    pub writes_text: bool,
 }
 
 impl AppendDelta {
     /// The delta `message` (its state after an append of `fragment`) differs by.
-    pub fn of(message: &Message, fragment: &str, extras: Option<&Value>) -> Self {
+    pub fn of(
+        message: &Message,
+        fragment: &str,
+        extras: Option<&Value>,
+        writes_text: bool,
+    ) -> Self {
         Self {
             channel_id: message.channel_id.clone(),
             message_serial: message.message_serial.clone(),
@@ -58,6 +100,7 @@ impl AppendDelta {
             append_count: message.append_count,
             stream_status: message.stream_status,
             extras: extras.cloned(),
+            writes_text,
         }
     }
 
@@ -80,7 +123,13 @@ impl AppendDelta {
 
     /// Folds a later append of the same message into this one.
     fn then(&mut self, later: AppendDelta) {
-        self.fragment.push_str(&later.fragment);
+        // Once one append leaves the text to the versions, the later ones must too.
+        self.writes_text &= later.writes_text;
+        if self.writes_text {
+            self.fragment.push_str(&later.fragment);
+        } else {
+            self.fragment.clear();
+        }
         if later.extras.is_some() {
             self.extras = later.extras;
         }
@@ -110,6 +159,7 @@ impl PendingState {
     pub fn from(first: StateWrite) -> Self {
         match first {
             StateWrite::Full(m) => Self::Full(m),
+            StateWrite::Append(d) if !d.writes_text => Self::Appended(d),
             StateWrite::Append(mut d) => {
                 // The fragment was allocated by the thread that sent it: later fragments are
                 // added to a copy of the writer's own (growing another thread's allocation
@@ -155,6 +205,7 @@ mod tests {
             append_count: n,
             stream_status: StreamStatus::Open,
             extras,
+            writes_text: true,
         }
     }
 
@@ -210,5 +261,66 @@ mod tests {
         let mut p = PendingState::from(StateWrite::Append(delta(&m, "b", 1, None)));
         p.absorb(StateWrite::Full(Box::new(deleted)));
         assert!(matches!(p, PendingState::Full(s) if s.deleted));
+    }
+
+    /// `current` with `fragment` appended, as `versioned::apply` leaves it.
+    fn appended(current: &Message, fragment: &str, status: StreamStatus) -> Message {
+        let mut next = current.clone();
+        let text = format!("{}{fragment}", current.data.as_str().unwrap_or_default());
+        next.data = Value::String(text);
+        next.append_count += 1;
+        next.stream_status = status;
+        next
+    }
+
+    #[test]
+    fn checkpoints_come_every_8_kib_then_every_eighth_of_the_text() {
+        assert!(!passes_checkpoint(2_100, 8_191));
+        assert!(passes_checkpoint(8_191, 8_192));
+        assert!(!passes_checkpoint(8_192, 16_383));
+        assert!(passes_checkpoint(60_000, 66_000), "64 KiB is one");
+        // Past 64 KiB the step is 16 KiB: 72 KiB is not one, 80 KiB is.
+        assert!(!passes_checkpoint(70_000, 75_000));
+        assert!(passes_checkpoint(81_000, 82_000));
+    }
+
+    #[test]
+    fn an_append_writes_its_text_while_short_and_the_whole_state_at_checkpoints_and_close() {
+        let writes = |current: &Message, fragment: &str, status: StreamStatus| {
+            let next = appended(current, fragment, status);
+            match StateWrite::of_append(&next, fragment, None) {
+                StateWrite::Full(m) => {
+                    assert_eq!(m.data, next.data);
+                    "whole"
+                }
+                StateWrite::Append(d) if d.writes_text => "text",
+                StateWrite::Append(_) => "deferred",
+            }
+        };
+        let short = message(json!("x".repeat(100)));
+        assert_eq!(writes(&short, "abc", StreamStatus::Open), "text");
+        assert_eq!(writes(&short, "", StreamStatus::Closed), "text");
+        let at_limit = message(json!("x".repeat(INLINE_TEXT_MAX)));
+        assert_eq!(writes(&at_limit, "a", StreamStatus::Open), "deferred");
+        let long = message(json!("x".repeat(8_000)));
+        assert_eq!(writes(&long, "abc", StreamStatus::Open), "deferred");
+        assert_eq!(writes(&long, &"y".repeat(300), StreamStatus::Open), "whole");
+        assert_eq!(writes(&long, "", StreamStatus::Closed), "whole");
+    }
+
+    #[test]
+    fn once_an_append_defers_its_text_the_folded_delta_does() {
+        let m = message(json!(""));
+        let mut p = PendingState::from(StateWrite::Append(delta(&m, "ab", 1, None)));
+        let mut later = delta(&m, "c", 2, None);
+        later.writes_text = false;
+        p.absorb(StateWrite::Append(later));
+        p.absorb(StateWrite::Append(delta(&m, "d", 3, None)));
+        let PendingState::Appended(d) = p else {
+            panic!("appends alone stay a delta");
+        };
+        assert!(!d.writes_text);
+        assert_eq!(d.append_count, 3);
+        assert_eq!(d.version_serial, "v3");
     }
 }

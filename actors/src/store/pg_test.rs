@@ -123,6 +123,13 @@ mod tests {
     }
 
     #[test]
+    fn postgres_deferred_appends_are_read_from_their_versions() {
+        let db = TestDb::create();
+        let mut conn = setup(&db);
+        queries::tests::deferred_appends_are_read_from_their_versions_until_a_whole_save(&mut conn);
+    }
+
+    #[test]
     fn postgres_schema_migrates_and_the_queries_run() {
         let db = TestDb::create();
         let mut conn = setup(&db);

@@ -498,6 +498,46 @@ pub fn insert_message(conn: &mut Conn, m: &Message, workspace_id: &str) -> Query
         .execute(c))
 }
 
+/// Messages from their rows, each with its whole text (see [`complete_text`]).
+fn complete_texts(conn: &mut Conn, rows: Vec<MessageRow>) -> QueryResult<Vec<Message>> {
+    rows.into_iter().map(|r| complete_text(conn, r)).collect()
+}
+
+/// A message from its row with its whole text: a long stream's appends do not rewrite the
+/// stored text each time (`fixed::SaveDeferredAppend`), so a row with `text_seq` gets the
+/// fragments of its appends after that version, which the writer committed with it.
+fn complete_text(conn: &mut Conn, row: MessageRow) -> QueryResult<Message> {
+    let Some(written_through) = row.text_seq else {
+        return Ok(Message::from(row));
+    };
+    let bodies: Vec<String> = message_versions::table
+        .filter(message_versions::channel_id.eq(&row.channel_id))
+        .filter(message_versions::message_serial.eq(&row.message_serial))
+        .filter(message_versions::seq.gt(written_through))
+        .filter(message_versions::action.eq("append"))
+        .order(message_versions::seq.asc())
+        .select(message_versions::body)
+        .load(conn)?;
+    let mut m = Message::from(row);
+    let mut text = match std::mem::take(&mut m.data) {
+        serde_json::Value::String(s) => s,
+        _ => String::new(),
+    };
+    for body in bodies {
+        if let Ok(AppendBody { data }) = serde_json::from_str(&body) {
+            text.push_str(&data);
+        }
+    }
+    m.data = serde_json::Value::String(text);
+    Ok(m)
+}
+
+/// The part of an append's version body the text needs.
+#[derive(serde::Deserialize)]
+struct AppendBody {
+    data: String,
+}
+
 pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
     on_engine!(conn, |c| super::fixed::InsertVersion(v).execute(c))
 }
@@ -531,8 +571,9 @@ pub fn message(conn: &mut Conn, channel_id: &str, serial: &str) -> QueryResult<O
         .find((channel_id, serial))
         .select(MessageRow::as_select())
         .first(conn)
-        .optional()
-        .map(|r| r.map(Message::from))
+        .optional()?
+        .map(|r| complete_text(conn, r))
+        .transpose()
 }
 
 pub fn message_by_nonce(
@@ -547,8 +588,9 @@ pub fn message_by_nonce(
         .filter(messages::nonce.eq(nonce))
         .select(MessageRow::as_select())
         .first(conn)
-        .optional()
-        .map(|r| r.map(Message::from))
+        .optional()?
+        .map(|r| complete_text(conn, r))
+        .transpose()
 }
 
 /// Root messages by history seq: after `after` ascending, or before `before` (newest page),
@@ -585,7 +627,7 @@ pub fn list_roots(
             .limit(limit)
             .load(conn)?,
     };
-    Ok(rows.into_iter().map(Message::from).collect())
+    complete_texts(conn, rows)
 }
 
 pub fn thread_replies(
@@ -603,7 +645,7 @@ pub fn thread_replies(
         .limit(limit)
         .select(MessageRow::as_select())
         .load(conn)
-        .map(|v| v.into_iter().map(Message::from).collect())
+        .and_then(|rows| complete_texts(conn, rows))
 }
 
 pub fn bump_reply_count(
@@ -644,18 +686,34 @@ pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
     on_engine!(conn, |c| super::fixed::SaveMessageState(&state).execute(c))
 }
 
-/// Extends a message's stored text by one batch's appends and sets what they changed.
+/// Saves what one batch's appends to a message changed: onto its stored text when the delta
+/// writes text and the row's text is current; otherwise the text is left to the versions
+/// (`text_seq`, see [`complete_texts`]).
 pub fn save_appended_state(
     conn: &mut Conn,
     d: &super::message_state::AppendDelta,
 ) -> QueryResult<usize> {
+    use super::fixed::{
+        SaveAppendedState, SaveAppendedText, SaveDeferredAppend, SaveDeferredAppendState,
+    };
     let state = super::fixed::AppendedState::of(d);
-    // Most appends keep the status: the statement that leaves it out of the `SET` list first.
-    let kept = on_engine!(conn, |c| super::fixed::SaveAppendedText(&state).execute(c))?;
-    if kept > 0 {
-        return Ok(kept);
+    // Most appends keep the status: the statements that leave it out of the `SET` list first.
+    if d.writes_text {
+        let saved = on_engine!(conn, |c| SaveAppendedText(&state).execute(c))?;
+        if saved > 0 {
+            return Ok(saved);
+        }
+        let saved = on_engine!(conn, |c| SaveAppendedState(&state).execute(c))?;
+        if saved > 0 {
+            return Ok(saved);
+        }
+        // The stored text is behind its versions: this batch's fragments stay there too.
     }
-    on_engine!(conn, |c| super::fixed::SaveAppendedState(&state).execute(c))
+    let saved = on_engine!(conn, |c| SaveDeferredAppend(&state).execute(c))?;
+    if saved > 0 {
+        return Ok(saved);
+    }
+    on_engine!(conn, |c| SaveDeferredAppendState(&state).execute(c))
 }
 
 /// The version an op_id produced for this message and action, if any.
@@ -752,7 +810,7 @@ pub fn history_page(
             .load(conn)?,
         (false, None) => q.order(messages::history_seq.asc()).load(conn)?,
     };
-    Ok(rows.into_iter().map(Message::from).collect())
+    complete_texts(conn, rows)
 }
 
 /// Messages of a channel whose stream is open, with the time of their last append.
@@ -825,7 +883,8 @@ pub fn text_at(
 }
 
 /// Deletes up to `batch` versions created before `cutoff` in a workspace, never the newest
-/// version of a message. Returns how many went.
+/// version of a message, nor an append whose fragment its message's stored text does not
+/// hold yet (after its `text_seq`). Returns how many went.
 pub fn purge_versions(
     conn: &mut Conn,
     workspace_id: &str,
@@ -839,6 +898,10 @@ pub fn purge_versions(
              AND EXISTS (SELECT 1 FROM message_versions n \
                          WHERE n.channel_id = v.channel_id AND n.message_serial = v.message_serial \
                            AND n.seq > v.seq) \
+             AND NOT EXISTS (SELECT 1 FROM messages m \
+                             WHERE m.channel_id = v.channel_id \
+                               AND m.message_serial = v.message_serial \
+                               AND m.text_seq < v.seq) \
            LIMIT ?)";
     let sql = if conn.is_postgres() {
         numbered_placeholders(sql)
@@ -1316,6 +1379,115 @@ pub(crate) mod tests {
         assert!(reply_plan.contains("messages_thread"), "{reply_plan}");
     }
 
+    /// Past the inline size an append leaves the stored text to its versions: readers still
+    /// get the whole text, an append that would write text onto a row that is behind leaves
+    /// it to the versions too, retention keeps the fragments the row does not hold, and a
+    /// whole save writes the text and clears the mark.
+    /// Needs workspace "1" and channel "c1". Run on both engines.
+    pub(crate) fn deferred_appends_are_read_from_their_versions_until_a_whole_save(
+        conn: &mut Conn,
+    ) {
+        use crate::domain::message::{NewMessage, StreamStatus};
+        use crate::store::message_state::AppendDelta;
+        use crate::store::schema::messages::dsl as m_dsl;
+        let mut m = NewMessage {
+            data: Some(serde_json::json!("")),
+            ..Default::default()
+        }
+        .into_message("c1", "agent", 1, "t0");
+        insert_message(conn, &m, "1").expect("insert");
+        let stored_row = |conn: &mut Conn| -> (Option<String>, Option<i64>) {
+            m_dsl::messages
+                .select((m_dsl::data, m_dsl::text_seq))
+                .first(conn)
+                .expect("row")
+        };
+        // (fragment, writes text): seqs 2..=7, each with its version row.
+        let steps = [
+            ("one ", true),
+            ("two \"", true),
+            ("three ", false),
+            ("four ", false),
+            ("five ", true),
+            ("six", false),
+        ];
+        let mut text = String::new();
+        for (seq, (fragment, writes_text)) in (2..).zip(steps) {
+            text.push_str(fragment);
+            let version = VersionRow {
+                channel_id: "c1".into(),
+                seq,
+                message_serial: m.message_serial.clone(),
+                action: "append".into(),
+                actor: None,
+                op_id: None,
+                body: serde_json::json!({"data": fragment, "length": text.len()}).to_string(),
+                created_at: "2020-01-01T00:00:00.000Z".into(),
+                fingerprint: None,
+            };
+            insert_version(conn, &version).expect("version");
+            let delta = AppendDelta {
+                channel_id: "c1".into(),
+                message_serial: m.message_serial.clone(),
+                fragment: fragment.into(),
+                version_serial: crate::ids::version_serial(seq),
+                updated_at: format!("t{seq}"),
+                append_count: seq - 1,
+                stream_status: StreamStatus::Open,
+                extras: None,
+                writes_text,
+            };
+            assert_eq!(save_appended_state(conn, &delta).expect("save"), 1);
+            let read = message(conn, "c1", &m.message_serial)
+                .expect("read")
+                .expect("message");
+            assert_eq!(read.data, serde_json::json!(text), "after seq {seq}");
+            assert_eq!(read.append_count, seq - 1);
+            assert_eq!(read.version_serial, crate::ids::version_serial(seq));
+        }
+        // Written through seq 3 ("one two"): seq 6 wanted to write text, but the row is behind.
+        assert_eq!(
+            stored_row(conn),
+            (Some("\"one two \\\"\"".to_string()), Some(3))
+        );
+        let listed = list_roots(conn, "c1", None, None, 10).expect("roots");
+        assert_eq!(listed[0].data, serde_json::json!(text));
+        let page = history_page(conn, "c1", true, None, 10).expect("history");
+        assert_eq!(page[0].data, serde_json::json!(text));
+
+        // Retention takes the old versions the stored text holds, not those after seq 3.
+        let purged = purge_versions(conn, "1", "2030-01-01T00:00:00.000Z", 100).expect("purge");
+        assert_eq!(purged, 2, "seqs 2 and 3 go");
+        let read = message(conn, "c1", &m.message_serial)
+            .expect("read")
+            .expect("message");
+        assert_eq!(read.data, serde_json::json!(text));
+
+        // A whole save (a checkpoint, or the close) writes the text and clears the mark.
+        m = read;
+        m.stream_status = StreamStatus::Closed;
+        save_message_state(conn, &m).expect("whole save");
+        assert_eq!(
+            stored_row(conn),
+            (Some(serde_json::json!(text).to_string()), None)
+        );
+        let purged = purge_versions(conn, "1", "2030-01-01T00:00:00.000Z", 100).expect("purge");
+        assert_eq!(
+            purged, 3,
+            "all but the newest version go once the text holds them"
+        );
+        let read = message(conn, "c1", &m.message_serial)
+            .expect("read")
+            .expect("message");
+        assert_eq!(read.data, serde_json::json!(text));
+    }
+
+    #[test]
+    fn deferred_appends_are_read_from_their_versions_until_a_whole_save_sqlite() {
+        let mut conn = workspace_with_channel_c1();
+        deferred_appends_are_read_from_their_versions_until_a_whole_save(&mut conn);
+    }
+
     /// An append that keeps the stored status goes through the statement that leaves the
     /// status alone; one that changes it (a stream's first or closing append), or finds the
     /// stored status other than it expects, through the one that sets it.
@@ -1339,6 +1511,7 @@ pub(crate) mod tests {
             append_count: n,
             stream_status: status,
             extras: None,
+            writes_text: true,
         };
         let open = |conn: &mut Conn| -> Vec<String> {
             open_streams(conn, "c1")

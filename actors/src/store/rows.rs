@@ -226,6 +226,9 @@ pub struct MessageRow {
     pub append_count: i64,
     pub stream_status: String,
     pub last_append_at: Option<String>,
+    /// The version through which `data` is written, when appends after it are not (see
+    /// `queries::complete_texts`); `None` when `data` is current.
+    pub text_seq: Option<i64>,
 }
 
 impl From<MessageRow> for Message {
@@ -293,6 +296,7 @@ impl MessageRow {
             append_count: m.append_count,
             stream_status: m.stream_status.as_str().to_string(),
             last_append_at: m.last_append_at.clone(),
+            text_seq: None,
         }
     }
 }

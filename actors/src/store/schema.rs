@@ -93,6 +93,7 @@ diesel::table! {
         append_count -> BigInt,
         stream_status -> Text,
         last_append_at -> Nullable<Text>,
+        text_seq -> Nullable<BigInt>,
     }
 }
 
