@@ -280,7 +280,7 @@ mod cors {
                         ))
                         .insert_header((
                             header::ACCESS_CONTROL_ALLOW_HEADERS,
-                            "authorization, content-type",
+                            "authorization, content-type, prefer",
                         ))
                         .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
                         .insert_header((header::VARY, "Origin"))
@@ -298,6 +298,11 @@ mod cors {
                         .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
                     res.headers_mut()
                         .insert(header::VARY, HeaderValue::from_static("Origin"));
+                    // A browser app may read whether `Prefer: return=minimal` was applied.
+                    res.headers_mut().insert(
+                        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                        HeaderValue::from_static("preference-applied"),
+                    );
                 }
                 Ok(res.map_into_left_body())
             })

@@ -901,6 +901,37 @@ impl ApiClient {
         self.request(Method::GET, path, None).await
     }
 
+    /// POSTs with a `Prefer` header (RFC 7240); answers the status, the
+    /// `Preference-Applied` header if any, and the body.
+    pub async fn post_preferring(
+        &self,
+        path: &str,
+        body: &Value,
+        prefer: &str,
+    ) -> (u16, Option<String>, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .header("prefer", prefer)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} POST {path}: {e}", self.id));
+        let status = resp.status().as_u16();
+        let applied = resp
+            .headers()
+            .get("preference-applied")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{} POST {path}: {e}", self.id));
+        let body = parse_body(status, &bytes, &format!("{} POST {path}", self.id));
+        (status, applied, body)
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.request(Method::POST, path, Some(body)).await
     }

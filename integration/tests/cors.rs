@@ -64,6 +64,10 @@ async fn listed_origins_get_preflights_and_allow_origin_others_nothing() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     assert!(headers.contains("authorization"), "{headers}");
+    assert!(
+        headers.contains("prefer"),
+        "Prefer: return=minimal is allowed: {headers}"
+    );
 
     let (status, h) = send(&s, Method::OPTIONS, "/api/channels", EVIL, None).await;
     assert_ne!(status, 204, "no preflight answer for an unlisted origin");
@@ -73,6 +77,11 @@ async fn listed_origins_get_preflights_and_allow_origin_others_nothing() {
     assert_eq!(status, 200);
     assert_eq!(allow_origin(&h), Some(GOOD));
     assert_eq!(h.get("vary").and_then(|v| v.to_str().ok()), Some("Origin"));
+    assert_eq!(
+        h.get("access-control-expose-headers")
+            .and_then(|v| v.to_str().ok()),
+        Some("preference-applied")
+    );
 
     let (status, h) = send(&s, Method::GET, "/api/me", EVIL, Some(&alice.token)).await;
     assert_eq!(status, 200, "the server answers; the browser withholds it");

@@ -1373,3 +1373,76 @@ async fn a_long_stream_reads_whole_through_checkpoints_a_restart_and_its_close()
     s.restart().await;
     read_back(text).await;
 }
+
+/// `Prefer: return=minimal` (RFC 7240) answers a mutation with its event and status only, so
+/// a long reply's appends do not each carry the whole text back; without it, the message.
+#[tokio::test]
+async fn prefer_return_minimal_answers_without_the_message() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    s.create_entity("bob", "Bob", "human", "member").await;
+    let ch = alice
+        .create_group(&uniq("minimal"), &["bob"], json!({}))
+        .await;
+    let cid = str_of(&ch["id"], "id");
+    let mid = str_of(
+        &alice.say(&cid, PREFIX).await["message"]["message_serial"],
+        "serial",
+    );
+    let path = format!("/api/channels/{cid}/messages/{mid}/append");
+
+    let (st, applied, answer) = alice
+        .post_preferring(
+            &path,
+            &json!({"data": "ab", "op_id": "op-1"}),
+            "return=minimal",
+        )
+        .await;
+    assert_eq!(st, 200, "{answer}");
+    assert_eq!(applied.as_deref(), Some("return=minimal"));
+    let mut keys: Vec<&str> = answer
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    keys.sort_unstable();
+    assert_eq!(keys, ["event", "status"], "{answer}");
+    assert_eq!(answer["status"], json!("applied"));
+    assert_eq!(answer["event"]["type"], json!("message.appended"));
+    assert_eq!(answer["event"]["payload"]["fragment"], json!("ab"));
+    assert_eq!(
+        answer["event"]["payload"]["length"],
+        json!(PREFIX.len() + 2)
+    );
+
+    // A replayed op_id: no event, still no message.
+    let (st, _, dup) = alice
+        .post_preferring(
+            &path,
+            &json!({"data": "ab", "op_id": "op-1"}),
+            "return=minimal",
+        )
+        .await;
+    assert_eq!(st, 200, "{dup}");
+    assert_eq!(dup, json!({"event": null, "status": "duplicate"}));
+
+    // Other preferences, or none, keep the full answer.
+    let (st, applied, full) = alice
+        .post_preferring(&path, &json!({"data": "c"}), "return=representation")
+        .await;
+    assert_eq!(st, 200, "{full}");
+    assert_eq!(applied, None);
+    assert_eq!(full["message"]["data"], json!(format!("{PREFIX}abc")));
+
+    // Refusals are the usual envelope either way.
+    let (st, _, refused) = alice
+        .post_preferring(&path, &json!({"data": ""}), "return=minimal")
+        .await;
+    assert_eq!(st, 400, "{refused}");
+    assert_eq!(refused["code"], json!("invalid_input"), "{refused}");
+    let m = get_message(&alice, &cid, &mid).await;
+    assert_eq!(
+        m["data"],
+        json!(format!("{PREFIX}abc")),
+        "the refusal changed nothing"
+    );
+}

@@ -23,6 +23,7 @@ use switchboard_actors::{error::close_code, ids};
 
 use super::auth::Caller;
 use super::error::HttpResult;
+use super::prefer::{self, ReturnPreference};
 use super::{json, versions, State};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -100,6 +101,16 @@ fn message_and_event(
         body.push_str(",\"status\":");
         body.push_str(&serde_json::to_string(s).map_err(ApiError::internal)?);
     }
+    body.push('}');
+    Ok(body)
+}
+
+/// `{event, status}`: a mutation's answer under `Prefer: return=minimal`.
+fn event_and_status(event: &Option<std::sync::Arc<Event>>, status: &str) -> ApiResult<String> {
+    let mut body = String::from("{\"event\":");
+    body.push_str(event.as_ref().map_or("null", |e| &e.frame));
+    body.push_str(",\"status\":");
+    body.push_str(&serde_json::to_string(status).map_err(ApiError::internal)?);
     body.push('}');
     Ok(body)
 }
@@ -799,6 +810,7 @@ async fn mutate_message(
     caller: Caller,
     path: web::Path<(String, String, String)>,
     body: web::Json<MutationBody>,
+    prefer: ReturnPreference,
 ) -> HttpResult<HttpResponse> {
     let (id, serial, action) = path.into_inner();
     let action = versions::parse_action(&action)?;
@@ -821,9 +833,17 @@ async fn mutate_message(
         &caller.workspace.settings,
     )
     .await?;
+    let status = versions::status_word(&out);
+    if prefer.minimal {
+        let mut answer = raw_json(StatusCode::OK, event_and_status(&out.event, status)?);
+        answer
+            .headers_mut()
+            .insert(prefer::PREFERENCE_APPLIED, prefer::RETURN_MINIMAL);
+        return Ok(answer);
+    }
     Ok(raw_json(
         StatusCode::OK,
-        message_and_event(&out.message, &out.event, Some(versions::status_word(&out)))?,
+        message_and_event(&out.message, &out.event, Some(status))?,
     ))
 }
 

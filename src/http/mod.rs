@@ -6,6 +6,7 @@ pub mod chat;
 pub mod echo;
 pub mod error;
 pub mod ops;
+pub mod prefer;
 pub mod pusher_api;
 pub mod pusher_ws;
 pub mod realtime;

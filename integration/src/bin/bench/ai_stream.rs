@@ -75,6 +75,11 @@ pub struct AiStreamParams {
     /// Appends one message takes, the closing one included; then a new message continues.
     #[arg(long, default_value_t = DEFAULT_APPENDS_PER_MESSAGE)]
     pub appends_per_message: usize,
+    /// Ask for the whole message in every append's answer, as a client without
+    /// `Prefer: return=minimal` gets it (by default appends send that header, as an agent
+    /// streaming a long reply would: the whole-message answer grows with the text).
+    #[arg(long)]
+    pub full_answers: bool,
     /// After appending ends, a subscriber stops after this many seconds without a frame.
     #[arg(long, default_value_t = DEFAULT_DRAIN_IDLE_SECS)]
     pub drain_idle: u64,
@@ -96,6 +101,7 @@ impl Default for AiStreamParams {
             duration: DEFAULT_DURATION_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             appends_per_message: DEFAULT_APPENDS_PER_MESSAGE,
+            full_answers: false,
             drain_idle: DEFAULT_DRAIN_IDLE_SECS,
             timeout: DEFAULT_TIMEOUT_SECS,
             plot: None,
@@ -445,6 +451,7 @@ fn spawn_streamers(
             },
             max_in_flight: params.max_in_flight,
             fragments_per_message: params.appends_per_message - 1,
+            minimal_answers: !params.full_answers,
             deadline,
             progress: progress.clone(),
             tally: StreamerTally::new(params.ticks_per_stream())?,

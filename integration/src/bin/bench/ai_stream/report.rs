@@ -601,6 +601,7 @@ impl AiStreamReport {
                 "duration_secs": p.duration,
                 "max_in_flight_per_stream": p.max_in_flight,
                 "appends_per_message": p.appends_per_message,
+                "full_answers": p.full_answers,
                 "timeout_secs": p.timeout,
                 "server": self.base,
                 "server_started_by_bench": self.server_started_here,

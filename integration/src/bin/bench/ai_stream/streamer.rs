@@ -134,6 +134,8 @@ pub struct StreamerTask {
     pub max_in_flight: usize,
     /// Fragments per message; the append after them closes it.
     pub fragments_per_message: usize,
+    /// Appends send `Prefer: return=minimal` and get `{event, status}` back.
+    pub minimal_answers: bool,
     pub deadline: Instant,
     pub progress: Arc<Progress>,
     pub tally: StreamerTally,
@@ -206,12 +208,21 @@ impl StreamerTask {
         })
     }
 
-    fn append_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
+    fn post_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
         self.client
             .post(url)
             .header(AUTHORIZATION, self.auth.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body)
+    }
+
+    fn append_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
+        let request = self.post_request(url, body);
+        if self.minimal_answers {
+            request.header("prefer", "return=minimal")
+        } else {
+            request
+        }
     }
 
     /// Books one answer; `true` when the server refused it for a message limit (413).
@@ -296,7 +307,7 @@ impl StreamerTask {
     async fn open_message(&mut self) -> Result<OpenMessage, String> {
         let mut last_error = String::from("no attempt");
         for _ in 0..MAX_ATTEMPTS {
-            let request = self.append_request(&self.messages_url, r#"{"data":""}"#.into());
+            let request = self.post_request(&self.messages_url, r#"{"data":""}"#.into());
             let response = tokio::time::timeout_at(self.deadline, request.send())
                 .await
                 .map_err(|_| "the deadline passed while creating a message".to_string())?;
