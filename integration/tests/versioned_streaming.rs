@@ -1333,30 +1333,54 @@ async fn a_long_stream_reads_whole_through_checkpoints_a_restart_and_its_close()
             m
         }
     };
+    // The stored state, read back, is what the channel actor answered last: besides the text,
+    // the fields a long stream's appends leave to the versions.
+    let same_state = |read: &Value, answered: &Value| {
+        for key in [
+            "version_serial",
+            "updated_at",
+            "extras",
+            "stream_status",
+            "deleted",
+        ] {
+            assert_eq!(read[key], answered[key], "{key}");
+        }
+    };
+    let mut last = Value::Null;
     for i in 0..120 {
         let f = fragment(i);
         text.push_str(&f);
-        let answer = append(&alice, &cid, &mid, &json!({"data": f})).await;
-        assert_eq!(answer["event"]["payload"]["length"], json!(text.len()));
+        // One append in the middle (past 2 KiB) also sets extras.
+        let body = if i == 50 {
+            json!({"data": f, "extras": {"phase": "middle"}})
+        } else {
+            json!({"data": f})
+        };
+        last = append(&alice, &cid, &mid, &body).await;
+        assert_eq!(last["event"]["payload"]["length"], json!(text.len()));
         if i % 40 == 39 {
-            read_back(text.clone()).await;
+            let m = read_back(text.clone()).await;
+            same_state(&m, &last["message"]);
         }
     }
 
     s.kill_hard();
     s.restart().await;
     let m = read_back(text.clone()).await;
+    same_state(&m, &last["message"]);
     assert_eq!(m["version_serial"], json!(version_serial_of(121)));
+    assert_eq!(m["extras"], json!({"phase": "middle"}));
     assert_eq!(m["stream_status"], json!("open"));
 
     // The channel actor starts from the stored state: later appends continue the same text.
     for i in 120..150 {
         let f = fragment(i);
         text.push_str(&f);
-        let answer = append(&alice, &cid, &mid, &json!({"data": f})).await;
-        assert_eq!(answer["event"]["payload"]["length"], json!(text.len()));
+        last = append(&alice, &cid, &mid, &json!({"data": f})).await;
+        assert_eq!(last["event"]["payload"]["length"], json!(text.len()));
     }
-    read_back(text.clone()).await;
+    let m = read_back(text.clone()).await;
+    same_state(&m, &last["message"]);
     append(
         &alice,
         &cid,

@@ -240,16 +240,12 @@ pub struct AppendedState<'a> {
 
 impl<'a> AppendedState<'a> {
     pub fn of(delta: &'a super::message_state::AppendDelta) -> Self {
-        let escaped = if delta.writes_text {
-            let quoted = to_json_text(&delta.fragment);
-            quoted
-                .strip_prefix('"')
-                .and_then(|s| s.strip_suffix('"'))
-                .unwrap_or_default()
-                .to_string()
-        } else {
-            String::new()
-        };
+        let quoted = to_json_text(&delta.fragment);
+        let escaped = quoted
+            .strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_string();
         Self {
             delta,
             escaped,
@@ -280,31 +276,20 @@ fn data_but_last<DB: diesel::backend::Backend + DataButLast>(
     DB::SQL
 }
 
-/// An append's `UPDATE`. With `text`, the batch's fragments go onto the end of the stored
-/// text, which must be current (`text_seq IS NULL`): only its end changes, the rest of the row
-/// is not re-encoded. Without, the text is left as it is and `text_seq` keeps the version
-/// through which it is written (the row's version before its first unwritten append); the
-/// record keeps its size, so SQLite rewrites it in place and leaves the text's overflow pages
-/// alone. With `status` it sets the stream's status; without, it matches only a row whose
-/// status is the append's, and so leaves the partial index on open streams alone.
+/// An append's `UPDATE`: the batch's fragments go onto the end of the stored text, which must
+/// be current (`text_seq IS NULL`); only its end changes, the rest of the row is not
+/// re-encoded. With `status` it sets the stream's status; without, it matches only a row
+/// whose status is the append's, and so leaves the partial index on open streams alone.
 macro_rules! push_append {
-    ($out:ident, $s:ident, text: $text:literal, status: $status:literal) => {{
+    ($out:ident, $s:ident, status: $status:literal) => {{
         let d = $s.delta;
-        if $text {
-            $out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
-            $out.push_bind_param::<Text, _>(&$s.escaped)?;
-            $out.push_sql(" || '\"' ELSE ");
-            $out.push_sql(data_but_last(&$out));
-            $out.push_sql(" || ");
-            $out.push_bind_param::<Text, _>(&$s.escaped)?;
-            $out.push_sql(" || '\"' END");
-        } else {
-            $out.push_sql(
-                "UPDATE messages SET \
-                 text_seq = COALESCE(text_seq, CAST(substr(version_serial, 2) AS BIGINT))",
-            );
-        }
-        $out.push_sql(", extras = COALESCE(");
+        $out.push_sql("UPDATE messages SET data = CASE WHEN data IS NULL THEN '\"' || ");
+        $out.push_bind_param::<Text, _>(&$s.escaped)?;
+        $out.push_sql(" || '\"' ELSE ");
+        $out.push_sql(data_but_last(&$out));
+        $out.push_sql(" || ");
+        $out.push_bind_param::<Text, _>(&$s.escaped)?;
+        $out.push_sql(" || '\"' END, extras = COALESCE(");
         $out.push_bind_param::<Nullable<Text>, _>(&$s.extras)?;
         $out.push_sql(", extras), version_serial = ");
         $out.push_bind_param::<Text, _>(&d.version_serial)?;
@@ -326,26 +311,29 @@ macro_rules! push_append {
             $out.push_sql(" AND stream_status = ");
             $out.push_bind_param::<Text, _>(d.stream_status.as_str())?;
         }
-        if $text {
-            $out.push_sql(" AND text_seq IS NULL");
-        }
+        $out.push_sql(" AND text_seq IS NULL");
     }};
 }
 
 fixed_statement!(SaveAppendedText<'a, AppendedState<'a>>, |s, out| {
-    push_append!(out, s, text: true, status: false);
+    push_append!(out, s, status: false);
 });
 
 fixed_statement!(SaveAppendedState<'a, AppendedState<'a>>, |s, out| {
-    push_append!(out, s, text: true, status: true);
+    push_append!(out, s, status: true);
 });
 
-fixed_statement!(SaveDeferredAppend<'a, AppendedState<'a>>, |s, out| {
-    push_append!(out, s, text: false, status: false);
-});
-
-fixed_statement!(SaveDeferredAppendState<'a, AppendedState<'a>>, |s, out| {
-    push_append!(out, s, text: false, status: true);
+// `(channel id, message serial)`: a long stream's first append after a whole write marks the
+// row as written through its version; later ones match no row and leave it alone.
+fixed_statement!(MarkStateBehind<'a, (&'a str, &'a str)>, |v, out| {
+    out.push_sql(
+        "UPDATE messages SET text_seq = CAST(substr(version_serial, 2) AS BIGINT) \
+         WHERE channel_id = ",
+    );
+    out.push_bind_param::<Text, _>(&v.0)?;
+    out.push_sql(" AND message_serial = ");
+    out.push_bind_param::<Text, _>(&v.1)?;
+    out.push_sql(" AND text_seq IS NULL");
 });
 
 // `(channel id, last seq)`: the writer marks each channel of a batch.

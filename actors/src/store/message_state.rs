@@ -6,12 +6,12 @@
 //! write cost a copy, an allocation and a JSON encoding of the whole text per token. The
 //! writer appends the batch's fragments to the stored text in one statement.
 //!
-//! A long text is not rewritten by every append at all: SQLite re-encodes a row whose size
-//! changes, and a text past a page sits in overflow pages that each append wrote again (a
-//! 20 KB text cost ~26 KB of WAL per append). Past [`INLINE_TEXT_MAX`] an append leaves the
-//! stored text as it is and the row records the version through which it is written; the
-//! fragments after it are in the versions the same commits wrote, and readers add them
-//! (`queries::complete_text`). The whole text is written again at checkpoints
+//! A long stream's appends do not touch its row at all: SQLite reads and re-encodes the whole
+//! record to update any column, and a text past a page sits in overflow pages that each
+//! append wrote again (a 20 KB text cost ~26 KB of WAL per append). Past [`INLINE_TEXT_MAX`]
+//! the row keeps the state of its last whole write, marked once with that version
+//! (`text_seq`); the appends after it are in the versions the same commits wrote, and readers
+//! fold them in (`queries::complete_text`). The whole state is written again at checkpoints
 //! ([`passes_checkpoint`]) and when the stream closes.
 
 use serde_json::Value;
@@ -51,7 +51,10 @@ impl StateWrite {
         if after <= INLINE_TEXT_MAX {
             return Self::Append(AppendDelta::of(next, fragment, extras, true));
         }
-        if next.stream_status != StreamStatus::Open || passes_checkpoint(before, after) {
+        // Readers fold the appends after a row's version as ones that keep the stream open:
+        // its first append (which opens it) and its closing one write the row.
+        let changes_status = next.append_count <= 1 || next.stream_status != StreamStatus::Open;
+        if changes_status || passes_checkpoint(before, after) {
             return Self::Full(Box::new(next.clone()));
         }
         Self::Append(AppendDelta::of(next, fragment, extras, false))
@@ -297,15 +300,25 @@ mod tests {
                 StateWrite::Append(_) => "deferred",
             }
         };
-        let short = message(json!("x".repeat(100)));
+        // A stream already open, `len` bytes long.
+        let streaming = |len: usize| {
+            let mut m = message(json!("x".repeat(len)));
+            m.append_count = 5;
+            m.stream_status = StreamStatus::Open;
+            m
+        };
+        let short = streaming(100);
         assert_eq!(writes(&short, "abc", StreamStatus::Open), "text");
         assert_eq!(writes(&short, "", StreamStatus::Closed), "text");
-        let at_limit = message(json!("x".repeat(INLINE_TEXT_MAX)));
+        let at_limit = streaming(INLINE_TEXT_MAX);
         assert_eq!(writes(&at_limit, "a", StreamStatus::Open), "deferred");
-        let long = message(json!("x".repeat(8_000)));
+        let long = streaming(8_000);
         assert_eq!(writes(&long, "abc", StreamStatus::Open), "deferred");
         assert_eq!(writes(&long, &"y".repeat(300), StreamStatus::Open), "whole");
         assert_eq!(writes(&long, "", StreamStatus::Closed), "whole");
+        // The append that opens a stream on a long text writes the row (its status changes).
+        let created_long = message(json!("x".repeat(8_000)));
+        assert_eq!(writes(&created_long, "abc", StreamStatus::Open), "whole");
     }
 
     #[test]

@@ -503,39 +503,55 @@ fn complete_texts(conn: &mut Conn, rows: Vec<MessageRow>) -> QueryResult<Vec<Mes
     rows.into_iter().map(|r| complete_text(conn, r)).collect()
 }
 
-/// A message from its row with its whole text: a long stream's appends do not rewrite the
-/// stored text each time (`fixed::SaveDeferredAppend`), so a row with `text_seq` gets the
-/// fragments of its appends after that version, which the writer committed with it.
+/// A message from its row, with the appends after it: a long stream's appends leave its row
+/// as its last whole write left it (`fixed::MarkStateBehind`), so a row with `text_seq` gets
+/// the versions after that one folded in — each an append that kept the stream open, which
+/// the writer committed with its event.
 fn complete_text(conn: &mut Conn, row: MessageRow) -> QueryResult<Message> {
     let Some(written_through) = row.text_seq else {
         return Ok(Message::from(row));
     };
-    let bodies: Vec<String> = message_versions::table
+    let appends: Vec<(i64, String, String)> = message_versions::table
         .filter(message_versions::channel_id.eq(&row.channel_id))
         .filter(message_versions::message_serial.eq(&row.message_serial))
         .filter(message_versions::seq.gt(written_through))
         .filter(message_versions::action.eq("append"))
         .order(message_versions::seq.asc())
-        .select(message_versions::body)
+        .select((
+            message_versions::seq,
+            message_versions::body,
+            message_versions::created_at,
+        ))
         .load(conn)?;
     let mut m = Message::from(row);
     let mut text = match std::mem::take(&mut m.data) {
         serde_json::Value::String(s) => s,
         _ => String::new(),
     };
-    for body in bodies {
-        if let Ok(AppendBody { data }) = serde_json::from_str(&body) {
-            text.push_str(&data);
+    for (seq, body, created_at) in appends {
+        let Ok(AppendBody { data, extras }) = serde_json::from_str(&body) else {
+            continue;
+        };
+        text.push_str(&data);
+        if let Some(e) = extras {
+            m.extras = e;
         }
+        m.version_serial = crate::ids::version_serial(seq);
+        m.append_count += 1;
+        m.last_append_at = Some(created_at.clone());
+        m.updated_at = created_at;
+        m.last_action = "append";
     }
     m.data = serde_json::Value::String(text);
     Ok(m)
 }
 
-/// The part of an append's version body the text needs.
+/// What an append's version body holds of the message after it: the fragment and the
+/// extras then.
 #[derive(serde::Deserialize)]
 struct AppendBody {
     data: String,
+    extras: Option<serde_json::Value>,
 }
 
 pub fn insert_version(conn: &mut Conn, v: &VersionRow) -> QueryResult<usize> {
@@ -687,18 +703,16 @@ pub fn save_message_state(conn: &mut Conn, m: &Message) -> QueryResult<usize> {
 }
 
 /// Saves what one batch's appends to a message changed: onto its stored text when the delta
-/// writes text and the row's text is current; otherwise the text is left to the versions
-/// (`text_seq`, see [`complete_texts`]).
+/// writes text and the row is current. Otherwise the row is left as it is, marked as behind
+/// once, and readers fold the appends in from the versions ([`complete_text`]).
 pub fn save_appended_state(
     conn: &mut Conn,
     d: &super::message_state::AppendDelta,
 ) -> QueryResult<usize> {
-    use super::fixed::{
-        SaveAppendedState, SaveAppendedText, SaveDeferredAppend, SaveDeferredAppendState,
-    };
-    let state = super::fixed::AppendedState::of(d);
-    // Most appends keep the status: the statements that leave it out of the `SET` list first.
+    use super::fixed::{MarkStateBehind, SaveAppendedState, SaveAppendedText};
     if d.writes_text {
+        let state = super::fixed::AppendedState::of(d);
+        // Most appends keep the status: the statement that leaves it out of `SET` first.
         let saved = on_engine!(conn, |c| SaveAppendedText(&state).execute(c))?;
         if saved > 0 {
             return Ok(saved);
@@ -707,13 +721,10 @@ pub fn save_appended_state(
         if saved > 0 {
             return Ok(saved);
         }
-        // The stored text is behind its versions: this batch's fragments stay there too.
+        // The row is already behind its versions: this batch's appends stay there too.
     }
-    let saved = on_engine!(conn, |c| SaveDeferredAppend(&state).execute(c))?;
-    if saved > 0 {
-        return Ok(saved);
-    }
-    on_engine!(conn, |c| SaveDeferredAppendState(&state).execute(c))
+    let key = (d.channel_id.as_str(), d.message_serial.as_str());
+    on_engine!(conn, |c| MarkStateBehind(&key).execute(c))
 }
 
 /// The version an op_id produced for this message and action, if any.
@@ -825,8 +836,28 @@ pub fn open_streams(
         .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
             "messages.stream_status = 'open'",
         ))
-        .select((messages::message_serial, messages::last_append_at))
-        .load(conn)
+        .select((
+            messages::message_serial,
+            messages::last_append_at,
+            messages::text_seq,
+        ))
+        .load::<(String, Option<String>, Option<i64>)>(conn)?
+        .into_iter()
+        .map(|(serial, last_append_at, text_seq)| {
+            // A row behind its versions: its last append is the newest version's.
+            let newest = match text_seq {
+                Some(_) => message_versions::table
+                    .filter(message_versions::channel_id.eq(channel_id))
+                    .filter(message_versions::message_serial.eq(&serial))
+                    .order(message_versions::seq.desc())
+                    .select(message_versions::created_at)
+                    .first::<String>(conn)
+                    .optional()?,
+                None => None,
+            };
+            Ok((serial, newest.or(last_append_at)))
+        })
+        .collect()
 }
 
 /// A message's text as of version `seq`: the data of the last create, update or delete at or
@@ -1412,8 +1443,15 @@ pub(crate) mod tests {
             ("six", false),
         ];
         let mut text = String::new();
+        let mut extras = serde_json::json!({});
         for (seq, (fragment, writes_text)) in (2..).zip(steps) {
             text.push_str(fragment);
+            // The fourth append (seq 5, left to the versions) sets extras.
+            let set_extras = (seq == 5).then(|| serde_json::json!({"k": 4}));
+            if let Some(e) = &set_extras {
+                extras = e.clone();
+            }
+            let at = format!("2020-01-01T00:00:{seq:02}.000Z");
             let version = VersionRow {
                 channel_id: "c1".into(),
                 seq,
@@ -1421,8 +1459,9 @@ pub(crate) mod tests {
                 action: "append".into(),
                 actor: None,
                 op_id: None,
-                body: serde_json::json!({"data": fragment, "length": text.len()}).to_string(),
-                created_at: "2020-01-01T00:00:00.000Z".into(),
+                body: serde_json::json!({"data": fragment, "length": text.len(), "extras": extras})
+                    .to_string(),
+                created_at: at.clone(),
                 fingerprint: None,
             };
             insert_version(conn, &version).expect("version");
@@ -1431,24 +1470,43 @@ pub(crate) mod tests {
                 message_serial: m.message_serial.clone(),
                 fragment: fragment.into(),
                 version_serial: crate::ids::version_serial(seq),
-                updated_at: format!("t{seq}"),
+                updated_at: at.clone(),
                 append_count: seq - 1,
                 stream_status: StreamStatus::Open,
-                extras: None,
+                extras: set_extras,
                 writes_text,
             };
-            assert_eq!(save_appended_state(conn, &delta).expect("save"), 1);
+            let saved = save_appended_state(conn, &delta).expect("save");
+            // Only the first append left to the versions marks the row; later ones skip it.
+            assert_eq!(
+                saved,
+                usize::from(seq != 5 && seq != 6 && seq != 7),
+                "seq {seq}"
+            );
             let read = message(conn, "c1", &m.message_serial)
                 .expect("read")
                 .expect("message");
             assert_eq!(read.data, serde_json::json!(text), "after seq {seq}");
             assert_eq!(read.append_count, seq - 1);
             assert_eq!(read.version_serial, crate::ids::version_serial(seq));
+            assert_eq!(read.updated_at, at);
+            assert_eq!(read.last_append_at.as_deref(), Some(at.as_str()));
+            assert_eq!(read.last_action, "append");
+            assert_eq!(read.extras, extras, "after seq {seq}");
+            assert_eq!(read.stream_status, StreamStatus::Open);
         }
         // Written through seq 3 ("one two"): seq 6 wanted to write text, but the row is behind.
         assert_eq!(
             stored_row(conn),
             (Some("\"one two \\\"\"".to_string()), Some(3))
+        );
+        // The open stream's last append is the newest version's, not the row's.
+        assert_eq!(
+            open_streams(conn, "c1").expect("open streams"),
+            [(
+                m.message_serial.clone(),
+                Some("2020-01-01T00:00:07.000Z".to_string())
+            )]
         );
         let listed = list_roots(conn, "c1", None, None, 10).expect("roots");
         assert_eq!(listed[0].data, serde_json::json!(text));

@@ -1,4 +1,5 @@
--- A long streamed text is not rewritten by every append (docs/versioned-messages.md,
--- "Stored text of a long stream"): `text_seq` is the version through which `data` is
--- written, and the message's appends after it hold the rest. NULL: `data` is current.
+-- A long stream's appends do not rewrite its message row (docs/versioned-messages.md,
+-- "Stored text of a long stream"): `text_seq` marks a row as written through that version,
+-- and the message's appends after it, in its versions, are folded in by readers.
+-- NULL: the row is current.
 ALTER TABLE messages ADD COLUMN text_seq BIGINT;
