@@ -3,7 +3,9 @@
 //! every node reads; a stream closed on A refuses appends on B as one node does; concurrent
 //! appenders on two nodes either succeed or, only when the ChannelActor's retry budget is
 //! spent, get 503 `backpressure` with Retry-After — and the text is exactly the acknowledged
-//! fragments in seq order (docs/postgres.md, "Seq conflicts: the ChannelActor retries").
+//! fragments in seq order (docs/postgres.md, "Seq conflicts: the ChannelActor retries"); a
+//! long stream appended from two nodes, whose appends leave the row to the versions between
+//! checkpoints, reads whole on every node.
 //!
 //! Real processes only: nodes on one fresh PostgreSQL database and a Redis of their own.
 
@@ -454,4 +456,67 @@ async fn concurrent_appends_from_two_nodes_succeed_or_back_off_cleanly() {
         conflicts > 0,
         "the two nodes never contended for the stream"
     );
+}
+
+// ------------------------------------------------------------------------- (d)
+
+/// A stream past a few KiB whose appends alternate between two nodes: its appends between
+/// checkpoints leave the message row to the versions (docs/versioned-messages.md, "Stored
+/// text of a long stream"), and each node that takes over reads the row and folds them in.
+/// Every node reads the whole text and the last version, before and after the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_stream_appended_from_two_nodes_reads_whole_everywhere() {
+    let db = PgDatabase::fresh();
+    let c = Cluster::start(&db.url(), 3).await;
+    let (a, b, n3) = (c.node(0), c.node(1), c.node(2));
+    let alice_a = a.user("alice", "human", "member").await;
+    a.create_entity("bob", "Bob", "human", "member").await;
+    let alice_b = b.client("alice", &b.token_for("alice"));
+    let alice_c = n3.client("alice", &n3.token_for("alice"));
+    let ch = alice_a
+        .create_group(&uniq("long"), &["bob"], json!({}))
+        .await;
+    let cid = str_of(&ch["id"], "channel id");
+    let mid = str_of(
+        &alice_a.say(&cid, "<").await["message"]["message_serial"],
+        "message_serial",
+    );
+    // 100-byte fragments, ten on A, ten on B, …: 12 KB, past the inline 2 KiB and one
+    // checkpoint (8 KiB).
+    let mut text = String::from("<");
+    let mut last = Value::Null;
+    for i in 0..120 {
+        let f = format!("{i:05}{}", "y".repeat(95));
+        text.push_str(&f);
+        let who = if (i / 10) % 2 == 0 {
+            &alice_a
+        } else {
+            &alice_b
+        };
+        last = append_ok(who, &cid, &mid, &f).await;
+        assert_eq!(last["event"]["payload"]["length"], json!(text.len()));
+    }
+    assert_eq!(last["event"]["seq"], json!(121));
+    for who in [&alice_a, &alice_b, &alice_c] {
+        let m = get_message(who, &cid, &mid).await;
+        assert_eq!(str_of(&m["data"], "data"), text, "read through {}", who.id);
+        assert_eq!(m["version_serial"], json!("v000000000121"), "{}", who.id);
+        assert_eq!(m["stream_status"], json!("open"), "{}", who.id);
+    }
+    let closed = act(
+        &alice_b,
+        &cid,
+        &mid,
+        "append",
+        &json!({"data": "", "extras": {"status": "complete"}}),
+    )
+    .await;
+    assert_eq!(closed.0, 200, "{}", closed.1);
+    for who in [&alice_a, &alice_b, &alice_c] {
+        let m = get_message(who, &cid, &mid).await;
+        assert_eq!(str_of(&m["data"], "data"), text, "read through {}", who.id);
+        assert_eq!(m["version_serial"], json!("v000000000122"), "{}", who.id);
+        assert_eq!(m["stream_status"], json!("closed"), "{}", who.id);
+        assert_eq!(m["extras"], json!({"status": "complete"}), "{}", who.id);
+    }
 }
