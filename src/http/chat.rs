@@ -86,31 +86,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// `{message, event[, status]}` written straight to text: the event is already a JSON frame,
-/// so it is embedded as is (this is the answer to every post and every streamed append).
+/// `{[message, ]event[, status]}` written straight to text: the event is already a JSON
+/// frame, so it is embedded as is (this is the answer to every post and every streamed
+/// append). No message under `Prefer: return=minimal`.
 fn message_and_event(
-    message: &switchboard_actors::domain::message::Message,
+    message: Option<&switchboard_actors::domain::message::Message>,
     event: &Option<std::sync::Arc<Event>>,
     status: Option<&str>,
 ) -> ApiResult<String> {
-    let mut body = String::from("{\"message\":");
-    body.push_str(&serde_json::to_string(message).map_err(ApiError::internal)?);
-    body.push_str(",\"event\":");
+    let mut body = String::from("{");
+    if let Some(m) = message {
+        body.push_str("\"message\":");
+        body.push_str(&serde_json::to_string(m).map_err(ApiError::internal)?);
+        body.push(',');
+    }
+    body.push_str("\"event\":");
     body.push_str(event.as_ref().map_or("null", |e| &e.frame));
     if let Some(s) = status {
         body.push_str(",\"status\":");
         body.push_str(&serde_json::to_string(s).map_err(ApiError::internal)?);
     }
-    body.push('}');
-    Ok(body)
-}
-
-/// `{event, status}`: a mutation's answer under `Prefer: return=minimal`.
-fn event_and_status(event: &Option<std::sync::Arc<Event>>, status: &str) -> ApiResult<String> {
-    let mut body = String::from("{\"event\":");
-    body.push_str(event.as_ref().map_or("null", |e| &e.frame));
-    body.push_str(",\"status\":");
-    body.push_str(&serde_json::to_string(status).map_err(ApiError::internal)?);
     body.push('}');
     Ok(body)
 }
@@ -667,7 +662,7 @@ async fn post_message(
     };
     Ok(raw_json(
         status,
-        message_and_event(&out.message, &out.event, None)?,
+        message_and_event(Some(&out.message), &out.event, None)?,
     ))
 }
 
@@ -835,7 +830,10 @@ async fn mutate_message(
     .await?;
     let status = versions::status_word(&out);
     if prefer.minimal {
-        let mut answer = raw_json(StatusCode::OK, event_and_status(&out.event, status)?);
+        let mut answer = raw_json(
+            StatusCode::OK,
+            message_and_event(None, &out.event, Some(status))?,
+        );
         answer
             .headers_mut()
             .insert(prefer::PREFERENCE_APPLIED, prefer::RETURN_MINIMAL);
@@ -843,7 +841,7 @@ async fn mutate_message(
     }
     Ok(raw_json(
         StatusCode::OK,
-        message_and_event(&out.message, &out.event, Some(status))?,
+        message_and_event(Some(&out.message), &out.event, Some(status))?,
     ))
 }
 
