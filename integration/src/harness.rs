@@ -1210,6 +1210,15 @@ pub enum Frame {
     Timeout,
 }
 
+/// What [`WsClient::read_for`] saw.
+#[derive(Debug, Default)]
+pub struct ReadTally {
+    pub pings: usize,
+    pub texts: usize,
+    /// `Some(code)` once closed (`Some(None)`: without a close frame).
+    pub closed: Option<Option<u16>>,
+}
+
 pub struct WsClient {
     stream: WebSocketStream<TcpStream>,
     /// The cursor of the `realtime.ready` frame, once read.
@@ -1239,6 +1248,29 @@ impl WsClient {
                     Message::Binary(b) => panic!("unexpected binary frame of {} bytes", b.len()),
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 },
+            }
+        }
+    }
+
+    /// Reads everything that arrives for `window` (answering pings, as any client does) and
+    /// counts it; stops early if the socket closes.
+    pub async fn read_for(&mut self, window: Duration) -> ReadTally {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut tally = ReadTally::default();
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return tally,
+                Ok(None) | Ok(Some(Err(_))) => {
+                    tally.closed = Some(None);
+                    return tally;
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    tally.closed = Some(frame.map(|f: CloseFrame| u16::from(f.code)));
+                    return tally;
+                }
+                Ok(Some(Ok(Message::Ping(_)))) => tally.pings += 1,
+                Ok(Some(Ok(Message::Text(_)))) => tally.texts += 1,
+                Ok(Some(Ok(_))) => {}
             }
         }
     }
