@@ -2,13 +2,14 @@
 //!
 //! - `domain`: pure rules (channels, entities, messages, events), unit-tested.
 //! - `store`: diesel schema and one function per query.
-//! - `persistence`: the one writer, with group commit.
+//! - `persistence`: the one writer, with group commit; `checkpointer`: SQLite's WAL copies.
 //! - `channel`, `workspace`, `session`: the actors.
 //! - `broker`: the seam between this node and others.
 
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod checkpointer;
 pub mod cluster_presence;
 pub mod compaction;
 pub mod domain;

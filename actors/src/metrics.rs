@@ -10,6 +10,7 @@ pub struct Metrics {
     pub committed_writes: IntCounter,
     pub batch_size: Histogram,
     pub commit_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
     pub deliveries: IntCounter,
     pub sessions: IntGauge,
     pub overflows: IntCounter,
@@ -81,8 +82,16 @@ impl Metrics {
             "Time to commit one batch",
             vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5],
         );
+        let queue_wait_seconds = hist(
+            "switchboard_write_queue_wait_seconds",
+            "Time a write waits in the persistence queue before its batch starts",
+            vec![
+                0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+            ],
+        );
         Self {
             registry,
+            queue_wait_seconds,
             commit_batches,
             committed_writes,
             batch_size,
@@ -103,6 +112,10 @@ impl Metrics {
         self.committed_writes.inc_by(writes as u64);
         self.batch_size.observe(writes as f64);
         self.commit_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn observe_queue_wait(&self, waited: Duration) {
+        self.queue_wait_seconds.observe(waited.as_secs_f64());
     }
 
     pub fn render(&self) -> String {

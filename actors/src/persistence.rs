@@ -168,7 +168,8 @@ pub type TypedWriteResult = Result<Vec<Arc<Event>>, WriteError>;
 type Reply = oneshot::Sender<TypedWriteResult>;
 
 enum Command {
-    Write(Write, Reply),
+    /// A write, its reply, and when it was queued.
+    Write(Write, Reply, Instant),
     /// Answered once everything queued before it has committed.
     Flush(oneshot::Sender<()>),
 }
@@ -205,20 +206,19 @@ impl Persistence {
         let mut conn = pool
             .get()
             .map_err(|e| format!("persistence connection: {e}"))?;
-        // Checkpoints copy the WAL into the database file and fsync it; done on the writer
-        // they stall every batch behind them. A thread of its own copies frames (PASSIVE)
-        // twice a second; the writer's own, rarer checkpoint then finds little left to copy
-        // and only resets the WAL, which bounds its size.
-        let checkpointer = if pool.is_postgres() {
-            None
-        } else {
+        // The checkpointer copies the WAL off this thread; the writer's own, rarer
+        // checkpoint lets the WAL start over (`crate::checkpointer`).
+        if !pool.is_postgres() {
             use diesel::connection::SimpleConnection;
             // A batch of hundreds of writes must not spill dirty pages mid-transaction: the
             // writer alone gets a 32 MiB page cache (readers keep the 2 MiB default).
-            conn.batch_execute("PRAGMA wal_autocheckpoint = 4000; PRAGMA cache_size = -32768;")
-                .map_err(|e| format!("persistence connection: {e}"))?;
-            Some(start_checkpointer(pool)?)
-        };
+            conn.batch_execute(&format!(
+                "PRAGMA wal_autocheckpoint = {}; PRAGMA cache_size = -32768;",
+                crate::checkpointer::WRITER_CHECKPOINT_PAGES
+            ))
+            .map_err(|e| format!("persistence connection: {e}"))?;
+        }
+        let checkpointer = crate::checkpointer::start(pool)?;
         let (tx, rx) = sync_channel(config.queue_capacity);
         let pool = pool.clone();
         let handle = std::thread::Builder::new()
@@ -253,7 +253,10 @@ impl Persistence {
             }
         }
         let (reply, rx) = oneshot::channel();
-        let queued = match self.tx.try_send(Command::Write(write, reply)) {
+        let queued = match self
+            .tx
+            .try_send(Command::Write(write, reply, Instant::now()))
+        {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(WriteError::BatchFailed(
                 ApiError::backpressure("the write queue is full").retry_after(1),
@@ -295,34 +298,6 @@ impl Persistence {
     }
 }
 
-/// How often the WAL is checkpointed (PASSIVE: never blocks the writer).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-/// Runs PASSIVE checkpoints until the returned sender is dropped.
-fn start_checkpointer(pool: &DbPool) -> Result<std::sync::mpsc::Sender<()>, String> {
-    use diesel::connection::SimpleConnection;
-    let mut conn = pool
-        .get()
-        .map_err(|e| format!("checkpoint connection: {e}"))?;
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("checkpoint".into())
-        .spawn(move || loop {
-            let last = matches!(
-                stopped.recv_timeout(CHECKPOINT_EVERY),
-                Err(RecvTimeoutError::Disconnected)
-            );
-            if let Err(e) = conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
-                log::warn!("WAL checkpoint failed: {e}");
-            }
-            if last {
-                return;
-            }
-        })
-        .map_err(|e| format!("checkpoint thread: {e}"))?;
-    Ok(stop)
-}
-
 struct Writer {
     /// The writer's connection; `None` after a PostgreSQL batch failed (the connection may
     /// be dead), taken again from the pool for the next batch.
@@ -360,7 +335,10 @@ impl Writer {
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
                 match cmd {
-                    Command::Write(w, reply) => writes.push((w, reply)),
+                    Command::Write(w, reply, queued) => {
+                        self.metrics.observe_queue_wait(queued.elapsed());
+                        writes.push((w, reply));
+                    }
                     Command::Flush(reply) => flushes.push(reply),
                 }
                 if writes.len() < self.max_batch {
