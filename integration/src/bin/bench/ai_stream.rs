@@ -224,6 +224,8 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         params, sockets, &streams, &ends, &ws_url, &progress, deadline,
     )?;
 
+    let streamers =
+        prepare_streamers(params, &client, target, &streams, &progress, deadline).await?;
     let mut samples = Samples {
         server_before: sample(target.server_pid),
         client_before: server::sample_proc("self"),
@@ -232,7 +234,7 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
     };
     let start_ns = now_ns();
     timeline.set_origin(start_ns);
-    let streamers = spawn_streamers(params, &client, target, &streams, &progress, deadline)?;
+    let streamers = spawn_streamers(params, streamers, deadline);
     let stop_progress = Arc::new(AtomicBool::new(false));
     let progress_task = tokio::spawn(progress_line(
         progress.clone(),
@@ -424,30 +426,27 @@ fn spawn_receivers(
     Ok(handles)
 }
 
-fn spawn_streamers(
+/// One streamer per stream, each with its first message open, ready to start.
+async fn prepare_streamers(
     params: &AiStreamParams,
     client: &reqwest::Client,
     target: &Target,
     streams: &[StreamSetup],
     progress: &Arc<Progress>,
     deadline: Instant,
-) -> Result<Vec<JoinHandle<StreamerTally>>, String> {
-    let first_tick = Instant::now();
-    let period = params.period();
-    let mut handles = Vec::with_capacity(streams.len());
-    for (s, setup) in streams.iter().enumerate() {
-        // Spread the streams' ticks over one period rather than firing them all at once.
-        let start = first_tick + period.mul_f64(s as f64 / streams.len() as f64);
+) -> Result<Vec<StreamerTask>, String> {
+    let mut opening = Vec::with_capacity(streams.len());
+    for setup in streams {
         let task = StreamerTask {
             client: client.clone(),
             messages_url: format!("{}/api/channels/{}/messages", target.base, setup.channel_id),
             auth: api::bearer(&setup.agent_token)?,
+            // Set when the run starts (`spawn_streamers`).
             schedule: Schedule {
-                start,
-                period,
+                start: deadline,
+                period: params.period(),
                 ticks: params.ticks_per_stream(),
-                stop_at: (start + Duration::from_secs(params.duration) + Duration::from_secs(1))
-                    .min(deadline),
+                stop_at: deadline,
             },
             max_in_flight: params.max_in_flight,
             fragments_per_message: params.appends_per_message - 1,
@@ -455,10 +454,37 @@ fn spawn_streamers(
             deadline,
             progress: progress.clone(),
             tally: StreamerTally::new(params.ticks_per_stream())?,
+            first_message: None,
         };
-        handles.push(tokio::spawn(task.run()));
+        opening.push(tokio::spawn(task.open_first_message()));
     }
-    Ok(handles)
+    join_all(opening, "streamer").await
+}
+
+/// Starts the streamers' schedules now, spread over one period rather than all at once.
+fn spawn_streamers(
+    params: &AiStreamParams,
+    streamers: Vec<StreamerTask>,
+    deadline: Instant,
+) -> Vec<JoinHandle<StreamerTally>> {
+    let first_tick = Instant::now();
+    let period = params.period();
+    let count = streamers.len();
+    streamers
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut task)| {
+            let start = first_tick + period.mul_f64(s as f64 / count as f64);
+            task.schedule = Schedule {
+                start,
+                period,
+                ticks: params.ticks_per_stream(),
+                stop_at: (start + Duration::from_secs(params.duration) + Duration::from_secs(1))
+                    .min(deadline),
+            };
+            tokio::spawn(task.run())
+        })
+        .collect()
 }
 
 async fn join_all<T>(handles: Vec<JoinHandle<T>>, what: &str) -> Result<Vec<T>, String> {

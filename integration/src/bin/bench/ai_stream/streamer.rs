@@ -101,7 +101,7 @@ impl StreamerTally {
 }
 
 /// The message a stream appends to.
-struct OpenMessage {
+pub(super) struct OpenMessage {
     append_url: String,
     fragments: usize,
     /// The server refused an append with 413 (a limit): continue in a new message.
@@ -139,10 +139,25 @@ pub struct StreamerTask {
     pub deadline: Instant,
     pub progress: Arc<Progress>,
     pub tally: StreamerTally,
+    /// The message the first tick appends to, opened before the schedule starts.
+    pub(super) first_message: Option<OpenMessage>,
 }
 
 impl StreamerTask {
+    /// Opens the first message, so that the run starts appending at its rate instead of with
+    /// the creates and the ticks missed meanwhile (fired at once).
+    pub async fn open_first_message(mut self) -> Self {
+        match self.open_message().await {
+            Ok(m) => self.first_message = Some(m),
+            Err(e) => self.tally.fatal = Some(e),
+        }
+        self
+    }
+
     pub async fn run(mut self) -> StreamerTally {
+        if self.tally.fatal.is_some() {
+            return self.tally;
+        }
         if let Err(e) = self.stream().await {
             self.tally.fatal = Some(e);
         }
@@ -150,7 +165,10 @@ impl StreamerTask {
     }
 
     async fn stream(&mut self) -> Result<(), String> {
-        let mut message = self.open_message().await?;
+        let mut message = match self.first_message.take() {
+            Some(m) => m,
+            None => self.open_message().await?,
+        };
         let mut in_flight = InFlight::new();
         let mut ticker = tokio::time::interval_at(self.schedule.start, self.schedule.period);
         // Ticks missed while rotating fire at once; those finding no free slot are skipped.
