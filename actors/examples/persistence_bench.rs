@@ -13,6 +13,10 @@
 //! ai-stream scenario does). A `postgres://…` URL (an empty database; its tables are
 //! created) measures PostgreSQL.
 
+/// The server's allocator (see `src/main.rs`): the writer's speed depends on it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::Instant;
 
