@@ -534,10 +534,54 @@ impl Report {
 }
 
 /// The server's WARN/ERROR line count; known only for a server this run started.
+/// How long writes waited for the server's writer over a run, from two scrapes of its
+/// `switchboard_write_queue_wait_seconds` histogram: (mean in ms, share that waited > 5 ms).
+pub fn write_queue_wait(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> Option<(f64, f64)> {
+    const NAME: &str = "switchboard_write_queue_wait_seconds";
+    let delta = |key: String| Some(after.get(&key)? - before.get(&key).copied().unwrap_or(0.0));
+    let count = delta(format!("{NAME}_count")).filter(|c| *c > 0.0)?;
+    let sum = delta(format!("{NAME}_sum"))?;
+    let within_5ms = delta(format!("{NAME}_bucket{{le=\"0.005\"}}"))?;
+    Some((sum / count * 1000.0, 1.0 - within_5ms / count))
+}
+
 pub fn log_lines_cell(started_here: bool, problems: u64) -> String {
     if started_here {
         problems.to_string()
     } else {
         "n/a".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_queue_wait_comes_from_the_histograms_deltas() {
+        let scrape = |count: f64, sum: f64, within: f64| {
+            BTreeMap::from([
+                (
+                    "switchboard_write_queue_wait_seconds_count".to_string(),
+                    count,
+                ),
+                ("switchboard_write_queue_wait_seconds_sum".to_string(), sum),
+                (
+                    r#"switchboard_write_queue_wait_seconds_bucket{le="0.005"}"#.to_string(),
+                    within,
+                ),
+            ])
+        };
+        let before = scrape(100.0, 0.5, 100.0);
+        let after = scrape(1100.0, 1.5, 1090.0);
+        let (mean_ms, over) = write_queue_wait(&before, &after).expect("summary");
+        assert!((mean_ms - 1.0).abs() < 1e-9, "{mean_ms}");
+        assert!((over - 0.01).abs() < 1e-9, "{over}");
+        // No writes in between, or a server without the metric: nothing to say.
+        assert_eq!(write_queue_wait(&after, &after), None);
+        assert_eq!(write_queue_wait(&BTreeMap::new(), &BTreeMap::new()), None);
     }
 }

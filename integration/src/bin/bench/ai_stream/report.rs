@@ -327,6 +327,10 @@ impl AiStreamReport {
         cpu_delta(self.samples.server_before, self.samples.server_after)
     }
 
+    fn write_queue_wait(&self) -> Option<(f64, f64)> {
+        crate::report::write_queue_wait(&self.samples.metrics_before, &self.samples.metrics_after)
+    }
+
     fn metric_delta(&self, name: &str) -> Option<f64> {
         let s = &self.samples;
         Some(s.metrics_after.get(name)? - s.metrics_before.get(name).copied().unwrap_or(0.0))
@@ -506,6 +510,13 @@ impl AiStreamReport {
             ),
         );
         row(
+            "writer queue wait: mean / > 5 ms",
+            match self.write_queue_wait() {
+                Some((mean_ms, over)) => format!("{mean_ms:.2} ms / {:.2}%", over * 100.0),
+                None => "-".to_string(),
+            },
+        );
+        row(
             "server WARN/ERROR log lines",
             crate::report::log_lines_cell(self.server_started_here, self.server_log_problems),
         );
@@ -647,6 +658,8 @@ impl AiStreamReport {
                     "committed_writes": self.metric_delta("switchboard_committed_writes_total"),
                     "deliveries_queued": self.metric_delta("switchboard_deliveries_total"),
                     "session_overflows": self.metric_delta("switchboard_session_overflows_total"),
+                    "write_queue_wait_mean_ms": self.write_queue_wait().map(|w| w.0),
+                    "writes_waiting_over_5ms_share": self.write_queue_wait().map(|w| w.1),
                 },
             },
             "client": {
