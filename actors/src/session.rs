@@ -371,7 +371,7 @@ mod tests {
         let period = Duration::from_secs(20);
         let firsts: Vec<Duration> = (0..1000).map(|_| first_heartbeat(period)).collect();
         assert!(firsts.iter().all(|d| !d.is_zero() && *d <= period));
-        // Uniform over the period: each quarter gets a share (P(a quarter is empty) ≈ 4·0.75^1000).
+        // Uniform over the period: each quarter expects 250 of them (σ ≈ 14).
         for q in 0..4 {
             let (from, to) = (period * q / 4, period * (q + 1) / 4);
             let n = firsts.iter().filter(|d| **d > from && **d <= to).count();
