@@ -29,6 +29,8 @@ async fn pings_keep_an_answering_socket_and_close_a_silent_one() {
         "an answering socket was closed: {seen:?}"
     );
     assert!(seen.pings >= 4, "pings in 5.5 s at 1 s: {seen:?}");
+    // Heartbeats are WebSocket pings, not frames of the event stream (nothing else happened).
+    assert_eq!(seen.texts, 0, "text frames on an idle socket: {seen:?}");
 
     // The silent socket sent no pong: the server closed it once 3 s passed without a word.
     let mut bytes = Vec::new();
