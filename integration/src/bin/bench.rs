@@ -36,6 +36,8 @@ mod chat;
 mod cluster;
 #[path = "bench/fanout.rs"]
 mod fanout;
+#[path = "bench/http1.rs"]
+mod http1;
 #[path = "bench/idle.rs"]
 mod idle;
 #[path = "bench/plot.rs"]

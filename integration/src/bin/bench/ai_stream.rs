@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api::{self, Api};
+use crate::http1::Http1;
 use crate::plot::Recorder;
 use crate::report::Window;
 use crate::server::{self, ProcSample};
@@ -190,7 +191,8 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         params.streams, params.rate, params.duration, params.subscribers
     );
     let deadline = Instant::now() + Duration::from_secs(params.timeout);
-    let client = api::http_client(params.streams * params.max_in_flight + SETUP_CONCURRENCY)?;
+    // Setup only: the streamers' appends go through their own connections (`Http1`).
+    let client = api::http_client(SETUP_CONCURRENCY)?;
     let api = Api {
         client: client.clone(),
         base: target.base.clone(),
@@ -224,8 +226,7 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         params, sockets, &streams, &ends, &ws_url, &progress, deadline,
     )?;
 
-    let streamers =
-        prepare_streamers(params, &client, target, &streams, &progress, deadline).await?;
+    let streamers = prepare_streamers(params, target, &streams, &progress, deadline).await?;
     let mut samples = Samples {
         server_before: sample(target.server_pid),
         client_before: server::sample_proc("self"),
@@ -429,7 +430,6 @@ fn spawn_receivers(
 /// One streamer per stream, each with its first message open, ready to start.
 async fn prepare_streamers(
     params: &AiStreamParams,
-    client: &reqwest::Client,
     target: &Target,
     streams: &[StreamSetup],
     progress: &Arc<Progress>,
@@ -437,10 +437,10 @@ async fn prepare_streamers(
 ) -> Result<Vec<StreamerTask>, String> {
     let mut opening = Vec::with_capacity(streams.len());
     for setup in streams {
+        let bearer = format!("Bearer {}", setup.agent_token);
         let task = StreamerTask {
-            client: client.clone(),
-            messages_url: format!("{}/api/channels/{}/messages", target.base, setup.channel_id),
-            auth: api::bearer(&setup.agent_token)?,
+            http: Http1::new(&target.base, &[("Authorization", &bearer)])?,
+            messages_path: format!("/api/channels/{}/messages", setup.channel_id),
             // Set when the run starts (`spawn_streamers`).
             schedule: Schedule {
                 start: deadline,

@@ -11,14 +11,14 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt as _;
 use hdrhistogram::Histogram;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Progress;
 use crate::api::snippet;
+use crate::http1::Http1;
 use crate::now_ns;
-use crate::poster::{reason, retry_after};
+use crate::poster::reason;
 
 /// Attempts to create a message or close one on 429/503 or a transport error.
 const MAX_ATTEMPTS: u32 = 5;
@@ -102,7 +102,7 @@ impl StreamerTally {
 
 /// The message a stream appends to.
 pub(super) struct OpenMessage {
-    append_url: String,
+    append_path: String,
     fragments: usize,
     /// The server refused an append with 413 (a limit): continue in a new message.
     refused: bool,
@@ -126,10 +126,10 @@ struct Answered {
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>;
 
 pub struct StreamerTask {
-    pub client: reqwest::Client,
-    /// `{base}/api/channels/{id}/messages`.
-    pub messages_url: String,
-    pub auth: HeaderValue,
+    /// The stream's connections, sending its agent's token.
+    pub http: Http1,
+    /// `/api/channels/{id}/messages`.
+    pub messages_path: String,
     pub schedule: Schedule,
     pub max_in_flight: usize,
     /// Fragments per message; the append after them closes it.
@@ -215,9 +215,9 @@ impl StreamerTask {
         self.tally.sent += 1;
         message.fragments += 1;
         let body = format!(r#"{{"data":"{}"}}"#, fragment(ordinal, now_ns() / 1_000));
-        let request = self.append_request(&message.append_url, body);
+        let request = self.append_request(&message.append_path, body);
         Box::pin(async move {
-            let (answer, rtt_us) = answer_of(request).await;
+            let (answer, rtt_us) = request.answer().await;
             Answered {
                 ordinal: Some(ordinal),
                 answer,
@@ -226,20 +226,16 @@ impl StreamerTask {
         })
     }
 
-    fn post_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
-        self.client
-            .post(url)
-            .header(AUTHORIZATION, self.auth.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
-    }
-
-    fn append_request(&self, url: &str, body: String) -> reqwest::RequestBuilder {
-        let request = self.post_request(url, body);
-        if self.minimal_answers {
-            request.header("prefer", "return=minimal")
-        } else {
-            request
+    fn append_request(&self, path: &str, body: String) -> Request {
+        Request {
+            http: self.http.clone(),
+            path: path.to_string(),
+            extra: if self.minimal_answers {
+                "Prefer: return=minimal\r\n"
+            } else {
+                ""
+            },
+            body,
         }
     }
 
@@ -296,9 +292,9 @@ impl StreamerTask {
     /// The closing append (retried on 429/503 and transport errors).
     async fn close(&mut self, message: &OpenMessage) {
         for attempt in 1..=MAX_ATTEMPTS {
-            let request = self.append_request(&message.append_url, CLOSE_BODY.into());
+            let request = self.append_request(&message.append_path, CLOSE_BODY.into());
             let Ok((answer, rtt_us)) =
-                tokio::time::timeout_at(self.deadline, answer_of(request)).await
+                tokio::time::timeout_at(self.deadline, request.answer()).await
             else {
                 self.tally.unanswered += 1;
                 return;
@@ -325,27 +321,27 @@ impl StreamerTask {
     async fn open_message(&mut self) -> Result<OpenMessage, String> {
         let mut last_error = String::from("no attempt");
         for _ in 0..MAX_ATTEMPTS {
-            let request = self.post_request(&self.messages_url, r#"{"data":""}"#.into());
-            let response = tokio::time::timeout_at(self.deadline, request.send())
+            let request = self.http.post(&self.messages_path, "", br#"{"data":""}"#);
+            let response = tokio::time::timeout_at(self.deadline, request)
                 .await
                 .map_err(|_| "the deadline passed while creating a message".to_string())?;
             let response = match response {
                 Ok(r) => r,
                 Err(e) => {
-                    last_error = format!("transport: {}", crate::api::error_chain(&e));
+                    last_error = format!("transport: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let status = response.status().as_u16();
-            let wait = retry_after(&response);
-            let body = response.bytes().await.unwrap_or_default();
+            let (status, body) = (response.status, response.body);
+            let wait =
+                Duration::from_secs_f64(response.retry_after.unwrap_or(0.1).clamp(0.01, 2.0));
             match status {
                 201 => {
                     let serial = message_serial(&body)?;
                     self.tally.messages_opened += 1;
                     return Ok(OpenMessage {
-                        append_url: format!("{}/{serial}/append", self.messages_url),
+                        append_path: format!("{}/{serial}/append", self.messages_path),
                         fragments: 0,
                         refused: false,
                     });
@@ -383,29 +379,33 @@ fn message_serial(body: &[u8]) -> Result<String, String> {
     Ok(serial.to_string())
 }
 
-/// Sends one append; its answer and round trip (µs). The body is read so the connection
-/// returns to the pool.
-async fn answer_of(request: reqwest::RequestBuilder) -> (Answer, u64) {
-    let sent = Instant::now();
-    let answer = match request.send().await {
-        Err(e) => Answer::Transport(crate::api::error_chain(&e)),
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let body = response.bytes().await;
-            match (status, body) {
-                (200, Ok(_)) => Answer::Durable,
-                (_, Ok(body)) => Answer::Refused {
-                    status,
-                    error: reason(status, &body),
-                },
-                (_, Err(e)) => Answer::Transport(format!(
-                    "reading the answer: {}",
-                    crate::api::error_chain(&e)
-                )),
-            }
-        }
-    };
-    (answer, sent.elapsed().as_micros() as u64)
+/// One append, ready to send.
+struct Request {
+    http: Http1,
+    path: String,
+    /// Header lines of this request only.
+    extra: &'static str,
+    body: String,
+}
+
+impl Request {
+    /// Sends the append; its answer and round trip (µs).
+    async fn answer(self) -> (Answer, u64) {
+        let sent = Instant::now();
+        let answer = match self
+            .http
+            .post(&self.path, self.extra, self.body.as_bytes())
+            .await
+        {
+            Err(e) => Answer::Transport(e),
+            Ok(a) if a.status == 200 => Answer::Durable,
+            Ok(a) => Answer::Refused {
+                status: a.status,
+                error: reason(a.status, &a.body),
+            },
+        };
+        (answer, sent.elapsed().as_micros() as u64)
+    }
 }
 
 #[cfg(test)]
