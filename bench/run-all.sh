@@ -9,13 +9,20 @@ dir=bench/results/run-$stamp
 mkdir -p "$dir"
 bench=./target/release/switchboard-bench
 status=0
+# The machine's own state, kept with the figures: this VM's speed and its neighbours vary
+# from hour to hour. A fixed CPU loop (seconds; lower is faster), then /proc/stat's cpu line
+# before and after each scenario (busy, iowait and steal shares of the interval).
+python3 -c 'import time; t=time.perf_counter(); sum(range(10**7)); print(round(time.perf_counter()-t, 3))' \
+  > "$dir/host-calibration.txt"
 run() {
   local name=$1; shift
   echo "== $name: $*"
+  head -n 1 /proc/stat > "$dir/host-$name.stat"
   if ! "$bench" "$@" --results-dir "$dir"; then
     echo "!! $name failed its correctness checks"
     status=1
   fi
+  head -n 1 /proc/stat >> "$dir/host-$name.stat"
 }
 run idle idle --sockets 19000 --hold 10
 run fanout fanout --subscribers 10000 --rate 15 --duration 60
@@ -30,10 +37,27 @@ python3 - "$dir" "bench/results/$stamp.json" <<'PY'
 import json, os, sys
 src, out = sys.argv[1], sys.argv[2]
 merged = {}
+host = {"scenarios": {}}
 for name in sorted(os.listdir(src)):
+    path = os.path.join(src, name)
     if name.endswith(".json"):
-        with open(os.path.join(src, name)) as f:
+        with open(path) as f:
             merged[name.split("-")[0]] = json.load(f)
+    elif name == "host-calibration.txt":
+        with open(path) as f:
+            host["cpu_loop_s"] = float(f.read().strip() or "nan")
+    elif name.startswith("host-") and name.endswith(".stat"):
+        with open(path) as f:
+            rows = [list(map(int, l.split()[1:])) for l in f if l.startswith("cpu ")]
+        if len(rows) == 2:
+            d = [b - a for a, b in zip(rows[0], rows[1])]
+            total = sum(d[:8]) or 1  # user nice system idle iowait irq softirq steal
+            host["scenarios"][name[5:-5]] = {
+                "busy_share": round((d[0] + d[1] + d[2] + d[5] + d[6]) / total, 3),
+                "iowait_share": round(d[4] / total, 3),
+                "steal_share": round(d[7] / total, 3),
+            }
+merged["host"] = host
 with open(out, "w") as f:
     json.dump(merged, f, indent=2, sort_keys=True)
 print("results written to", out)
