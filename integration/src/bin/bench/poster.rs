@@ -61,12 +61,17 @@ pub struct PosterTask {
 
 /// The wait a 429/503 answer asks for (Retry-After, 10 ms..2 s; 100 ms without one).
 pub fn retry_after(resp: &reqwest::Response) -> Duration {
-    let secs = resp
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.1);
+    retry_wait(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok()),
+    )
+}
+
+/// How long to wait before trying again after a `Retry-After` of `secs` (given or not).
+pub fn retry_wait(secs: Option<f64>) -> Duration {
+    let secs = secs.filter(|s| s.is_finite()).unwrap_or(0.1);
     Duration::from_secs_f64(secs.clamp(0.01, 2.0))
 }
 
@@ -170,5 +175,21 @@ impl PosterTask {
         }
         out.done_ns = now_ns();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_follow_the_answer_within_bounds() {
+        assert_eq!(retry_wait(Some(0.5)), Duration::from_millis(500));
+        assert_eq!(retry_wait(None), Duration::from_millis(100));
+        assert_eq!(retry_wait(Some(60.0)), Duration::from_secs(2));
+        assert_eq!(retry_wait(Some(0.0)), Duration::from_millis(10));
+        // "NaN" and "inf" parse as numbers; they must not panic the generator.
+        assert_eq!(retry_wait(Some(f64::NAN)), Duration::from_millis(100));
+        assert_eq!(retry_wait(Some(f64::INFINITY)), Duration::from_millis(100));
     }
 }

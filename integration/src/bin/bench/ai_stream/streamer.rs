@@ -18,7 +18,7 @@ use super::Progress;
 use crate::api::snippet;
 use crate::http1::Http1;
 use crate::now_ns;
-use crate::poster::reason;
+use crate::poster::{reason, retry_wait};
 
 /// Attempts to create a message or close one on 429/503 or a transport error.
 const MAX_ATTEMPTS: u32 = 5;
@@ -334,8 +334,7 @@ impl StreamerTask {
                 }
             };
             let (status, body) = (response.status, response.body);
-            let wait =
-                Duration::from_secs_f64(response.retry_after.unwrap_or(0.1).clamp(0.01, 2.0));
+            let wait = retry_wait(response.retry_after);
             match status {
                 201 => {
                     let serial = message_serial(&body)?;
