@@ -10,10 +10,12 @@ mkdir -p "$dir"
 bench=./target/release/switchboard-bench
 status=0
 # The machine's own state, kept with the figures: this VM's speed and its neighbours vary
-# from hour to hour. A fixed CPU loop (seconds; lower is faster), then /proc/stat's cpu line
-# before and after each scenario (busy, iowait and steal shares of the interval).
-python3 -c 'import time; t=time.perf_counter(); sum(range(10**7)); print(round(time.perf_counter()-t, 3))' \
-  > "$dir/host-calibration.txt"
+# from minute to minute. A fixed CPU loop (seconds; lower is faster) before and after the
+# scenarios, and /proc/stat's cpu line before and after each (busy, iowait and steal shares).
+cpu_loop() {
+  python3 -c 'import time; t=time.perf_counter(); sum(range(3 * 10**7)); print(round(time.perf_counter()-t, 3))'
+}
+cpu_loop > "$dir/host-calibration.txt"
 run() {
   local name=$1; shift
   echo "== $name: $*"
@@ -29,6 +31,7 @@ run fanout fanout --subscribers 10000 --rate 15 --duration 60
 run chat chat --rooms 200 --members 10 --rate 500 --duration 30
 run ai-stream ai-stream --streams 100 --rate 50 --subscribers 5 --duration 20
 run reconnect reconnect --clients 1000 --events 500
+cpu_loop >> "$dir/host-calibration.txt"
 echo "== persistence: 200000 appends through the persistence actor"
 ./target/release/examples/persistence_bench 200000 16384 | tee "$dir/persistence.out"
 tail -n 1 "$dir/persistence.out" > "$dir/persistence-$stamp.json"
@@ -45,7 +48,7 @@ for name in sorted(os.listdir(src)):
             merged[name.split("-")[0]] = json.load(f)
     elif name == "host-calibration.txt":
         with open(path) as f:
-            host["cpu_loop_s"] = float(f.read().strip() or "nan")
+            host["cpu_loop_s"] = [float(v) for v in f.read().split()]  # before, after
     elif name.startswith("host-") and name.endswith(".stat"):
         with open(path) as f:
             rows = [list(map(int, l.split()[1:])) for l in f if l.startswith("cpu ")]
