@@ -46,6 +46,8 @@ mod plot;
 mod poster;
 #[path = "bench/pusher.rs"]
 mod pusher;
+#[path = "bench/rawws.rs"]
+mod rawws;
 #[path = "bench/reconnect.rs"]
 mod reconnect;
 #[path = "bench/report.rs"]

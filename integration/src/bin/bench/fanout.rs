@@ -7,6 +7,9 @@
 //! recipients and guests), so the subscribers need no channel membership and the channel
 //! stays under `max_channel_members`. The subscriber sockets live in `--workers` worker
 //! processes (`bench/workers.rs`), spread over source addresses 127.0.0.2.. like `idle`.
+//! Sockets connect through the generator's own lean WebSocket client (`bench/rawws.rs`) and,
+//! once all are subscribed, one thread per worker reads them all from one epoll set
+//! (`bench/fanout_rx.rs`), pausing `--read-pause-us` between waits that found few ready.
 //!
 //! The publisher posts at a fixed rate (open loop, at most `--max-in-flight` posts
 //! unanswered; a tick that finds that many is skipped and counted). Each message's data is
@@ -33,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use hdrhistogram::Histogram;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,6 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{self, Api};
 use crate::idle::{self, FD_CAP, FD_MARGIN};
@@ -51,7 +53,7 @@ use crate::pusher::{self, Face, FaceArgs, PusherFrame};
 use crate::report::{cpu_delta, hist_json, opt, proc_json};
 use crate::scan::Scanner;
 use crate::server::{self, AppCreds, ProcSample};
-use crate::subscriber::{cursor_gt, Ws};
+use crate::subscriber::cursor_gt;
 use crate::workers::{self, hist_from_hex, hist_to_hex, unix_ns, Out, WorkerSet};
 use crate::{random_tag, Target, TargetArgs};
 
@@ -106,7 +108,8 @@ pub struct FanoutArgs {
     /// Worker processes holding the sockets (default: one per 9,000 sockets, at least 1).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Tokio threads per worker process.
+    /// Tokio threads per worker process (connects, control; one more thread reads the
+    /// sockets).
     #[arg(long, default_value_t = 1)]
     pub worker_threads: usize,
     /// Entities the sockets log in as, round-robin (default: one per subscriber; chat face).
@@ -133,6 +136,12 @@ pub struct FanoutArgs {
     /// After publishing ends, a subscriber stops after this many seconds without a frame.
     #[arg(long, default_value_t = 10)]
     pub drain_idle: u64,
+    /// µs a worker's receive thread pauses after an epoll wait that found fewer than 1,024
+    /// ready sockets, so it reads deliveries in batches instead of being woken for each one
+    /// (on loopback the server's send pays for that wake-up). Adds at most this much to a
+    /// delivery's latency; 0: no pause.
+    #[arg(long, default_value_t = 1000)]
+    pub read_pause_us: u64,
     /// Overall bound in seconds (after the server is ready); every process stops by then.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -252,6 +261,8 @@ pub struct FanoutJob {
     pub connect_timeout_secs: u64,
     pub retries: u32,
     pub drain_idle_secs: u64,
+    #[serde(default)]
+    pub read_pause_us: u64,
     /// Unix ns the delivery bins count from (bin i: [epoch + i s, epoch + (i+1) s)).
     pub epoch_ns: u64,
     /// The worker stops by itself this long after it starts.
@@ -396,6 +407,8 @@ struct SockCtx {
     slots: usize,
     epoch_ns: u64,
     drain_idle: Duration,
+    /// See `--read-pause-us`.
+    read_pause: Duration,
     reconnect_within: Duration,
     deadline: Instant,
     /// Send-to-receive latency, µs.
@@ -416,6 +429,7 @@ impl SockCtx {
             slots: job.slots,
             epoch_ns: job.epoch_ns,
             drain_idle: Duration::from_secs(job.drain_idle_secs),
+            read_pause: Duration::from_micros(job.read_pause_us),
             reconnect_within: Duration::from_secs(job.connect_timeout_secs),
             deadline,
             hist: Mutex::new(latency_hist()?),
@@ -717,144 +731,8 @@ struct SockEnd {
     last_ns: u64,
 }
 
-struct Sock {
-    node: usize,
-    ws: Ws,
-    cursor: String,
-    /// Pusher V2: the serial `subscription_succeeded` announced.
-    last_seq: Option<i64>,
-    url: Arc<String>,
-    token: Arc<String>,
-    route: Option<(SocketAddr, Ipv4Addr)>,
-    ctx: Arc<SockCtx>,
-    phase: watch::Receiver<Phase>,
-}
-
-impl Sock {
-    async fn run(self) -> SockEnd {
-        let Sock {
-            node,
-            mut ws,
-            cursor,
-            last_seq,
-            url,
-            token,
-            route,
-            ctx,
-            phase,
-        } = self;
-        ctx.open.fetch_add(1, Ordering::Relaxed);
-        let mut check = Check::new(ctx.slots, cursor, last_seq);
-        let mut drain: Option<Arc<Drain>> = None;
-        let mut error = None;
-        let mut complete = false;
-        let mut timed_out = false;
-        let mut last_frame = Instant::now();
-        let tick = tokio::time::sleep(TICK);
-        tokio::pin!(tick);
-        loop {
-            tokio::select! {
-                m = ws.next() => {
-                    last_frame = Instant::now();
-                    match m {
-                        Some(Ok(Message::Text(t))) => {
-                            if check.frame(t.as_str(), &ctx) {
-                                if let Err(e) = ws.send(Message::text(pusher::PONG)).await {
-                                    error = Some(format!("ws send pong: {e}"));
-                                    break;
-                                }
-                            }
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            let code = frame.as_ref().map(|f| u16::from(f.code));
-                            let overflow = match ctx.face {
-                                Face::Chat => code == Some(1013),
-                                Face::Pusher => code == Some(pusher::OVERFLOW_CLOSE),
-                            };
-                            if overflow {
-                                check.tally.overflow_closes += 1;
-                            }
-                            // The Pusher face does not resume (yet): its socket fails.
-                            if !overflow
-                                || ctx.face == Face::Pusher
-                                || check.tally.reconnects >= MAX_RECONNECTS
-                                || Instant::now() >= ctx.deadline
-                            {
-                                error = Some(format!("server closed the socket: {frame:?}"));
-                                break;
-                            }
-                            let again = format!("{url}?after_cursor={}", check.cursor);
-                            match idle::connect_once(&again, &token, route, ctx.reconnect_within)
-                                .await
-                            {
-                                Ok((new_ws, _)) => {
-                                    check.tally.reconnects += 1;
-                                    ws = new_ws;
-                                }
-                                Err(e) => {
-                                    error = Some(format!("reconnect after 1013: {e}"));
-                                    break;
-                                }
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            error = Some(format!("ws read: {e}"));
-                            break;
-                        }
-                        None => {
-                            error = Some("ws ended".into());
-                            break;
-                        }
-                    }
-                    if drain.as_ref().is_some_and(|d| check.unique >= d.expected) {
-                        complete = true;
-                        break;
-                    }
-                }
-                () = &mut tick => {
-                    tick.as_mut().reset(Instant::now() + TICK);
-                    let now_phase = phase.borrow().clone();
-                    match now_phase {
-                        Phase::Abort => break,
-                        Phase::Drain(d) => drain = Some(d),
-                        Phase::Run => {}
-                    }
-                    if let Some(d) = &drain {
-                        if check.unique >= d.expected {
-                            complete = true;
-                            break;
-                        }
-                        if last_frame.elapsed() >= ctx.drain_idle {
-                            break;
-                        }
-                    }
-                    if Instant::now() >= ctx.deadline {
-                        timed_out = true;
-                        break;
-                    }
-                }
-            }
-        }
-        ctx.open.fetch_sub(1, Ordering::Relaxed);
-        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-        check.finish(drain.as_deref());
-        let t = &mut check.tally;
-        t.timed_out += u64::from(timed_out);
-        if error.is_some() {
-            t.socket_errors += 1;
-            ctx.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        t.complete += u64::from(complete || (drain.is_some() && t.missing == 0 && error.is_none()));
-        SockEnd {
-            node,
-            tally: check.tally,
-            error,
-            first_ns: check.first_ns,
-            last_ns: check.last_ns,
-        }
-    }
-}
+#[path = "fanout_rx.rs"]
+mod rx;
 
 // ---------------------------------------------------------------------------------------
 // Worker side: the process.
@@ -913,8 +791,8 @@ async fn translate_control(mut control: watch::Receiver<Value>, phase: watch::Se
     }
 }
 
-/// A connected subscriber: its node, its task, the connect attempt's µs.
-type Subscribed = (usize, JoinHandle<SockEnd>, u64);
+/// A connected subscriber and the connect attempt's µs.
+type Subscribed = (rx::Subscriber, u64);
 
 struct ConnectJob {
     node: usize,
@@ -946,11 +824,11 @@ impl ConnectJob {
             let started = Instant::now();
             let within = self.within.min(left);
             let connected = match self.ctx.face {
-                Face::Chat => idle::connect_once(&self.url, &self.token, self.route, within)
+                Face::Chat => idle::connect_once_raw(&self.url, &self.token, self.route, within)
                     .await
                     .map(|(ws, cursor)| (ws, cursor, None)),
                 Face::Pusher => {
-                    pusher::connect(&self.url, self.route, within, Some(&self.ctx.channel))
+                    pusher::connect_raw(&self.url, self.route, within, Some(&self.ctx.channel))
                         .await
                         .map(|(ws, hello)| (ws, String::new(), hello.serial))
                 }
@@ -959,7 +837,7 @@ impl ConnectJob {
                 Ok((ws, cursor, last_seq)) => {
                     let micros = started.elapsed().as_micros() as u64;
                     self.counts.established.fetch_add(1, Ordering::Relaxed);
-                    let sock = Sock {
+                    let sub = rx::Subscriber {
                         node: self.node,
                         ws,
                         cursor,
@@ -967,10 +845,8 @@ impl ConnectJob {
                         url: self.url,
                         token: self.token,
                         route: self.route,
-                        ctx: self.ctx,
-                        phase: self.phase,
                     };
-                    return Ok((self.node, tokio::spawn(sock.run()), micros));
+                    return Ok((sub, micros));
                 }
                 Err(e) => last = e,
             }
@@ -1069,14 +945,14 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
             .await;
     let connect_secs = connect_started.elapsed().as_secs_f64();
     let mut connect_hist = latency_hist()?;
-    let mut handles = Vec::with_capacity(outcomes.len());
+    let mut subs = Vec::with_capacity(outcomes.len());
     let mut connect_errors = Vec::new();
     for o in outcomes {
         match o {
-            Ok((node, h, us)) => {
+            Ok((sub, us)) => {
                 connect_hist.saturating_record(us.max(1));
-                per_node[node].established += 1;
-                handles.push(h);
+                per_node[sub.node].established += 1;
+                subs.push(sub);
             }
             Err(e) if connect_errors.len() < KEEP_ERRORS => connect_errors.push(e),
             Err(_) => {}
@@ -1084,36 +960,39 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
     }
     out.send(&progress_json("ready", &counts, &ctx));
 
-    // Subscribers run until the drain completes, they go idle, abort, or the deadline.
+    // One thread reads every subscriber until the drain completes, they go idle, abort, or
+    // the deadline.
+    let receive = {
+        let (ctx, phase, rt) = (
+            ctx.clone(),
+            phase_rx.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        tokio::task::spawn_blocking(move || rx::run(subs, ctx, phase, rt))
+    };
+    let collect_by = deadline + Duration::from_secs(5);
+    let ends = match tokio::time::timeout_at(collect_by, receive).await {
+        Ok(Ok(ends)) => ends?,
+        Ok(Err(e)) => return Err(format!("receive loop: {e}")),
+        Err(_) => return Err("subscribers did not stop by the worker's deadline".into()),
+    };
     let mut tally = Tally::default();
     let mut errors = Vec::new();
     let (mut first_ns, mut last_ns) = (u64::MAX, 0u64);
-    let collect_by = deadline + Duration::from_secs(5);
-    for h in handles {
-        match tokio::time::timeout_at(collect_by, h).await {
-            Ok(Ok(end)) => {
-                tally.add(&end.tally);
-                if let Some(n) = per_node.get_mut(end.node) {
-                    n.deliveries += end.tally.message_frames;
-                    n.missing += end.tally.missing;
-                    n.complete += end.tally.complete;
-                    n.socket_errors += end.tally.socket_errors;
-                }
-                if end.tally.message_frames > 0 {
-                    first_ns = first_ns.min(end.first_ns);
-                    last_ns = last_ns.max(end.last_ns);
-                }
-                if let (Some(e), true) = (end.error, errors.len() < KEEP_ERRORS) {
-                    errors.push(e);
-                }
-            }
-            Ok(Err(e)) => {
-                tally.socket_errors += 1;
-                if errors.len() < KEEP_ERRORS {
-                    errors.push(format!("subscriber task: {e}"));
-                }
-            }
-            Err(_) => return Err("subscribers did not stop by the worker's deadline".into()),
+    for end in ends {
+        tally.add(&end.tally);
+        if let Some(n) = per_node.get_mut(end.node) {
+            n.deliveries += end.tally.message_frames;
+            n.missing += end.tally.missing;
+            n.complete += end.tally.complete;
+            n.socket_errors += end.tally.socket_errors;
+        }
+        if end.tally.message_frames > 0 {
+            first_ns = first_ns.min(end.first_ns);
+            last_ns = last_ns.max(end.last_ns);
+        }
+        if let (Some(e), true) = (end.error, errors.len() < KEEP_ERRORS) {
+            errors.push(e);
         }
     }
     progress_stop.store(true, Ordering::Relaxed);
@@ -1605,6 +1484,7 @@ async fn drive(
             connect_timeout_secs: args.connect_timeout,
             retries: args.retries,
             drain_idle_secs: args.drain_idle,
+            read_pause_us: args.read_pause_us,
             epoch_ns: plan.epoch_ns,
             max_secs: plan.max_secs + 10,
             plot: args.plot.is_some(),
@@ -2431,6 +2311,7 @@ impl FanoutReport {
                 "connect_concurrency": a.connect_concurrency,
                 "source_ips": a.source_ips,
                 "drain_idle_secs": a.drain_idle,
+                "read_pause_us": a.read_pause_us,
                 "timeout_secs": a.timeout,
                 "client_threads": a.target.threads,
                 "nodes": self.nodes.len(),
@@ -2531,13 +2412,14 @@ mod tests {
         ctx_of(Face::Chat, slots)
     }
 
-    fn ctx_of(face: Face, slots: usize) -> SockCtx {
+    pub(super) fn ctx_of(face: Face, slots: usize) -> SockCtx {
         SockCtx {
             face,
             channel: "c".into(),
             slots,
             epoch_ns: unix_ns(),
             drain_idle: Duration::from_secs(1),
+            read_pause: Duration::ZERO,
             reconnect_within: Duration::from_secs(1),
             deadline: Instant::now(),
             hist: Mutex::new(latency_hist().expect("histogram")),

@@ -20,7 +20,6 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -32,6 +31,7 @@ use tokio_tungstenite::MaybeTlsStream;
 use crate::api::{self, Api};
 use crate::cluster;
 use crate::pusher::{self, Face, FaceArgs};
+use crate::rawws::{self, RawWs, TextSocket};
 use crate::report::{cpu_delta, opt};
 use crate::server::{self, AppCreds, ProcSample};
 use crate::subscriber::Ws;
@@ -229,14 +229,7 @@ pub(crate) async fn open_ws(
 ) -> Result<Ws, String> {
     let (ws, _) = match route {
         Some((server, source)) => {
-            let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-            sock.bind(SocketAddr::from((source, 0)))
-                .map_err(|e| format!("bind {source}: {e}"))?;
-            let stream = sock
-                .connect(server)
-                .await
-                .map_err(|e| format!("tcp connect from {source}: {e}"))?;
-            let _ = stream.set_nodelay(true);
+            let stream = rawws::dial_from(server, source).await?;
             tokio_tungstenite::client_async_with_config(
                 req,
                 MaybeTlsStream::Plain(stream),
@@ -274,29 +267,46 @@ pub(crate) async fn connect_once(
                 .map_err(|e| format!("ws auth header: {e}"))?,
         );
         let mut ws = open_ws(req, route).await?;
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                match (
-                    v.get("type").and_then(Value::as_str),
-                    v.get("cursor").and_then(Value::as_str),
-                ) {
-                    (Some("realtime.ready"), Some(cursor)) => Ok((ws, cursor.to_string())),
-                    _ => Err(format!(
-                        "first frame is not realtime.ready with a cursor: {}",
-                        api::snippet(t.as_bytes())
-                    )),
-                }
-            }
-            Some(Ok(Message::Close(c))) => Err(format!("closed before ready: {c:?}")),
-            Some(Ok(other)) => Err(format!("unexpected first frame: {other:?}")),
-            Some(Err(e)) => Err(format!("ws read: {e}")),
-            None => Err("ws ended before ready".into()),
-        }
+        let cursor = await_ready(&mut ws).await?;
+        Ok((ws, cursor))
     };
     tokio::time::timeout(within, attempt)
         .await
         .map_err(|_| format!("no realtime.ready within {within:?}"))?
+}
+
+/// [`connect_once`] through the lean client (`rawws.rs`), for a reader outside tokio.
+pub(crate) async fn connect_once_raw(
+    url: &str,
+    token: &str,
+    route: Option<(SocketAddr, Ipv4Addr)>,
+    within: Duration,
+) -> Result<(RawWs, String), String> {
+    let attempt = async {
+        let mut ws =
+            rawws::upgrade(url, &[format!("Authorization: Bearer {token}")], route).await?;
+        let cursor = await_ready(&mut ws).await?;
+        Ok((ws, cursor))
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| format!("no realtime.ready within {within:?}"))?
+}
+
+/// The first frame must be `realtime.ready`: its cursor.
+async fn await_ready<S: TextSocket>(ws: &mut S) -> Result<String, String> {
+    let t = ws.next_text("realtime.ready").await?;
+    let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
+    match (
+        v.get("type").and_then(Value::as_str),
+        v.get("cursor").and_then(Value::as_str),
+    ) {
+        (Some("realtime.ready"), Some(cursor)) => Ok(cursor.to_string()),
+        _ => Err(format!(
+            "first frame is not realtime.ready with a cursor: {}",
+            api::snippet(t.as_bytes())
+        )),
+    }
 }
 
 /// Reads the socket until told to stop (tungstenite answers WebSocket pings while reading;

@@ -24,15 +24,14 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use futures_util::{SinkExt as _, StreamExt as _};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{self, snippet};
 use crate::idle;
+use crate::rawws::{self, RawWs, TextSocket};
 use crate::server::AppCreds;
 use crate::subscriber::Ws;
 
@@ -211,38 +210,25 @@ pub struct Hello {
 }
 
 /// The next text frame (pings of the Pusher protocol are answered on the way).
-async fn next_text(ws: &mut Ws, waiting_for: &str) -> Result<Value, String> {
+async fn next_text<S: TextSocket>(ws: &mut S, waiting_for: &str) -> Result<Value, String> {
     loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(t.as_str()).map_err(|_| {
-                    format!(
-                        "not a JSON frame while waiting for {waiting_for}: {}",
-                        snippet(t.as_bytes())
-                    )
-                })?;
-                let event = v.get("event").and_then(Value::as_str).unwrap_or("");
-                match protocol_event(event) {
-                    Some("ping") => {
-                        ws.send(Message::text(PONG))
-                            .await
-                            .map_err(|e| format!("ws send pong: {e}"))?;
-                    }
-                    Some("error") => {
-                        return Err(format!(
-                            "{event} while waiting for {waiting_for}: {}",
-                            v.get("data").map(Value::to_string).unwrap_or_default()
-                        ))
-                    }
-                    _ => return Ok(v),
-                }
+        let t = ws.next_text(waiting_for).await?;
+        let v: Value = serde_json::from_str(&t).map_err(|_| {
+            format!(
+                "not a JSON frame while waiting for {waiting_for}: {}",
+                snippet(t.as_bytes())
+            )
+        })?;
+        let event = v.get("event").and_then(Value::as_str).unwrap_or("");
+        match protocol_event(event) {
+            Some("ping") => ws.send_text(PONG).await?,
+            Some("error") => {
+                return Err(format!(
+                    "{event} while waiting for {waiting_for}: {}",
+                    v.get("data").map(Value::to_string).unwrap_or_default()
+                ))
             }
-            Some(Ok(Message::Close(c))) => {
-                return Err(format!("closed while waiting for {waiting_for}: {c:?}"))
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(format!("ws read: {e}")),
-            None => return Err(format!("ws ended while waiting for {waiting_for}")),
+            _ => return Ok(v),
         }
     }
 }
@@ -270,46 +256,71 @@ pub async fn connect(
             .into_client_request()
             .map_err(|e| format!("ws request: {e}"))?;
         let mut ws = idle::open_ws(req, route).await?;
-        let first = next_text(&mut ws, "connection_established").await?;
-        let event = first.get("event").and_then(Value::as_str).unwrap_or("");
-        if protocol_event(event) != Some("connection_established") {
-            return Err(format!(
-                "first frame is not connection_established: {}",
-                snippet(first.to_string().as_bytes())
-            ));
-        }
-        // Every Pusher server names the socket; one without an id is not speaking the protocol.
-        data_object(&first)
-            .get("socket_id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                format!(
-                    "connection_established without a socket_id: {}",
-                    snippet(first.to_string().as_bytes())
-                )
-            })?;
-        let mut hello = Hello { serial: None };
-        let Some(channel) = channel else {
-            return Ok((ws, hello));
-        };
-        let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": channel}});
-        ws.send(Message::text(subscribe.to_string()))
-            .await
-            .map_err(|e| format!("ws send subscribe: {e}"))?;
-        loop {
-            let v = next_text(&mut ws, "subscription_succeeded").await?;
-            let event = v.get("event").and_then(Value::as_str).unwrap_or("");
-            if protocol_event(event) == Some("subscription_succeeded")
-                && v.get("channel").and_then(Value::as_str) == Some(channel)
-            {
-                hello.serial = v.get("serial").and_then(Value::as_i64);
-                return Ok((ws, hello));
-            }
-        }
+        let hello = greet(&mut ws, channel).await?;
+        Ok((ws, hello))
     };
-    tokio::time::timeout(within, attempt).await.map_err(|_| {
-        format!("no connection_established / subscription_succeeded within {within:?}")
-    })?
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| timed_out(within))?
+}
+
+/// [`connect`] through the lean client (`rawws.rs`), for a reader outside tokio.
+pub async fn connect_raw(
+    url: &str,
+    route: Option<(SocketAddr, Ipv4Addr)>,
+    within: Duration,
+    channel: Option<&str>,
+) -> Result<(RawWs, Hello), String> {
+    let attempt = async {
+        let mut ws = rawws::upgrade(url, &[], route).await?;
+        let hello = greet(&mut ws, channel).await?;
+        Ok((ws, hello))
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| timed_out(within))?
+}
+
+fn timed_out(within: Duration) -> String {
+    format!("no connection_established / subscription_succeeded within {within:?}")
+}
+
+/// `connection_established`, then, when `channel` is given, the subscription.
+async fn greet<S: TextSocket>(ws: &mut S, channel: Option<&str>) -> Result<Hello, String> {
+    let first = next_text(ws, "connection_established").await?;
+    let event = first.get("event").and_then(Value::as_str).unwrap_or("");
+    if protocol_event(event) != Some("connection_established") {
+        return Err(format!(
+            "first frame is not connection_established: {}",
+            snippet(first.to_string().as_bytes())
+        ));
+    }
+    // Every Pusher server names the socket; one without an id is not speaking the protocol.
+    data_object(&first)
+        .get("socket_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            format!(
+                "connection_established without a socket_id: {}",
+                snippet(first.to_string().as_bytes())
+            )
+        })?;
+    let mut hello = Hello { serial: None };
+    let Some(channel) = channel else {
+        return Ok(hello);
+    };
+    let subscribe = json!({"event": "pusher:subscribe", "data": {"channel": channel}});
+    ws.send_text(&subscribe.to_string()).await?;
+    loop {
+        let v = next_text(ws, "subscription_succeeded").await?;
+        let event = v.get("event").and_then(Value::as_str).unwrap_or("");
+        if protocol_event(event) == Some("subscription_succeeded")
+            && v.get("channel").and_then(Value::as_str) == Some(channel)
+        {
+            hello.serial = v.get("serial").and_then(Value::as_i64);
+            return Ok(hello);
+        }
+    }
 }
 
 /// A signed `POST /apps/{id}/events` publishing `data` as event `name` on `channel`: the URL
