@@ -265,9 +265,16 @@ pub async fn upgrade(
     let mut stream = match route {
         Some((server, source)) => dial_from(server, source).await?,
         None => {
-            let s = TcpStream::connect(host)
+            // `ws://` without a port means 80.
+            let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
+            let addr = if has_port {
+                host.to_string()
+            } else {
+                format!("{host}:80")
+            };
+            let s = TcpStream::connect(&addr)
                 .await
-                .map_err(|e| format!("tcp connect {host}: {e}"))?;
+                .map_err(|e| format!("tcp connect {addr}: {e}"))?;
             let _ = s.set_nodelay(true);
             s
         }
