@@ -494,20 +494,35 @@ mod tests {
         tokio::task::spawn_blocking(move || run(subs, ctx, phase, rt))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn every_delivery_is_checked_pings_answered_and_the_socket_closed() {
+    /// A chat subscriber connected to a scripted server (which sent `first` with its
+    /// upgrade) and its receive loop running with a drain of `slots` publishes: the server's
+    /// side of the socket, the listener (for reconnects), the context and the loop.
+    async fn started(
+        slots: usize,
+        first: &[u8],
+    ) -> (
+        tokio::net::TcpStream,
+        TcpListener,
+        Arc<SockCtx>,
+        tokio::task::JoinHandle<Result<Vec<SockEnd>, String>>,
+    ) {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("ws://{}/api/realtime/ws", l.local_addr().expect("addr"));
+        let ((s, _), sub) = tokio::join!(
+            accept_upgrade(&l, None, "101 Switching Protocols", first),
+            subscriber(&url)
+        );
+        let ctx = ctx(slots);
+        let rx = receive(vec![sub], ctx.clone(), drain(slots as u64));
+        (s, l, ctx, rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_delivery_is_checked_pings_answered_and_the_socket_closed() {
         // Publish 0 comes with the handshake, so it sits in the bytes the upgrade kept.
         let mut first = ready(0);
         first.extend(server_frame(true, OP_TEXT, message(0, 1, 1).as_bytes()));
-        let (server, sub) = tokio::join!(
-            accept_upgrade(&l, None, "101 Switching Protocols", &first),
-            subscriber(&url)
-        );
-        let (mut s, _) = server;
-        let ctx = ctx(4);
-        let rx = receive(vec![sub], ctx.clone(), drain(4));
+        let (mut s, _l, ctx, rx) = started(4, &first).await;
         let m3 = message(3, 5, 5);
         let (m3a, m3b) = m3.as_bytes().split_at(10);
         let mut wire = server_frame(true, OP_TEXT, message(1, 2, 2).as_bytes());
@@ -544,16 +559,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_overflow_close_resumes_after_the_last_cursor() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("ws://{}/api/realtime/ws", l.local_addr().expect("addr"));
-        let hello = ready(0);
-        let (server, sub) = tokio::join!(
-            accept_upgrade(&l, None, "101 Switching Protocols", &hello),
-            subscriber(&url)
-        );
-        let (mut s, _) = server;
-        let ctx = ctx(2);
-        let rx = receive(vec![sub], ctx.clone(), drain(2));
+        let (mut s, l, _ctx, rx) = started(2, &ready(0)).await;
         let mut wire = server_frame(true, OP_TEXT, message(0, 7, 1).as_bytes());
         wire.extend(server_frame(true, OP_CLOSE, &1013u16.to_be_bytes()));
         s.write_all(&wire).await.expect("write");
@@ -584,16 +590,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_socket_the_server_ends_counts_as_an_error_and_loss() {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("ws://{}/api/realtime/ws", l.local_addr().expect("addr"));
-        let hello = ready(0);
-        let (server, sub) = tokio::join!(
-            accept_upgrade(&l, None, "101 Switching Protocols", &hello),
-            subscriber(&url)
-        );
-        let (mut s, _) = server;
-        let ctx = ctx(3);
-        let rx = receive(vec![sub], ctx.clone(), drain(3));
+        let (mut s, _l, ctx, rx) = started(3, &ready(0)).await;
         s.write_all(&server_frame(true, OP_TEXT, message(0, 1, 1).as_bytes()))
             .await
             .expect("write");
