@@ -7,6 +7,10 @@
 //! nothing), on the same two cores the server needs. Here a socket woken by epoll is read
 //! once (edge-triggered: a short read means the socket is empty, and new data raises a new
 //! edge), and every check is the same `Check::frame` as before.
+//!
+//! Reading starts once every socket of the worker is connected (seconds, and no publish is
+//! sent before that); a server ping that comes meanwhile waits in the kernel and is
+//! answered then, well within any heartbeat timeout (60 s for `/api/realtime/ws`).
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
