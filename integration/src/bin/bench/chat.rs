@@ -1206,9 +1206,7 @@ impl ChatReport {
     }
 
     fn mean_commit_ms(&self) -> Option<f64> {
-        let sum = self.metric_delta("switchboard_commit_seconds_sum")?;
-        let n = self.metric_delta("switchboard_commit_seconds_count")?;
-        (n > 0.0).then(|| sum * 1000.0 / n)
+        crate::report::mean_commit_ms(&self.metrics_before, &self.metrics_after)
     }
 
     fn to_json(&self) -> Value {

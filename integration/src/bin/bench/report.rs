@@ -548,6 +548,18 @@ pub fn write_queue_wait(
     Some((sum / count * 1000.0, 1.0 - within_5ms / count))
 }
 
+/// The mean time one group commit took over a run (BEGIN to COMMIT, the sync included), in
+/// ms, from two scrapes of the server's `switchboard_commit_seconds` histogram.
+pub fn mean_commit_ms(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> Option<f64> {
+    const NAME: &str = "switchboard_commit_seconds";
+    let delta = |key: String| Some(after.get(&key)? - before.get(&key).copied().unwrap_or(0.0));
+    let count = delta(format!("{NAME}_count")).filter(|c| *c > 0.0)?;
+    Some(delta(format!("{NAME}_sum"))? / count * 1000.0)
+}
+
 pub fn log_lines_cell(started_here: bool, problems: u64) -> String {
     if started_here {
         problems.to_string()
@@ -559,6 +571,22 @@ pub fn log_lines_cell(started_here: bool, problems: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mean_commit_time_comes_from_the_histograms_deltas() {
+        let before = BTreeMap::from([
+            ("switchboard_commit_seconds_sum".to_string(), 1.0),
+            ("switchboard_commit_seconds_count".to_string(), 1000.0),
+        ]);
+        let after = BTreeMap::from([
+            ("switchboard_commit_seconds_sum".to_string(), 3.0),
+            ("switchboard_commit_seconds_count".to_string(), 5000.0),
+        ]);
+        let mean = mean_commit_ms(&before, &after).expect("commits happened");
+        assert!((mean - 0.5).abs() < 1e-9, "{mean}");
+        assert_eq!(mean_commit_ms(&after, &after), None, "no commits, no mean");
+        assert_eq!(mean_commit_ms(&before, &BTreeMap::new()), None);
+    }
 
     #[test]
     fn write_queue_wait_comes_from_the_histograms_deltas() {

@@ -331,6 +331,10 @@ impl AiStreamReport {
         crate::report::write_queue_wait(&self.samples.metrics_before, &self.samples.metrics_after)
     }
 
+    fn mean_commit_ms(&self) -> Option<f64> {
+        crate::report::mean_commit_ms(&self.samples.metrics_before, &self.samples.metrics_after)
+    }
+
     fn metric_delta(&self, name: &str) -> Option<f64> {
         let s = &self.samples;
         Some(s.metrics_after.get(name)? - s.metrics_before.get(name).copied().unwrap_or(0.0))
@@ -510,6 +514,10 @@ impl AiStreamReport {
             ),
         );
         row(
+            "commit time mean (server metric)",
+            opt(self.mean_commit_ms(), 3) + " ms",
+        );
+        row(
             "writer queue wait: mean / > 5 ms",
             match self.write_queue_wait() {
                 Some((mean_ms, over)) => format!("{mean_ms:.2} ms / {:.2}%", over * 100.0),
@@ -658,6 +666,7 @@ impl AiStreamReport {
                     "committed_writes": self.metric_delta("switchboard_committed_writes_total"),
                     "deliveries_queued": self.metric_delta("switchboard_deliveries_total"),
                     "session_overflows": self.metric_delta("switchboard_session_overflows_total"),
+                    "commit_mean_ms": self.mean_commit_ms(),
                     "write_queue_wait_mean_ms": self.write_queue_wait().map(|w| w.0),
                     "writes_waiting_over_5ms_share": self.write_queue_wait().map(|w| w.1),
                 },
