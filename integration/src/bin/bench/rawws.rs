@@ -2,7 +2,7 @@
 //!
 //! tungstenite keeps what it read past a frame in a buffer of its own, so a socket it
 //! upgraded cannot be handed to another reader without losing bytes. Here the upgrade is
-//! ours: the bytes after the response head stay in [`FrameBuf`], and once subscribed the
+//! ours: the bytes after the response head stay in [`RawWs::unread`], and once subscribed the
 //! socket can leave tokio for a plain epoll loop (`fanout_rx.rs`) that reads frames straight
 //! out of one shared buffer.
 
