@@ -971,7 +971,7 @@ impl ChatReport {
     }
 
     fn metric_delta(&self, name: &str) -> Option<f64> {
-        Some(self.metrics_after.get(name)? - self.metrics_before.get(name).copied().unwrap_or(0.0))
+        crate::report::metric_delta(&self.metrics_before, &self.metrics_after, name)
     }
 
     fn server_cpu_posting(&self) -> Option<f64> {

@@ -720,7 +720,7 @@ impl ReconnectReport {
     }
 
     fn metric_delta(&self, name: &str) -> Option<f64> {
-        Some(self.metrics_after.get(name)? - self.metrics_before.get(name).copied().unwrap_or(0.0))
+        crate::report::metric_delta(&self.metrics_before, &self.metrics_after, name)
     }
 
     fn targets(&self) -> Vec<(String, bool)> {

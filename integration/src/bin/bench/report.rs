@@ -247,7 +247,7 @@ impl Report {
             .map(|c| self.correctness.message_frames as f64 / c)
     }
     fn metric_delta(&self, name: &str) -> Option<f64> {
-        Some(self.metrics_after.get(name)? - self.metrics_before.get(name).copied().unwrap_or(0.0))
+        metric_delta(&self.metrics_before, &self.metrics_after, name)
     }
     pub fn passed(&self) -> bool {
         self.correctness.failures().is_empty()
@@ -533,7 +533,16 @@ impl Report {
     }
 }
 
-/// The server's WARN/ERROR line count; known only for a server this run started.
+/// A counter's (or histogram part's) growth between two scrapes of the server's metrics;
+/// `None` when the later scrape lacks it (a series first seen later counts from 0).
+pub fn metric_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    name: &str,
+) -> Option<f64> {
+    Some(after.get(name)? - before.get(name).copied().unwrap_or(0.0))
+}
+
 /// How long writes waited for the server's writer over a run, from two scrapes of its
 /// `switchboard_write_queue_wait_seconds` histogram: (mean in ms, share that waited > 5 ms).
 pub fn write_queue_wait(
@@ -541,7 +550,7 @@ pub fn write_queue_wait(
     after: &BTreeMap<String, f64>,
 ) -> Option<(f64, f64)> {
     const NAME: &str = "switchboard_write_queue_wait_seconds";
-    let delta = |key: String| Some(after.get(&key)? - before.get(&key).copied().unwrap_or(0.0));
+    let delta = |key: String| metric_delta(before, after, &key);
     let count = delta(format!("{NAME}_count")).filter(|c| *c > 0.0)?;
     let sum = delta(format!("{NAME}_sum"))?;
     let within_5ms = delta(format!("{NAME}_bucket{{le=\"0.005\"}}"))?;
@@ -555,11 +564,12 @@ pub fn mean_commit_ms(
     after: &BTreeMap<String, f64>,
 ) -> Option<f64> {
     const NAME: &str = "switchboard_commit_seconds";
-    let delta = |key: String| Some(after.get(&key)? - before.get(&key).copied().unwrap_or(0.0));
+    let delta = |key: String| metric_delta(before, after, &key);
     let count = delta(format!("{NAME}_count")).filter(|c| *c > 0.0)?;
     Some(delta(format!("{NAME}_sum"))? / count * 1000.0)
 }
 
+/// The server's WARN/ERROR line count; known only for a server this run started.
 pub fn log_lines_cell(started_here: bool, problems: u64) -> String {
     if started_here {
         problems.to_string()

@@ -337,7 +337,7 @@ impl AiStreamReport {
 
     fn metric_delta(&self, name: &str) -> Option<f64> {
         let s = &self.samples;
-        Some(s.metrics_after.get(name)? - s.metrics_before.get(name).copied().unwrap_or(0.0))
+        crate::report::metric_delta(&s.metrics_before, &s.metrics_after, name)
     }
 
     /// Everything that makes the run fail, as sentences.
