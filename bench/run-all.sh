@@ -11,11 +11,14 @@ bench=./target/release/switchboard-bench
 status=0
 # The machine's own state, kept with the figures: this VM's speed and its neighbours vary
 # from minute to minute. A fixed CPU loop (seconds; lower is faster) before and after the
-# scenarios, and /proc/stat's cpu line before and after each (busy, iowait and steal shares).
+# scenarios, the kernel's cost of one loopback write and one fdatasync (`switchboard-bench
+# probe`) before and after, and /proc/stat's cpu line before and after each scenario (busy,
+# iowait and steal shares).
 cpu_loop() {
   python3 -c 'import time; t=time.perf_counter(); sum(range(3 * 10**7)); print(round(time.perf_counter()-t, 3))'
 }
 cpu_loop > "$dir/host-calibration.txt"
+"$bench" probe | tail -n 1 > "$dir/host-probe.jsonl"
 run() {
   local name=$1; shift
   echo "== $name: $*"
@@ -32,6 +35,7 @@ run chat chat --rooms 200 --members 10 --rate 500 --duration 30
 run ai-stream ai-stream --streams 100 --rate 50 --subscribers 5 --duration 20
 run reconnect reconnect --clients 1000 --events 500
 cpu_loop >> "$dir/host-calibration.txt"
+"$bench" probe | tail -n 1 >> "$dir/host-probe.jsonl"
 echo "== persistence: 200000 appends through the persistence actor"
 ./target/release/examples/persistence_bench 200000 16384 | tee "$dir/persistence.out"
 tail -n 1 "$dir/persistence.out" > "$dir/persistence-$stamp.json"
@@ -49,6 +53,11 @@ for name in sorted(os.listdir(src)):
     elif name == "host-calibration.txt":
         with open(path) as f:
             host["cpu_loop_s"] = [float(v) for v in f.read().split()]  # before, after
+    elif name == "host-probe.jsonl":
+        with open(path) as f:
+            probes = [json.loads(l) for l in f if l.strip()]  # before, after
+        host["loopback_write_us"] = [p["loopback_write_us"] for p in probes]
+        host["fdatasync_us"] = [p["fdatasync_us"] for p in probes]
     elif name.startswith("host-") and name.endswith(".stat"):
         with open(path) as f:
             rows = [list(map(int, l.split()[1:])) for l in f if l.startswith("cpu ")]

@@ -44,6 +44,8 @@ mod idle;
 mod plot;
 #[path = "bench/poster.rs"]
 mod poster;
+#[path = "bench/probe.rs"]
+mod probe;
 #[path = "bench/pusher.rs"]
 mod pusher;
 #[path = "bench/rawws.rs"]
@@ -123,6 +125,8 @@ enum Command {
     Chat(chat::ChatArgs),
     /// C clients drop and reconnect with their cursor, each catching up E events.
     Reconnect(reconnect::ReconnectArgs),
+    /// The machine's floors, without Switchboard: one loopback TCP write, one fdatasync.
+    Probe(probe::ProbeArgs),
 }
 
 /// Which server to load and where the results go (shared by every run).
@@ -299,6 +303,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => a.threads,
         Command::Chat(a) => a.target.threads,
         Command::Reconnect(a) => a.target.threads,
+        Command::Probe(_) => 1,
     };
     let single = match &cli.command {
         Command::Quick(a) => a.target.single_node("quick"),
@@ -331,6 +336,8 @@ fn main() -> ExitCode {
             Command::Worker(args) => workers::worker_main(args).await,
             Command::Chat(args) => chat::chat_only(args).await,
             Command::Reconnect(args) => reconnect::reconnect_only(args).await,
+            // Synchronous and short: it measures the kernel, not the runtime.
+            Command::Probe(args) => probe::main(&args).map(|()| true),
         }
     });
     match outcome {
