@@ -2,7 +2,7 @@
 //! workspace with what each may see, and fans committed events out to them in cursor order
 //! without touching the database: one filter per session, one shared frame per event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,7 +91,10 @@ struct SessionEntry {
 pub struct WorkspaceActor {
     pub(crate) id: String,
     dispatched: i64,
-    sessions: HashMap<u64, SessionEntry>,
+    /// By session id, which grows in connect order: a public event's fan-out visits the
+    /// sessions (and their sockets) in the order their memory was allocated, which took 16%
+    /// less server CPU per delivery than a hash map's order (docs/performance.md).
+    sessions: BTreeMap<u64, SessionEntry>,
     /// Sessions of each entity: private events (most chat traffic) go to their recipients'
     /// sessions without looking at every other socket of the workspace.
     by_entity: HashMap<String, Vec<u64>>,
@@ -105,7 +108,7 @@ impl WorkspaceActor {
         Self {
             id,
             dispatched,
-            sessions: HashMap::new(),
+            sessions: BTreeMap::new(),
             by_entity: HashMap::new(),
             registry,
             pusher: PusherHub::default(),
@@ -307,7 +310,7 @@ impl WorkspaceActor {
     /// Closes every socket with the resync codes and goes on from `through`.
     fn resync_all(&mut self, through: i64) {
         self.by_entity.clear();
-        for (_, s) in self.sessions.drain() {
+        for s in std::mem::take(&mut self.sessions).into_values() {
             s.recipient.do_send(Outbound::Close(
                 crate::error::close_code::RESYNC_REQUIRED,
                 "missed events; resync",
@@ -434,7 +437,7 @@ impl Handler<CloseAll> for WorkspaceActor {
 
     fn handle(&mut self, msg: CloseAll, _: &mut Self::Context) {
         self.by_entity.clear();
-        for (_, s) in self.sessions.drain() {
+        for s in std::mem::take(&mut self.sessions).into_values() {
             s.recipient.do_send(Outbound::Close(msg.code, msg.reason));
         }
         self.pusher.close_all(msg.code, msg.reason);

@@ -3,7 +3,7 @@
 //! events, and the webhooks these changes raise. It lives in the WorkspaceActor so that a
 //! committed message and a presence change reach sockets in one order.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -252,7 +252,9 @@ struct HubSession {
 #[derive(Default)]
 struct HubChannel {
     /// Subscribed sessions, each with its presence user id on presence channels.
-    subscribers: HashMap<u64, Option<String>>,
+    /// Ordered by session id (connect order), so a broadcast walks memory in allocation
+    /// order, as `WorkspaceActor::sessions` does.
+    subscribers: BTreeMap<u64, Option<String>>,
     /// Presence: user id → (user_info, sockets of that user on this channel).
     members: HashMap<String, (Value, usize)>,
     presence: bool,
@@ -303,7 +305,7 @@ struct ClusterLink {
 /// The hub's state inside a WorkspaceActor.
 #[derive(Default)]
 pub struct PusherHub {
-    sessions: HashMap<u64, HubSession>,
+    sessions: BTreeMap<u64, HubSession>,
     channels: HashMap<String, HubChannel>,
     /// Set with the Redis broker: occupancy and presence events are then decided
     /// cluster-wide (see `cluster_presence`), not by this hub.
@@ -488,7 +490,7 @@ impl PusherHub {
                 silent: false,
             });
         }
-        for (_, s) in self.sessions.drain() {
+        for s in std::mem::take(&mut self.sessions).into_values() {
             s.recipient.do_send(PusherOutbound::Close(code, reason));
         }
     }
