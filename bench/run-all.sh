@@ -57,6 +57,7 @@ for name in sorted(os.listdir(src)):
         with open(path) as f:
             probes = [json.loads(l) for l in f if l.strip()]  # before, after
         host["loopback_write_us"] = [p["loopback_write_us"] for p in probes]
+        host["loopback_fanout_us"] = [p.get("loopback_fanout_us") for p in probes]
         host["fdatasync_us"] = [p["fdatasync_us"] for p in probes]
     elif name.startswith("host-") and name.endswith(".stat"):
         with open(path) as f:
