@@ -451,3 +451,81 @@ impl Handler<SessionCount> for WorkspaceActor {
         self.sessions.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    /// A session that records its id when an event reaches it.
+    struct Arrivals {
+        id: u64,
+        order: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl Actor for Arrivals {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Outbound> for Arrivals {
+        type Result = ();
+        fn handle(&mut self, msg: Outbound, _: &mut Self::Context) {
+            if let (Outbound::Event(_), Ok(mut v)) = (msg, self.order.lock()) {
+                v.push(self.id);
+            }
+        }
+    }
+
+    #[actix::test]
+    async fn a_public_event_reaches_sessions_in_connect_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url =
+            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
+                .expect("url");
+        let pool = crate::store::open(&url, 2).expect("open");
+        let ws = WorkspaceActor::new("1".into(), 0, Registry::new(pool)).start();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        // Registered out of order; ids are what connect order assigns.
+        let ids: Vec<u64> = (0..64u64).map(|i| (i * 37) % 64 + 1).collect();
+        for &id in &ids {
+            let session = Arrivals {
+                id,
+                order: order.clone(),
+            }
+            .start();
+            ws.send(Register {
+                session_id: id,
+                recipient: session.recipient(),
+                entity_id: format!("m{id}"),
+                is_guest: false,
+                guest_channels: HashSet::new(),
+            })
+            .await
+            .expect("register");
+        }
+        let event = Event::from_stored(
+            "evt_1".into(),
+            1,
+            "message.created".into(),
+            "1".into(),
+            Some("ch_public".into()),
+            Some(1),
+            "t".into(),
+            "{}",
+            Value::Null,
+        );
+        ws.do_send(Deliver(vec![event]));
+        for _ in 0..200 {
+            if order.lock().expect("lock").len() == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = order.lock().expect("lock").clone();
+        assert_eq!(seen, (1..=64).collect::<Vec<u64>>());
+    }
+}
