@@ -15,6 +15,7 @@ pub mod compaction;
 pub mod domain;
 pub mod error;
 pub mod gap_repair;
+pub mod heartbeat;
 pub mod ids;
 pub mod metrics;
 pub mod persistence;

@@ -14,6 +14,7 @@ use actix_web_actors::ws;
 
 use crate::domain::event::Viewer;
 use crate::error::{close_code, ApiError};
+use crate::heartbeat;
 use crate::registry::Registry;
 use crate::store::queries;
 use crate::workspace::{Outbound, Register, Unregister, WorkspaceActor};
@@ -107,13 +108,13 @@ impl RealtimeSession {
         ctx.stop();
     }
 
-    /// Pings every `heartbeat`, starting at a random point of the first period: sockets that
-    /// connect together (a restart, a reconnect storm) do not all ping in the same instant.
+    /// Pings every `heartbeat`, starting at a random slot of the first period: sockets that
+    /// connect together (a restart, a reconnect storm) do not all ping in the same instant,
+    /// and the pings due in one slot share a wake-up (see `heartbeat`).
     fn start_heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
-        let period = self.config.heartbeat;
-        ctx.run_later(first_heartbeat(period), move |act, ctx| {
-            act.heartbeat(ctx);
-            ctx.run_interval(period, |act, ctx| act.heartbeat(ctx));
+        let period = self.config.heartbeat.max(heartbeat::SLOT);
+        ctx.run_interval_at(heartbeat::first_tick(period), period, |act, ctx| {
+            act.heartbeat(ctx)
         });
     }
 
@@ -124,13 +125,6 @@ impl RealtimeSession {
             ctx.ping(b"");
         }
     }
-}
-
-/// When a session first pings: uniformly within its first period.
-fn first_heartbeat(period: Duration) -> Duration {
-    use rand::Rng;
-    let nanos = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX).max(1);
-    Duration::from_nanos(rand::thread_rng().gen_range(1..=nanos))
 }
 
 /// Checks the client's cursor against the tail and the retained window, then reads the
@@ -359,28 +353,5 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RealtimeSession {
                 Self::close(ctx, 1002, "protocol error");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_heartbeats_spread_over_the_first_period() {
-        let period = Duration::from_secs(20);
-        let firsts: Vec<Duration> = (0..1000).map(|_| first_heartbeat(period)).collect();
-        assert!(firsts.iter().all(|d| !d.is_zero() && *d <= period));
-        // Uniform over the period: each quarter expects 250 of them (σ ≈ 14).
-        for q in 0..4 {
-            let (from, to) = (period * q / 4, period * (q + 1) / 4);
-            let n = firsts.iter().filter(|d| **d > from && **d <= to).count();
-            assert!(n > 150, "quarter {q} got {n} of 1000");
-        }
-    }
-
-    #[test]
-    fn a_zero_period_still_waits_a_moment() {
-        assert_eq!(first_heartbeat(Duration::ZERO), Duration::from_nanos(1));
     }
 }

@@ -27,6 +27,7 @@ use crate::domain::channel::ChannelType;
 use crate::domain::versioned::Action;
 use crate::error::close_code::{self, pusher as code};
 use crate::error::ApiError;
+use crate::heartbeat;
 use crate::registry::{Registry, SocketIdentity};
 use crate::settings::WorkspaceSettings;
 use crate::store::queries;
@@ -308,16 +309,19 @@ impl PusherSession {
     fn start_liveness(&self, ctx: &mut ws::WebsocketContext<Self>) {
         let tick = (self.config.activity_timeout.min(self.config.pong_timeout) / 2)
             .clamp(Duration::from_millis(200), Duration::from_secs(15));
-        ctx.run_interval(tick, |act, ctx| match act.ping_sent {
-            Some(at) if at.elapsed() >= act.config.pong_timeout => {
-                Self::close(ctx, code::PONG_TIMEOUT, "Pong reply not received in time")
+        // On the shared grid of `heartbeat`: the checks due in one slot share a wake-up.
+        ctx.run_interval_at(heartbeat::first_tick(tick), tick, |act, ctx| {
+            match act.ping_sent {
+                Some(at) if at.elapsed() >= act.config.pong_timeout => {
+                    Self::close(ctx, code::PONG_TIMEOUT, "Pong reply not received in time")
+                }
+                Some(_) => {}
+                None if act.last_seen.elapsed() >= act.config.activity_timeout => {
+                    act.ping_sent = Some(Instant::now());
+                    ctx.text(protocol::ping(act.protocol));
+                }
+                None => {}
             }
-            Some(_) => {}
-            None if act.last_seen.elapsed() >= act.config.activity_timeout => {
-                act.ping_sent = Some(Instant::now());
-                ctx.text(protocol::ping(act.protocol));
-            }
-            None => {}
         });
     }
 
