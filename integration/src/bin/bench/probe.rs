@@ -87,7 +87,7 @@ fn round2(v: f64) -> f64 {
 /// Mean wall-clock µs per 64-byte write over `count` writes, the reader on its own thread.
 pub fn loopback_write_us(count: u32) -> std::io::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
-    let mut writer = TcpStream::connect(listener.local_addr()?)?;
+    let writer = TcpStream::connect(listener.local_addr()?)?;
     let (mut reader, _) = listener.accept()?;
     writer.set_nodelay(true)?;
     let expected = u64::from(count) * 64;
@@ -101,22 +101,7 @@ pub fn loopback_write_us(count: u32) -> std::io::Result<f64> {
             }
         }
     });
-    let frame = [b'x'; 64];
-    let started = Instant::now();
-    for _ in 0..count {
-        writer.write_all(&frame)?;
-    }
-    let elapsed = started.elapsed();
-    drop(writer);
-    let got = drain
-        .join()
-        .map_err(|_| std::io::Error::other("reader thread panicked"))??;
-    if got != expected {
-        return Err(std::io::Error::other(format!(
-            "reader got {got} bytes of {expected}"
-        )));
-    }
-    Ok(elapsed.as_secs_f64() * 1e6 / f64::from(count.max(1)))
+    timed_writes(vec![writer], count, drain, expected)
 }
 
 /// Mean wall-clock µs per 64-byte write when `pairs` sockets are written in turn, `rounds`
@@ -165,6 +150,17 @@ pub fn loopback_fanout_us(pairs: u32, rounds: u32) -> std::io::Result<f64> {
         }
         Ok(got)
     });
+    timed_writes(writers, rounds, drain, expected)
+}
+
+/// Writes 64 bytes to each socket in turn, `rounds` times, then closes them and waits for
+/// the reader to count every byte: mean wall-clock µs per write.
+fn timed_writes(
+    mut writers: Vec<TcpStream>,
+    rounds: u32,
+    drain: std::thread::JoinHandle<std::io::Result<u64>>,
+    expected: u64,
+) -> std::io::Result<f64> {
     let frame = [b'x'; 64];
     let started = Instant::now();
     for _ in 0..rounds {
@@ -173,6 +169,7 @@ pub fn loopback_fanout_us(pairs: u32, rounds: u32) -> std::io::Result<f64> {
         }
     }
     let elapsed = started.elapsed();
+    let writes = writers.len() as f64 * f64::from(rounds);
     drop(writers);
     let got = drain
         .join()
@@ -182,7 +179,7 @@ pub fn loopback_fanout_us(pairs: u32, rounds: u32) -> std::io::Result<f64> {
             "reader got {got} bytes of {expected}"
         )));
     }
-    Ok(elapsed.as_secs_f64() * 1e6 / (f64::from(pairs) * f64::from(rounds.max(1))))
+    Ok(elapsed.as_secs_f64() * 1e6 / writes.max(1.0))
 }
 
 /// µs per 4 KiB `pwrite` at a rotating offset followed by `fdatasync`, as a histogram.
