@@ -141,11 +141,7 @@ mod tests {
     #[test]
     fn a_pass_reports_the_frames_it_copied() {
         use diesel::connection::SimpleConnection;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/c.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 2).expect("open");
+        let (_dir, pool) = crate::store::test_pool(2);
         let mut conn = pool.get().expect("conn");
         let AnyConnection::Sqlite(c) = &mut *conn else {
             panic!("sqlite")

@@ -133,11 +133,7 @@ mod tests {
 
     /// A database holding events 1..=n of workspace 1 (event 2 private to someone else).
     fn setup(n: i64) -> (tempfile::TempDir, DbPool) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 4).expect("open");
+        let (dir, pool) = crate::store::test_pool(4);
         fill(&pool, n);
         (dir, pool)
     }

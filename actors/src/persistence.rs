@@ -887,11 +887,7 @@ mod tests {
     }
 
     fn setup() -> (tempfile::TempDir, DbPool, Persistence, Arc<Recorder>) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 4).expect("open");
+        let (dir, pool) = crate::store::test_pool(4);
         seed(&pool);
         let recorder = Arc::new(Recorder::default());
         let (p, _) = Persistence::start(

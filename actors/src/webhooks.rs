@@ -683,11 +683,7 @@ mod tests {
     /// A database holding workspaces `(id, settings)`, each with key `key-{id}` and secret
     /// `secret-{id}`.
     fn db(workspaces: &[(&str, Value)]) -> (tempfile::TempDir, DbPool) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 4).expect("open");
+        let (dir, pool) = crate::store::test_pool(4);
         let mut conn = pool.get().expect("conn");
         for (id, settings) in workspaces {
             let row = WorkspaceRow {

@@ -482,11 +482,7 @@ mod tests {
 
     #[actix::test]
     async fn a_public_event_reaches_sessions_in_connect_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url =
-            crate::store::DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display()))
-                .expect("url");
-        let pool = crate::store::open(&url, 2).expect("open");
+        let (_dir, pool) = crate::store::test_pool(2);
         let ws = WorkspaceActor::new("1".into(), 0, Registry::new(pool)).start();
         let order = Arc::new(Mutex::new(Vec::new()));
         // Registered out of order; ids are what connect order assigns.

@@ -383,6 +383,16 @@ pub fn migrate(conn: &mut Conn) -> Result<(), String> {
     Ok(())
 }
 
+/// A migrated SQLite file in a fresh temporary directory, pooled, for unit tests; the
+/// directory (and the database) goes when the returned `TempDir` is dropped.
+#[cfg(test)]
+pub fn test_pool(max_size: u32) -> (tempfile::TempDir, DbPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = DatabaseUrl::parse(&format!("sqlite://{}/t.db", dir.path().display())).expect("url");
+    let pool = open(&url, max_size).expect("open");
+    (dir, pool)
+}
+
 /// A migrated in-memory database for unit tests.
 #[cfg(test)]
 pub fn test_conn() -> Conn {
