@@ -330,9 +330,23 @@ impl ChannelActor {
         let mut mutation = msg.mutation;
         // The version records who made it: the authenticated actor, else the given client_id.
         mutation.body.client_id = msg.actor.id().map(str::to_string);
-        let applied = versioned::apply(&current, &mutation, seq, &now, &msg.settings.ai, stream)?;
+        let settings = &msg.settings.ai;
+        // The hot copy is applied to where it stands, `current` let go first: with no other
+        // holder an append extends the text in place instead of copying it per token.
+        let (applied, next) = match self.hot.get_mut(&msg.serial) {
+            Some(h) => {
+                drop(current);
+                let applied =
+                    versioned::apply(&mut h.message, &mutation, seq, &now, settings, stream)?;
+                (applied, h.message.clone())
+            }
+            None => {
+                let mut state = current;
+                let applied = versioned::apply(&mut state, &mutation, seq, &now, settings, stream)?;
+                (applied, state)
+            }
+        };
         self.last_seq = seq;
-        let next = Arc::new(applied.message);
         match next.stream_status {
             StreamStatus::Open => {
                 if let Some(s) = self.open_streams.as_mut() {

@@ -1,5 +1,7 @@
-//! Versioned messages: the rules of update, delete and append (SPEC §2, seed 000). Pure:
-//! given the latest state and a mutation, it computes the next state and the stored version.
+//! Versioned messages: the rules of update, delete and append (SPEC §2, seed 000). No I/O:
+//! given the latest state and a mutation, it makes the next state and the stored version.
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
@@ -226,10 +228,9 @@ pub struct StreamContext {
     pub open_in_channel: usize,
 }
 
-/// The result of applying a mutation.
+/// What applying a mutation writes and sends (the new state is left in place).
 #[derive(Debug, Clone)]
 pub struct Applied {
-    pub message: Message,
     /// The stored version: the visible fields after it (append: the fragment).
     pub version_body: Value,
     /// The realtime payload (without `direct_conversation_id`).
@@ -240,21 +241,20 @@ fn too_large(msg: String) -> ApiError {
     ApiError::new(ErrorCode::PayloadTooLarge, msg)
 }
 
-/// Applies `m` to the latest state `current`, as version `seq` at time `now`.
+/// Applies `m` to the latest state `state`, as version `seq` at time `now`, and leaves the
+/// new state in `state`; on an error `state` is unchanged.
+///
+/// An append extends the text in place when nothing else holds `state` (`Arc::make_mut`):
+/// a stream's appends then cost the fragment, not the whole text so far. Whoever still holds
+/// the previous state (an answer not yet sent) keeps it unchanged: the text is copied then.
 pub fn apply(
-    current: &Message,
+    state: &mut Arc<Message>,
     m: &Mutation,
     seq: i64,
     now: &str,
     limits: &AiTransportLimits,
     stream: StreamContext,
 ) -> ApiResult<Applied> {
-    // The data is copied only where the action keeps it: an append builds the new text
-    // from the current one instead of copying it first.
-    let mut next = current.clone_without_data();
-    next.version_serial = crate::ids::version_serial(seq);
-    next.updated_at = now.to_string();
-    next.last_action = m.action.as_str();
     let b = &m.body;
     let version_meta = json!({
         "client_id": b.client_id,
@@ -264,6 +264,10 @@ pub fn apply(
     match m.action {
         Action::Create => Err(ApiError::invalid("create is not a mutation")),
         Action::Update | Action::Delete => {
+            let current: &Message = state;
+            // The data is copied only where the action keeps it.
+            let mut next = current.clone_without_data();
+            stamp(&mut next, m.action, seq, now);
             if let Some(n) = b.name.as_ref().and_then(Value::as_str) {
                 next.name = n.to_string();
             }
@@ -299,13 +303,14 @@ pub fn apply(
             event_payload["message_id"] = json!(next.message_serial);
             event_payload["author_id"] = json!((!next.sender.is_empty()).then_some(&next.sender));
             event_payload["action"] = json!(m.action.as_str());
+            *state = Arc::new(next);
             Ok(Applied {
-                message: next,
                 version_body,
                 event_payload,
             })
         }
         Action::Append => {
+            let current: &Message = state;
             if current.deleted {
                 return Err(ApiError::invalid("cannot append to a deleted message"));
             }
@@ -352,10 +357,13 @@ pub fn apply(
                     limits.max_open_streaming_messages_per_channel
                 )));
             }
-            let mut text = String::with_capacity(length);
-            text.push_str(base);
-            text.push_str(fragment);
-            next.data = Value::String(text);
+            // Checked: from here on nothing fails, so the state may change.
+            let next = Arc::make_mut(state);
+            stamp(next, m.action, seq, now);
+            match &mut next.data {
+                Value::String(text) => text.push_str(fragment),
+                other => *other = Value::String(fragment.to_string()),
+            }
             if let Some(e) = &b.extras {
                 next.extras = e.clone();
             }
@@ -385,12 +393,18 @@ pub fn apply(
                 event_payload["stream_status"] = json!("closed");
             }
             Ok(Applied {
-                message: next,
                 version_body,
                 event_payload,
             })
         }
     }
+}
+
+/// The fields every version sets.
+fn stamp(next: &mut Message, action: Action, seq: i64, now: &str) {
+    next.version_serial = crate::ids::version_serial(seq);
+    next.updated_at = now.to_string();
+    next.last_action = action.as_str();
 }
 
 #[cfg(test)]
@@ -417,22 +431,32 @@ mod tests {
         }
     }
 
-    fn run(current: &Message, action: Action, b: Value) -> ApiResult<Applied> {
+    /// Applies to a copy of `current`: the new state and what was written.
+    fn run(current: &Message, action: Action, b: Value) -> ApiResult<(Message, Applied)> {
         let m = Mutation::parse(action, body(b))?;
-        apply(current, &m, 2, "t1", &AiTransportLimits::default(), open())
+        let mut state = Arc::new(current.clone());
+        let applied = apply(
+            &mut state,
+            &m,
+            2,
+            "t1",
+            &AiTransportLimits::default(),
+            open(),
+        )?;
+        Ok((Arc::unwrap_or_clone(state), applied))
     }
 
     #[test]
     fn tri_state_update() {
         let m = msg(json!("hello"));
-        let kept = run(&m, Action::Update, json!({"name": "x"})).expect("ok");
-        assert_eq!(kept.message.data, json!("hello"));
-        assert_eq!(kept.message.name, "x");
-        let replaced = run(&m, Action::Update, json!({"data": ""})).expect("ok");
-        assert_eq!(replaced.message.data, json!(""));
-        let cleared = run(&m, Action::Update, json!({"clear_fields": ["data"]})).expect("ok");
-        assert_eq!(cleared.message.data, Value::Null);
-        assert_eq!(cleared.message.version_serial, "v000000000002");
+        let (kept, _) = run(&m, Action::Update, json!({"name": "x"})).expect("ok");
+        assert_eq!(kept.data, json!("hello"));
+        assert_eq!(kept.name, "x");
+        let (replaced, _) = run(&m, Action::Update, json!({"data": ""})).expect("ok");
+        assert_eq!(replaced.data, json!(""));
+        let (cleared, _) = run(&m, Action::Update, json!({"clear_fields": ["data"]})).expect("ok");
+        assert_eq!(cleared.data, Value::Null);
+        assert_eq!(cleared.version_serial, "v000000000002");
     }
 
     #[test]
@@ -457,34 +481,57 @@ mod tests {
     #[test]
     fn delete_clears_unless_replaced() {
         let m = msg(json!("secret"));
-        let d = run(&m, Action::Delete, json!({})).expect("ok");
-        assert!(d.message.deleted);
-        assert_eq!(d.message.data, Value::Null);
-        let t = run(&m, Action::Delete, json!({"data": "[removed]"})).expect("ok");
-        assert_eq!(t.message.data, json!("[removed]"));
+        let (d, _) = run(&m, Action::Delete, json!({})).expect("ok");
+        assert!(d.deleted);
+        assert_eq!(d.data, Value::Null);
+        let (t, _) = run(&m, Action::Delete, json!({"data": "[removed]"})).expect("ok");
+        assert_eq!(t.data, json!("[removed]"));
         assert!(run(&m, Action::Delete, json!({"name": "n"})).is_err());
     }
 
     #[test]
     fn append_rules() {
         let empty = msg(Value::Null);
-        let a = run(&empty, Action::Append, json!({"data": "hé"})).expect("ok");
-        assert_eq!(a.message.data, json!("hé"));
-        assert_eq!(a.event_payload["length"], json!(3));
-        assert_eq!(a.message.stream_status, StreamStatus::Open);
+        let (a, applied) = run(&empty, Action::Append, json!({"data": "hé"})).expect("ok");
+        assert_eq!(a.data, json!("hé"));
+        assert_eq!(applied.event_payload["length"], json!(3));
+        assert_eq!(a.stream_status, StreamStatus::Open);
         assert!(run(&empty, Action::Append, json!({"data": ""})).is_err());
         assert!(run(&empty, Action::Append, json!({"data": 5})).is_err());
         assert!(run(&msg(json!({"k": 1})), Action::Append, json!({"data": "x"})).is_err());
-        let closed = run(
-            &a.message,
+        let (closed, _) = run(
+            &a,
             Action::Append,
             json!({"data": "", "extras": {"ai": {"transport": {"status": "complete"}}}}),
         )
         .expect("closing append may be empty");
-        assert_eq!(closed.message.stream_status, StreamStatus::Closed);
-        let later = run(&closed.message, Action::Append, json!({"data": "x"}))
-            .expect_err("terminal message");
+        assert_eq!(closed.stream_status, StreamStatus::Closed);
+        let later =
+            run(&closed, Action::Append, json!({"data": "x"})).expect_err("terminal message");
         assert_eq!(later.code, ErrorCode::InvalidInput);
+    }
+
+    #[test]
+    fn an_append_extends_the_text_in_place_unless_another_holds_it() {
+        let m = Mutation::parse(Action::Append, body(json!({"data": "ab"}))).expect("valid");
+        let limits = AiTransportLimits::default();
+        let mut state = Arc::new(msg(json!("x")));
+        apply(&mut state, &m, 2, "t", &limits, open()).expect("first");
+        let alone = Arc::as_ptr(&state);
+        apply(&mut state, &m, 3, "t", &limits, open()).expect("second");
+        assert!(
+            std::ptr::eq(alone, Arc::as_ptr(&state)),
+            "held once: no copy"
+        );
+        assert_eq!(state.data, json!("xabab"));
+        // An answer not sent yet still holds the previous state: it must not change.
+        let answer = Arc::clone(&state);
+        apply(&mut state, &m, 4, "t", &limits, open()).expect("third");
+        assert_eq!(answer.data, json!("xabab"));
+        assert_eq!(answer.version_serial, "v000000000003");
+        assert_eq!(state.data, json!("xababab"));
+        assert_eq!(state.version_serial, "v000000000004");
+        assert_eq!(state.append_count, 3);
     }
 
     #[test]
@@ -497,23 +544,27 @@ mod tests {
         };
         let m = Mutation::parse(Action::Append, body(json!({"data": "ab"}))).expect("valid");
         let ctx = open();
-        let one = apply(&msg(Value::Null), &m, 2, "t", &limits, ctx).expect("1");
+        let mut state = Arc::new(msg(Value::Null));
+        apply(&mut state, &m, 2, "t", &limits, ctx).expect("1");
         let busy = StreamContext {
             open_now: true,
             open_in_channel: 1,
         };
-        let two = apply(&one.message, &m, 3, "t", &limits, busy).expect("at both limits");
-        let over = apply(&two.message, &m, 4, "t", &limits, busy).expect_err("over");
+        apply(&mut state, &m, 3, "t", &limits, busy).expect("at both limits");
+        let before = Message::clone(&state);
+        let over = apply(&mut state, &m, 4, "t", &limits, busy).expect_err("over");
         assert_eq!(over.code, ErrorCode::PayloadTooLarge);
+        assert_eq!(*state, before, "a refused append changes nothing");
         let small = Mutation::parse(Action::Append, body(json!({"data": "abcde"}))).expect("v");
-        let bytes = apply(&msg(Value::Null), &small, 2, "t", &limits, ctx).expect_err("bytes");
+        let mut fresh = Arc::new(msg(Value::Null));
+        let bytes = apply(&mut fresh, &small, 2, "t", &limits, ctx).expect_err("bytes");
         assert_eq!(bytes.code, ErrorCode::PayloadTooLarge);
         assert_ne!(bytes.message, over.message);
         let full = StreamContext {
             open_now: false,
             open_in_channel: 1,
         };
-        let streams = apply(&msg(Value::Null), &m, 2, "t", &limits, full).expect_err("streams");
+        let streams = apply(&mut fresh, &m, 2, "t", &limits, full).expect_err("streams");
         assert_eq!(streams.code, ErrorCode::PayloadTooLarge);
         assert_ne!(streams.message, over.message);
     }
