@@ -2,8 +2,15 @@
 
 use std::sync::Arc;
 
-use actix_web::dev::Service;
-use actix_web::{web, App, HttpServer};
+use std::rc::Rc;
+use std::time::Duration;
+
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{
+    fn_factory, fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
+};
+use actix_web::dev::{AppConfig, Service};
+use actix_web::{web, App};
 use futures_util::FutureExt;
 use switchboard_actors::broker::{Broker, LocalBroker};
 use switchboard_actors::error::close_code;
@@ -76,27 +83,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
             }
             Err(e) => log::error!("webhooks are off: {e}"),
         }
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap_fn(|req, srv| {
-                    srv.call(req)
-                        .map(|res| res.map(http::error::ensure_envelope))
-                })
-                .wrap(crate::server::Cors)
-                .configure(http::configure)
-        })
-        .workers(config.workers)
-        .keep_alive(match config.keep_alive {
-            Some(idle) => actix_web::http::KeepAlive::Timeout(idle),
-            None => actix_web::http::KeepAlive::Disabled,
-        })
-        .backlog(4096)
-        .max_connections(50_000)
-        .disable_signals()
-        .shutdown_timeout(5)
-        .bind(&config.bind)?
-        .run();
+        let server = http_server(&config, state)?;
         let handle = server.handle();
         log::info!("switchboard listening on http://{}", config.bind);
         actix_web::rt::spawn(async move {
@@ -127,6 +114,66 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     drop(writer);
     log::info!("stopped");
     Ok(())
+}
+
+/// The HTTP server: actix-web's app on every worker, and the same app answering upgrade
+/// requests, whose connections leave the HTTP/1 dispatcher (`http::upgrade`). This is what
+/// `actix_web::HttpServer` builds, plus the upgrade service it has no setting for.
+fn http_server(
+    config: &Config,
+    state: web::Data<AppState>,
+) -> std::io::Result<actix_server::Server> {
+    let app = move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(|req, srv| {
+                srv.call(req)
+                    .map(|res| res.map(http::error::ensure_envelope))
+            })
+            .wrap(crate::server::Cors)
+            .configure(http::configure)
+    };
+    let keep_alive = match config.keep_alive {
+        Some(idle) => KeepAlive::Timeout(idle),
+        None => KeepAlive::Disabled,
+    };
+    let builder = actix_server::Server::build();
+    let shutdown = builder.graceful_shutdown_signal();
+    let server = builder
+        .workers(config.workers)
+        .backlog(4096)
+        .max_concurrent_connections(50_000)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind("switchboard", &config.bind, move || {
+            let shutdown = shutdown.clone();
+            let upgrade_app = app.clone();
+            let upgrade = fn_factory(move || {
+                let factory = upgrade_app().into_factory();
+                async move {
+                    let app = Rc::new(factory.new_service(AppConfig::default()).await?);
+                    Ok::<_, ()>(fn_service(move |(req, framed)| {
+                        http::upgrade::serve(app.clone(), req, framed)
+                    }))
+                }
+            });
+            let main = app()
+                .into_factory()
+                .map_err(|err: actix_web::Error| err.error_response());
+            HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let signal = shutdown.clone();
+                    async move { signal.notified().await }
+                })
+                .keep_alive(keep_alive)
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .upgrade(upgrade)
+                .finish(map_config(main, |_| AppConfig::default()))
+                .tcp()
+        })?
+        .run();
+    Ok(server)
 }
 
 async fn wait_for_signal() {

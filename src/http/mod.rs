@@ -12,6 +12,7 @@ pub mod pusher_ws;
 pub mod realtime;
 pub mod server_api;
 pub mod server_messages;
+pub mod upgrade;
 pub mod versions;
 
 use std::sync::Arc;
