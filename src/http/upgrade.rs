@@ -106,8 +106,9 @@ async fn pump_out(mut body: BoxBody, mut write: OwnedWriteHalf) -> io::Result<()
     write.shutdown().await
 }
 
-/// The response head as HTTP/1.1 text: the app's headers, and the framing this connection
-/// uses (`connection: upgrade` after a 101, a length and `connection: close` otherwise).
+/// The response head as HTTP/1.1 text: the date, the app's headers, and the framing this
+/// connection uses (`connection: upgrade` after a 101, a length and `connection: close`
+/// otherwise).
 fn head_bytes(head: &Response<()>, content_length: Option<usize>) -> Vec<u8> {
     let status = head.status();
     let mut out = Vec::with_capacity(256);
@@ -119,9 +120,12 @@ fn head_bytes(head: &Response<()>, content_length: Option<usize>) -> Vec<u8> {
         )
         .as_bytes(),
     );
+    let date = actix_http::header::HttpDate::from(std::time::SystemTime::now());
+    out.extend_from_slice(format!("date: {date}\r\n").as_bytes());
     for (name, value) in head.headers().iter() {
-        use actix_http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-        if name == CONNECTION || name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        use actix_http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+        if name == CONNECTION || name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == DATE
+        {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -194,6 +198,10 @@ mod tests {
         let text = String::from_utf8(head_bytes(&head, Some(42))).expect("ascii");
         assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
         assert!(text.contains("content-length: 42\r\n"), "{text}");
+        assert!(
+            text.contains("\r\ndate: ") && text.contains(" GMT\r\n"),
+            "{text}"
+        );
         assert!(text.contains("connection: close\r\n"), "{text}");
     }
 }
