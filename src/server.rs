@@ -1,8 +1,7 @@
 //! Starting and stopping the server: store, actors, HTTP, graceful shutdown.
 
-use std::sync::Arc;
-
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_http::{HttpService, KeepAlive};
@@ -166,9 +165,12 @@ fn http_server(
                     async move { signal.notified().await }
                 })
                 .keep_alive(keep_alive)
+                // actix-web's defaults for `HttpServer`.
                 .client_request_timeout(Duration::from_secs(5))
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .upgrade(upgrade)
+                // Its host and address are only read by `url_for` and `connection_info`,
+                // which no handler uses.
                 .finish(map_config(main, |_| AppConfig::default()))
                 .tcp()
         })?

@@ -1,9 +1,9 @@
 //! WebSocket connections without the HTTP/1 dispatcher's buffers.
 //!
 //! actix-http's dispatcher holds an 8 KiB read buffer and an 8 KiB write buffer for as long
-//! as a connection lives, and an idle WebSocket touches about a page of each: 14.2 KiB of
-//! server RSS per idle socket measured with them, 10.0 KiB with 2 KiB ones
-//! (`docs/performance.md`, "2026-12-07, 02:18–"). So the dispatcher hands every upgrade request
+//! as a connection lives. Server RSS per idle socket measured 14.2 KiB with them, 10.0 KiB
+//! with 2 KiB ones, and 5.7 KiB with this module (`docs/performance.md`, "2026-12-07,
+//! 02:18–"). So the dispatcher hands every upgrade request
 //! here together with its connection. The app answers it exactly as it answers any request
 //! (routing, middleware, authentication, the handshake), with a request body read straight
 //! from the socket; a 101 is then followed by frames moved between the socket and the
