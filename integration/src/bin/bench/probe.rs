@@ -128,16 +128,21 @@ pub fn loopback_fanout_us(pairs: u32, rounds: u32) -> std::io::Result<f64> {
         let mut events = mio::Events::with_capacity(1024);
         let mut buf = vec![0u8; 64 * 1024];
         let (mut got, mut open) = (0u64, readers.len());
+        // A socket at its end can be reported again (a hang-up after the read side closed):
+        // each is counted closed once.
+        let mut closed = vec![false; readers.len()];
         let deadline = Instant::now() + std::time::Duration::from_secs(60);
         while open > 0 && Instant::now() < deadline {
             poll.poll(&mut events, Some(std::time::Duration::from_millis(100)))?;
             for ev in &events {
-                let Some(r) = readers.get_mut(ev.token().0) else {
+                let i = ev.token().0;
+                let Some(r) = readers.get_mut(i).filter(|_| !closed[i]) else {
                     continue;
                 };
                 loop {
                     match r.read(&mut buf) {
                         Ok(0) => {
+                            closed[i] = true;
                             open -= 1;
                             break;
                         }
