@@ -401,6 +401,18 @@ impl Receiver {
         self.note_phase(phase);
         let abort = self.aborted;
         let past_deadline = now >= self.ctx.deadline;
+        let drain_idle = self.ctx.drain_idle;
+        // The drain closes sockets only once every open one has all it expects or has gone
+        // idle: closing the finished ones while the last publish still reaches the others
+        // would have the server handle thousands of closes during that burst, and measure
+        // that instead of the delivery.
+        let drained = self.drain.as_ref().is_some_and(|d| {
+            socks.iter().all(|s| {
+                !matches!(s.state, State::Open)
+                    || s.check.unique >= d.expected
+                    || now.duration_since(s.last_frame) >= drain_idle
+            })
+        });
         for s in socks.iter_mut() {
             match s.state {
                 State::Ended => continue,
@@ -416,13 +428,13 @@ impl Receiver {
                 self.close(s);
                 continue;
             }
-            if let Some(d) = &self.drain {
+            if let Some(d) = self.drain.as_ref().filter(|_| drained) {
                 if s.check.unique >= d.expected {
                     s.complete = true;
                     self.close(s);
                     continue;
                 }
-                if now.duration_since(s.last_frame) >= self.ctx.drain_idle {
+                if now.duration_since(s.last_frame) >= drain_idle {
                     self.close(s);
                     continue;
                 }
@@ -559,6 +571,40 @@ mod tests {
         );
         assert_eq!(ctx.delivered.load(Ordering::Relaxed), 5);
         assert_eq!(ctx.open.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_drain_closes_no_socket_while_another_still_waits() {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/api/realtime/ws", l.local_addr().expect("addr"));
+        let (switch, hello) = ("101 Switching Protocols", ready(0));
+        let ((mut a, _), sub_a) =
+            tokio::join!(accept_upgrade(&l, None, switch, &hello), subscriber(&url));
+        let ((mut b, _), sub_b) =
+            tokio::join!(accept_upgrade(&l, None, switch, &hello), subscriber(&url));
+        let rx = receive(vec![sub_a, sub_b], ctx(2), drain(2));
+        let mut both = server_frame(true, OP_TEXT, message(0, 1, 1).as_bytes());
+        both.extend(server_frame(true, OP_TEXT, message(1, 2, 2).as_bytes()));
+        a.write_all(&both).await.expect("write a");
+        let first = server_frame(true, OP_TEXT, message(0, 1, 1).as_bytes());
+        b.write_all(&first).await.expect("write b");
+        // Three ticks: a has all it expects, b does not yet, so neither is closed.
+        let early = tokio::time::timeout(Duration::from_millis(800), read_client_frame(&mut a));
+        assert!(early.await.is_err(), "a was closed while b still waited");
+        let last = server_frame(true, OP_TEXT, message(1, 2, 2).as_bytes());
+        b.write_all(&last).await.expect("write b");
+        for s in [&mut a, &mut b] {
+            let (op, code) = read_client_frame(s).await;
+            assert_eq!((op, code), (OP_CLOSE, 1000u16.to_be_bytes().to_vec()));
+            s.write_all(&server_frame(true, OP_CLOSE, &1000u16.to_be_bytes()))
+                .await
+                .expect("close");
+        }
+        let ends = rx.await.expect("joined").expect("ran");
+        assert_eq!(ends.len(), 2);
+        for e in &ends {
+            assert_eq!((e.error.as_deref(), e.tally.complete), (None, 1));
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
