@@ -428,16 +428,11 @@ impl Receiver {
                 self.close(s);
                 continue;
             }
+            // Drained: every open socket is complete or idle (see above).
             if let Some(d) = self.drain.as_ref().filter(|_| drained) {
-                if s.check.unique >= d.expected {
-                    s.complete = true;
-                    self.close(s);
-                    continue;
-                }
-                if now.duration_since(s.last_frame) >= drain_idle {
-                    self.close(s);
-                    continue;
-                }
+                s.complete = s.check.unique >= d.expected;
+                self.close(s);
+                continue;
             }
             if past_deadline {
                 s.timed_out = true;
