@@ -14,9 +14,9 @@ use crate::store::{queries, DbPool};
 /// One pass over every workspace with a retention window; returns versions purged.
 pub async fn purge_pass(pool: &DbPool, persistence: &Persistence) -> ApiResult<usize> {
     let workspaces = {
-        let pool = pool.clone();
-        actix_web::rt::task::spawn_blocking(move || -> ApiResult<Vec<(String, String)>> {
-            Ok(queries::workspace_settings_all(&mut *pool.get()?)?)
+        let conn_pool = pool.clone();
+        pool.run_blocking(move || -> ApiResult<Vec<(String, String)>> {
+            Ok(queries::workspace_settings_all(&mut *conn_pool.get()?)?)
         })
         .await
         .map_err(crate::error::ApiError::internal)??

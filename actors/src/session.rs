@@ -250,13 +250,15 @@ impl Actor for RealtimeSession {
             let Some(after) = after else {
                 return Ok((tail, Ok(Vec::new())));
             };
-            let events = actix_web::web::block(move || {
-                load_replay(
-                    &registry, &ws_id, &viewer, is_guest, &guests, &after, tail, max_replay,
-                )
-            })
-            .await
-            .map_err(ApiError::internal)??;
+            let pool = registry.pool().clone();
+            let events = pool
+                .run_blocking(move || {
+                    load_replay(
+                        &registry, &ws_id, &viewer, is_guest, &guests, &after, tail, max_replay,
+                    )
+                })
+                .await
+                .map_err(ApiError::internal)??;
             Ok::<_, ApiError>((tail, events))
         };
         ctx.wait(replay.into_actor(self).map(|res, act, ctx| match res {

@@ -356,8 +356,9 @@ impl WebhookDispatcher {
         let id = workspace_id.clone();
         let epoch = self.epoch;
         let read = async move {
-            actix_web::rt::task::spawn_blocking(move || {
-                let mut conn = pool.get().map_err(|e| e.to_string())?;
+            let conn_pool = pool.clone();
+            pool.run_blocking(move || {
+                let mut conn = conn_pool.get().map_err(|e| e.to_string())?;
                 queries::workspace_by_id(&mut conn, &id).map_err(|e| e.to_string())
             })
             .await

@@ -256,7 +256,10 @@ impl WorkspaceActor {
         let pool = self.registry.pool().clone();
         let id = self.id.clone();
         let after = self.dispatched;
-        let read = actix_web::web::block(move || gap_repair::read(&pool, &id, after, upto));
+        let read = self
+            .registry
+            .pool()
+            .run_blocking(move || gap_repair::read(&pool, &id, after, upto));
         ctx.wait(read.into_actor(self).map(move |res, act, ctx| {
             let res = res.map_err(|e| e.to_string()).and_then(|r| r);
             match res {

@@ -50,12 +50,13 @@ impl AppState {
         T: Send + 'static,
     {
         let pool = self.pool.clone();
-        web::block(move || {
-            let mut conn = pool.get()?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(ApiError::internal)?
+        self.pool
+            .run_blocking(move || {
+                let mut conn = pool.get()?;
+                f(&mut conn)
+            })
+            .await
+            .map_err(ApiError::internal)?
     }
 }
 

@@ -464,12 +464,13 @@ impl PusherSession {
         let user = self.user_id.clone();
         let (session_id, ws_id) = (self.id, app.workspace_id.clone());
         let name = channel.clone();
+        let pool = self.registry.pool().clone();
         let work = async move {
             let who = user.clone();
-            let known =
-                actix_web::web::block(move || lookup(&registry, &ws_id, &name, who.as_deref()))
-                    .await
-                    .map_err(ApiError::internal)??;
+            let known = pool
+                .run_blocking(move || lookup(&registry, &ws_id, &name, who.as_deref()))
+                .await
+                .map_err(ApiError::internal)??;
             if let Err(why) = may_subscribe(&channel, &known, signature_ok, token_caps.as_ref()) {
                 return Ok((channel, Err(why), None, None));
             }
@@ -523,14 +524,16 @@ impl PusherSession {
             let mut position = known.position().map(|(id, s)| (id.to_string(), s));
             if joined.is_ok() {
                 let (registry, ws_id, name) = after_join;
-                let fresh = actix_web::web::block(move || -> Result<_, ApiError> {
-                    let mut conn = registry.pool().get()?;
-                    let Some(id) = queries::channel_id_by_name(&mut conn, &ws_id, &name)? else {
-                        return Ok(None);
-                    };
-                    Ok(queries::channel(&mut conn, &id)?.map(|c| (id, c.last_seq)))
-                })
-                .await;
+                let fresh = pool
+                    .run_blocking(move || -> Result<_, ApiError> {
+                        let mut conn = registry.pool().get()?;
+                        let Some(id) = queries::channel_id_by_name(&mut conn, &ws_id, &name)?
+                        else {
+                            return Ok(None);
+                        };
+                        Ok(queries::channel(&mut conn, &id)?.map(|c| (id, c.last_seq)))
+                    })
+                    .await;
                 if let Ok(Ok(p)) = fresh {
                     position = p;
                 }
@@ -754,7 +757,7 @@ impl PusherSession {
         let registry = self.registry.clone();
         let (max, mode) = (self.config.max_replay, self.append_mode);
         let ws_id = app.workspace_id.clone();
-        let work = actix_web::web::block(move || {
+        let work = self.registry.pool().run_blocking(move || {
             let mut out = Vec::new();
             for (channel, pos, via_member) in wanted {
                 let visible = still_visible(&registry, &ws_id, &channel, via_member.as_deref());
@@ -867,7 +870,7 @@ impl PusherSession {
         let max_page = app.settings.versioned_messages.max_page_size as i64;
         let ws_id = app.workspace_id.clone();
         let name = channel.clone();
-        let work = actix_web::web::block(move || {
+        let work = self.registry.pool().run_blocking(move || {
             if !still_visible(&registry, &ws_id, &name, check_as.as_deref())? {
                 return Err(ApiError::forbidden(
                     "the signed-in user may not see this channel",
@@ -947,7 +950,7 @@ impl PusherSession {
             d.message_serial.clone(),
             d.seq,
         );
-        let read = actix_web::web::block(move || {
+        let read = self.registry.pool().run_blocking(move || {
             let mut conn = registry.pool().get()?;
             Ok::<_, ApiError>(queries::text_at(&mut conn, &channel_id, &serial, seq)?)
         });

@@ -200,6 +200,16 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// A blocking task panicked or its runtime is shutting down.
+#[derive(Debug)]
+pub struct BlockingFailed;
+
+impl std::fmt::Display for BlockingFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("blocking task failed")
+    }
+}
+
 /// The connection pool of either engine. While the database is known to be unreachable,
 /// [`DbPool::get`] fails at once (a thread probes it and clears the state when it answers),
 /// so nothing waits for the pool's timeout on every call during an outage.
@@ -209,6 +219,9 @@ pub struct DbPool {
     url: Arc<DatabaseUrl>,
     durability: Durability,
     health: Arc<Health>,
+    /// One permit per connection: work waiting for a connection waits here, as a task,
+    /// instead of as a blocking thread (a reconnect storm once grew 512 of them).
+    blocking_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How often the prober tries the database while it is down.
@@ -229,6 +242,25 @@ impl DbPool {
                 }
                 Err(StoreUnavailable(e.to_string()))
             }
+        }
+    }
+
+    /// Runs `f` (which takes a connection from this pool) on a blocking thread, at most as
+    /// many at once as the pool has connections; the rest wait their turn in order.
+    pub fn run_blocking<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T, BlockingFailed>> + 'static
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let slots = self.blocking_slots.clone();
+        async move {
+            let _slot = slots.acquire_owned().await.map_err(|_| BlockingFailed)?;
+            actix_web::rt::task::spawn_blocking(f)
+                .await
+                .map_err(|_| BlockingFailed)
         }
     }
 
@@ -354,6 +386,7 @@ pub fn open_with(
         url: Arc::new(url.clone()),
         durability,
         health,
+        blocking_slots: Arc::new(tokio::sync::Semaphore::new(max_size as usize)),
     };
     let mut conn = pool
         .get()
@@ -400,4 +433,38 @@ pub fn test_conn() -> Conn {
         AnyConnection::Sqlite(SqliteConnection::establish(":memory:").expect("in-memory sqlite"));
     migrate(&mut conn).expect("migrations");
     conn
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::test_pool;
+
+    #[actix::test]
+    async fn blocking_work_runs_at_most_one_per_connection_at_once() {
+        let (_dir, pool) = test_pool(3);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..24).map(|i| {
+            let (running, most, conn_pool) = (running.clone(), most.clone(), pool.clone());
+            pool.run_blocking(move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                let conn = conn_pool.get().map(|_| ());
+                std::thread::sleep(Duration::from_millis(10));
+                running.fetch_sub(1, Ordering::SeqCst);
+                conn.map(|_| i)
+            })
+        });
+        let done = futures_util::future::join_all(tasks).await;
+        let finished: Vec<usize> = done
+            .into_iter()
+            .map(|r| r.expect("ran").expect("got a connection"))
+            .collect();
+        assert_eq!(finished, (0..24).collect::<Vec<_>>());
+        assert_eq!(most.load(Ordering::SeqCst), 3);
+    }
 }
