@@ -127,80 +127,160 @@ impl RealtimeSession {
     }
 }
 
-/// Checks the client's cursor against the tail and the retained window, then reads the
-/// events after it up to the tail that this viewer may see.
-#[allow(clippy::too_many_arguments)]
-fn load_replay(
-    registry: &Registry,
-    workspace_id: &str,
-    viewer_id: &str,
+/// Whose replay and up to where: the reader (what it may see) and the tail it registered at.
+struct ReplayScope {
+    registry: Arc<Registry>,
+    workspace_id: String,
+    viewer_id: String,
     is_guest: bool,
-    guest_channels: &HashSet<String>,
-    after_raw: &str,
+    guest_channels: HashSet<String>,
     tail: i64,
-    max_replay: i64,
-) -> Result<Result<Vec<Arc<crate::domain::event::Event>>, Resync>, ApiError> {
-    let Some(after) = crate::ids::parse_cursor(after_raw) else {
-        return Ok(Err(Resync("unknown cursor; resync required")));
-    };
-    if after > tail {
-        return Ok(Err(Resync("cursor is beyond the tail; resync required")));
-    }
-    let mut conn = registry.pool().get()?;
-    let (_, pruned_through) = queries::workspace_cursor_state(&mut conn, workspace_id)?;
-    if after < pruned_through
-        || (after > pruned_through && !queries::event_exists(&mut conn, workspace_id, after)?)
-    {
-        return Ok(Err(Resync(
-            "cursor was pruned or is unknown; resync required",
-        )));
-    }
-    if tail - after > max_replay {
-        return Ok(Err(Resync(
-            "realtime replay limit exceeded; resync required",
-        )));
-    }
-    let viewer = Viewer {
-        entity_id: viewer_id,
-        is_guest,
-        guest_channels,
-    };
-    let mut rows = Vec::new();
-    let mut from = after;
-    while from < tail {
-        let page =
-            queries::events_after_for(&mut conn, workspace_id, viewer_id, from, tail, REPLAY_PAGE)?;
-        let Some(last) = page.last() else { break };
-        from = last.cursor;
-        rows.extend(page);
-    }
-    // The connection goes back to the pool before the CPU work: a reconnect storm must not
-    // hold every connection while frames are built.
-    drop(conn);
-    // Compaction needs `message.*` payloads, and only when a run of appends is possible.
-    let appends = rows
-        .iter()
-        .filter(|r| r.event_type == "message.appended")
-        .count();
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        if !viewer.may_see(None, row.channel_id.as_deref()) {
-            continue;
+}
+
+/// One page of a replay, and the cursor the next page reads after (`None`: it was the last).
+struct ReplayPage {
+    events: Vec<Arc<crate::domain::event::Event>>,
+    next: Option<i64>,
+}
+
+impl ReplayScope {
+    /// Checks the client's cursor against the tail and the retained window: the cursor to
+    /// replay after, or why the client must resync.
+    fn check_cursor(
+        &self,
+        after_raw: &str,
+        max_replay: i64,
+    ) -> Result<Result<i64, Resync>, ApiError> {
+        let Some(after) = crate::ids::parse_cursor(after_raw) else {
+            return Ok(Err(Resync("unknown cursor; resync required")));
+        };
+        if after > self.tail {
+            return Ok(Err(Resync("cursor is beyond the tail; resync required")));
         }
-        let parse = appends >= 2 && row.event_type.starts_with("message.");
-        out.push(row.into_replayed(parse));
+        let mut conn = self.registry.pool().get()?;
+        let (_, pruned_through) = queries::workspace_cursor_state(&mut conn, &self.workspace_id)?;
+        if after < pruned_through
+            || (after > pruned_through
+                && !queries::event_exists(&mut conn, &self.workspace_id, after)?)
+        {
+            return Ok(Err(Resync(
+                "cursor was pruned or is unknown; resync required",
+            )));
+        }
+        if self.tail - after > max_replay {
+            return Ok(Err(Resync(
+                "realtime replay limit exceeded; resync required",
+            )));
+        }
+        Ok(Ok(after))
     }
-    if appends < 2 {
-        return Ok(Ok(out));
+
+    /// Reads the next [`REPLAY_PAGE`] events after `from` up to the tail, and keeps those this
+    /// viewer may see. A page with two or more appends is read on to the tail: a run of
+    /// appends is compacted into one event at its last position, so compaction must see
+    /// each run whole (and what it leaves is small).
+    fn page(&self, from: i64) -> Result<ReplayPage, ApiError> {
+        let mut conn = self.registry.pool().get()?;
+        let mut rows = Vec::new();
+        let mut next = Some(from);
+        let mut appends = 0;
+        while let Some(after) = next.filter(|after| *after < self.tail) {
+            let page = queries::events_after_for(
+                &mut conn,
+                &self.workspace_id,
+                &self.viewer_id,
+                after,
+                self.tail,
+                REPLAY_PAGE,
+            )?;
+            next = match page.last() {
+                Some(last) if page.len() as i64 == REPLAY_PAGE && last.cursor < self.tail => {
+                    Some(last.cursor)
+                }
+                _ => None,
+            };
+            appends += page
+                .iter()
+                .filter(|r| r.event_type == "message.appended")
+                .count();
+            rows.extend(page);
+            if appends < 2 {
+                break;
+            }
+        }
+        // The connection goes back to the pool before the CPU work: a reconnect storm must
+        // not hold every connection while frames are built.
+        drop(conn);
+        let next = next.filter(|after| *after < self.tail);
+        let viewer = Viewer {
+            entity_id: &self.viewer_id,
+            is_guest: self.is_guest,
+            guest_channels: &self.guest_channels,
+        };
+        // Compaction needs `message.*` payloads, and only when a run of appends is possible.
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            if !viewer.may_see(None, row.channel_id.as_deref()) {
+                continue;
+            }
+            let parse = appends >= 2 && row.event_type.starts_with("message.");
+            events.push(row.into_replayed(parse));
+        }
+        if appends >= 2 {
+            let mut conn = self.registry.pool().get()?;
+            events = crate::compaction::compact_appends(events, |channel, serial, seq| {
+                queries::text_at(&mut conn, channel, serial, seq)
+                    .map_err(|e| log::warn!("compaction read failed: {e}"))
+                    .ok()
+                    .flatten()
+            });
+        }
+        Ok(ReplayPage { events, next })
     }
-    let mut conn = registry.pool().get()?;
-    let out = crate::compaction::compact_appends(out, |channel, serial, seq| {
-        queries::text_at(&mut conn, channel, serial, seq)
-            .map_err(|e| log::warn!("compaction read failed: {e}"))
-            .ok()
-            .flatten()
-    });
-    Ok(Ok(out))
+}
+
+impl RealtimeSession {
+    /// Writes one page of the replay and reads the next. The next page is written once the
+    /// socket has taken this one (the context is polled only as the socket drains), so a
+    /// replaying session holds about two pages however far behind its client was, unless a
+    /// page holds appends to compact (see [`ReplayScope::page`]).
+    fn write_replay_page(
+        &mut self,
+        page: ReplayPage,
+        scope: Arc<ReplayScope>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        for ev in page.events {
+            ctx.text(ev.frame.clone());
+        }
+        let Some(from) = page.next else { return };
+        let reader = scope.clone();
+        let read = scope
+            .registry
+            .pool()
+            .run_blocking(move || reader.page(from));
+        // `wait`: live events keep queueing in the mailbox behind the replay.
+        ctx.wait(read.into_actor(self).map(move |res, act, ctx| {
+            match res.map_err(ApiError::internal).and_then(|page| page) {
+                Ok(page) => act.write_replay_page(page, scope, ctx),
+                Err(e) => Self::replay_failed(e, ctx),
+            }
+        }));
+    }
+
+    fn replay_failed(e: ApiError, ctx: &mut ws::WebsocketContext<Self>) {
+        if e.code == crate::error::ErrorCode::Backpressure {
+            // No connection free (a reconnect storm): the client retries with its cursor.
+            Self::close(
+                ctx,
+                close_code::TRY_AGAIN_LATER,
+                "server busy; reconnect with after_cursor",
+            )
+        } else {
+            log::error!("replay failed: {e}");
+            Self::close(ctx, 1011, "internal error");
+        }
+    }
 }
 
 impl Actor for RealtimeSession {
@@ -235,52 +315,47 @@ impl Actor for RealtimeSession {
             is_guest: self.is_guest,
             guest_channels: self.guest_channels.clone(),
         };
-        let registry = self.registry.clone();
-        let (ws_id, viewer, is_guest, guests, after, max_replay) = (
-            self.workspace_id.clone(),
-            self.entity_id.clone(),
-            self.is_guest,
-            self.guest_channels.clone(),
-            self.after_cursor.clone(),
-            self.config.max_replay,
-        );
+        let mut scope = ReplayScope {
+            registry: self.registry.clone(),
+            workspace_id: self.workspace_id.clone(),
+            viewer_id: self.entity_id.clone(),
+            is_guest: self.is_guest,
+            guest_channels: self.guest_channels.clone(),
+            tail: 0,
+        };
+        let (after, max_replay) = (self.after_cursor.clone(), self.config.max_replay);
         // The mailbox waits while the replay is read and written: live events queue behind it.
-        let replay = async move {
-            let tail = workspace.send(register).await.map_err(ApiError::internal)?;
+        let first_page = async move {
+            scope.tail = workspace.send(register).await.map_err(ApiError::internal)?;
+            let scope = Arc::new(scope);
             let Some(after) = after else {
-                return Ok((tail, Ok(Vec::new())));
+                return Ok((scope, Ok(None)));
             };
-            let pool = registry.pool().clone();
-            let events = pool
+            let reader = scope.clone();
+            let page = scope
+                .registry
+                .pool()
                 .run_blocking(move || {
-                    load_replay(
-                        &registry, &ws_id, &viewer, is_guest, &guests, &after, tail, max_replay,
-                    )
+                    Ok::<_, ApiError>(match reader.check_cursor(&after, max_replay)? {
+                        Ok(after) => Ok(Some(reader.page(after)?)),
+                        Err(resync) => Err(resync),
+                    })
                 })
                 .await
                 .map_err(ApiError::internal)??;
-            Ok::<_, ApiError>((tail, events))
+            Ok::<_, ApiError>((scope, page))
         };
-        ctx.wait(replay.into_actor(self).map(|res, act, ctx| match res {
-            // No connection free (a reconnect storm): the client retries with its cursor.
-            Err(e) if e.code == crate::error::ErrorCode::Backpressure => Self::close(
-                ctx,
-                close_code::TRY_AGAIN_LATER,
-                "server busy; reconnect with after_cursor",
-            ),
-            Err(e) => {
-                log::error!("replay failed: {e}");
-                Self::close(ctx, 1011, "internal error");
-            }
+        ctx.wait(first_page.into_actor(self).map(|res, act, ctx| match res {
+            Err(e) => Self::replay_failed(e, ctx),
             Ok((_, Err(Resync(reason)))) => Self::close(ctx, close_code::RESYNC_REQUIRED, reason),
-            Ok((tail, Ok(events))) => {
+            Ok((scope, Ok(page))) => {
                 let ready = serde_json::json!({"type": "realtime.ready",
-                    "cursor": crate::ids::cursor_string(tail), "socket_id": act.socket_id});
+                    "cursor": crate::ids::cursor_string(scope.tail), "socket_id": act.socket_id});
                 ctx.text(ready.to_string());
-                for ev in events {
-                    ctx.text(ev.frame.clone());
+                act.last_cursor = scope.tail;
+                if let Some(page) = page {
+                    act.write_replay_page(page, scope, ctx);
                 }
-                act.last_cursor = tail;
             }
         }));
     }

@@ -199,6 +199,59 @@ async fn replay_then_live_under_concurrent_posting() {
     assert_eq!(per.get(&c2), Some(&(1..=100).collect::<Vec<_>>()));
 }
 
+/// The server reads a replay in pages of 500 and writes the next page once the socket has
+/// taken the last: 1,300 events behind, with posting going on while the socket connects,
+/// still arrive exactly once each, in cursor order, and live events follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_of_several_pages_then_live() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    let bob = s.user("bob", "human", "member").await;
+    let ch = alice
+        .create_group("pages", &["bob"], json!({"visibility": "public"}))
+        .await;
+    let cid = ch["id"].as_str().expect("id").to_owned();
+    let before = s.ws(&bob.token, None).await;
+    let from = before.ready_cursor.clone().expect("ready cursor");
+    before.close().await;
+    let behind: Vec<_> = (0..4)
+        .map(|t| tokio::spawn(poster(alice.clone(), cid.clone(), format!("pre{t}"), 325)))
+        .collect();
+    for t in behind {
+        t.await.expect("poster task");
+    }
+    let live: Vec<_> = (0..2)
+        .map(|t| tokio::spawn(poster(alice.clone(), cid.clone(), format!("live{t}"), 40)))
+        .collect();
+    let mut ws = s.ws(&bob.token, Some(&from)).await;
+    for t in live {
+        t.await.expect("poster task");
+    }
+    let pulled = bob.pull_all(Some(&from)).await;
+    assert_eq!(
+        pulled.len(),
+        1380,
+        "the log after the cursor: 1,300 + 80 posts"
+    );
+    let last_id = event_id(pulled.last().expect("non-empty"));
+    let frames = ws
+        .collect_until(Duration::from_secs(30), |f| event_id(f) == last_id)
+        .await;
+    let extra = ws.drain(Duration::from_millis(300)).await;
+    assert!(extra.is_empty(), "no event after the last one: {extra:?}");
+    let got: Vec<String> = frames.iter().map(event_id).collect();
+    let want: Vec<String> = pulled.iter().map(event_id).collect();
+    assert_eq!(
+        got, want,
+        "each event once, in cursor order, replay then live"
+    );
+    let seqs: Vec<i64> = frames
+        .iter()
+        .map(|f| f["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=1380).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn pull_paging() {
     let s = TestServer::start().await;

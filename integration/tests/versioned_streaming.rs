@@ -781,6 +781,70 @@ async fn subscriber_reconnecting_mid_stream_rebuilds_the_same_text() {
     );
 }
 
+/// The replay is read in pages of 500 events, each written once the socket took the one
+/// before; a page with appends is read on to the tail so each run is compacted whole. Here
+/// the first page (the created message, 498 posts elsewhere, the first append) holds one
+/// append, which goes as it is; the 600 after it become one compacted event.
+#[tokio::test]
+async fn a_run_starting_at_a_page_end_is_compacted_from_the_next_page() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    let bob = s.user("bob", "human", "member").await;
+    let stream = alice
+        .create_group(&uniq("stream"), &["bob"], json!({}))
+        .await;
+    let chat = alice.create_group(&uniq("chat"), &["bob"], json!({})).await;
+    let (cid, chat_id) = (str_of(&stream["id"], "id"), str_of(&chat["id"], "id"));
+    let c0 = cursor_now(&s, &bob.token).await;
+    let created = alice.say(&cid, PREFIX).await;
+    let mid = str_of(&created["message"]["message_serial"], "serial");
+    for i in 0..498 {
+        alice.say(&chat_id, &format!("elsewhere {i}")).await;
+    }
+    const N: usize = 601;
+    let mut last = Value::Null;
+    for i in 0..N {
+        last = append(&alice, &cid, &mid, &json!({"data": frag(3, i)})).await["event"].clone();
+    }
+    let last_seq = i64_of(&last["seq"], "seq");
+    let final_text = str_of(&get_message(&alice, &cid, &mid).await["data"], "data");
+
+    let mut ws = s.ws(&bob.token, Some(&c0)).await;
+    let frames = ws
+        .collect_until(Duration::from_secs(30), |f| f["cursor"] == last["cursor"])
+        .await;
+    let trailing = ws.drain(Duration::from_millis(300)).await;
+    assert!(trailing.is_empty(), "nothing after the run: {trailing:?}");
+    assert_eq!(
+        frames.len(),
+        1 + 498 + 2,
+        "created, 498 posts, 1 append, 1 compacted"
+    );
+    let mine: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["channel_id"] == json!(cid) && f["payload"]["message_id"] == json!(mid))
+        .collect();
+    assert_eq!(mine.len(), 3, "{mine:?}");
+    assert_eq!(
+        mine[1]["payload"]["fragment"],
+        json!(frag(3, 0)),
+        "{}",
+        mine[1]
+    );
+    let c = &mine[2]["payload"];
+    assert_eq!(c["compacted"], json!(true), "{c}");
+    assert_eq!(
+        (c["from_seq"].as_i64(), c["to_seq"].as_i64()),
+        (Some(3), Some(last_seq))
+    );
+    let mut rep = Replica::default();
+    for f in &mine {
+        rep.apply(f, &mid);
+    }
+    assert_eq!(rep.text.as_deref(), Some(final_text.as_str()));
+    rep.assert_tiles(last_seq, "replay over pages");
+}
+
 #[tokio::test]
 async fn replay_after_a_finished_stream_is_compacted() {
     let s = TestServer::start().await;
