@@ -96,6 +96,11 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
                     })
                     .await;
             }
+            // WebSockets run outside the server's connection tracking (`http::upgrade`):
+            // give them the server's shutdown timeout to write their close frames.
+            if !http::upgrade::all_closed(std::time::Duration::from_secs(5)).await {
+                log::warn!("shutting down with sockets still open after 5 s");
+            }
             // Cluster mode: this node's presence members and subscriptions leave at once.
             if let Some(cluster) = registry.cluster() {
                 cluster.shutdown().await;

@@ -53,6 +53,33 @@ async fn graceful_shutdown_closes_sockets_4200_and_keeps_writes() {
     );
 }
 
+/// Every open socket gets its 4200 close frame before the process exits, not only the
+/// first few: shutdown waits for the sockets to write what they have queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_closes_every_socket_4200() {
+    use std::time::Duration;
+    let mut s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    let mut sockets = Vec::new();
+    for _ in 0..300 {
+        sockets.push(s.ws(&alice.token, None).await);
+    }
+    let exited = s.terminate(Duration::from_secs(15)).await;
+    let codes = futures_util::future::join_all(
+        sockets
+            .iter_mut()
+            .map(|ws| ws.read_until_close(Duration::from_secs(15))),
+    )
+    .await;
+    let not_4200: Vec<Option<u16>> = codes
+        .into_iter()
+        .map(|(_, code)| code)
+        .filter(|c| *c != Some(4200))
+        .collect();
+    assert!(not_4200.is_empty(), "closed otherwise: {not_4200:?}");
+    assert!(exited.expect("exits within 15 s").success());
+}
+
 /// Sends `GET /healthz` on `conn` and reads its whole answer; its status line.
 async fn healthz_on(conn: &mut tokio::net::TcpStream) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
