@@ -180,11 +180,18 @@ impl ReplayScope {
     /// appends is compacted into one event at its last position, so compaction must see
     /// each run whole (and what it leaves is small).
     fn page(&self, from: i64) -> Result<ReplayPage, ApiError> {
+        if from >= self.tail {
+            // Nothing missed (the usual reconnect): no connection needed.
+            return Ok(ReplayPage {
+                events: Vec::new(),
+                next: None,
+            });
+        }
         let mut conn = self.registry.pool().get()?;
         let mut rows = Vec::new();
         let mut next = Some(from);
         let mut appends = 0;
-        while let Some(after) = next.filter(|after| *after < self.tail) {
+        while let Some(after) = next {
             let page = queries::events_after_for(
                 &mut conn,
                 &self.workspace_id,
@@ -211,7 +218,6 @@ impl ReplayScope {
         // The connection goes back to the pool before the CPU work: a reconnect storm must
         // not hold every connection while frames are built.
         drop(conn);
-        let next = next.filter(|after| *after < self.tail);
         let viewer = Viewer {
             entity_id: &self.viewer_id,
             is_guest: self.is_guest,
