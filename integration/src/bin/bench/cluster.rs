@@ -76,6 +76,7 @@ pub fn sum_samples(samples: &[Option<ProcSample>]) -> Option<ProcSample> {
             cpu_secs: acc.cpu_secs + s.cpu_secs,
             rss_kb: acc.rss_kb + s.rss_kb,
             hwm_kb: acc.hwm_kb + s.hwm_kb,
+            threads: acc.threads + s.threads,
         })
     })
 }
@@ -288,6 +289,7 @@ mod tests {
                 cpu_secs: cpu,
                 rss_kb: rss,
                 hwm_kb: rss + 1,
+                threads: 3,
             })
         };
         let sum = sum_samples(&[s(1.5, 100), s(2.0, 50), s(0.5, 10)]).expect("sum");

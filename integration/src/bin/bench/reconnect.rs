@@ -435,13 +435,23 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
     let storm_deadline = (started + Duration::from_secs(args.catchup_timeout + 2)).min(deadline);
     let _ = go_tx.send(Some(started));
     let total = args.clients as u64;
+    // The server's threads, read every 50 ms: a storm must not grow a thread per client.
+    let mut server_threads_peak = server_before.map(|s| s.threads);
+    let mut polls = 0u32;
     while progress.caught_up.load(Ordering::Relaxed) + progress_failed(&progress) < total
         && Instant::now() < storm_deadline
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
+        polls += 1;
+        if polls % 10 == 0 {
+            if let Some(s) = sample(target.server_pid) {
+                server_threads_peak = server_threads_peak.max(Some(s.threads));
+            }
+        }
     }
     let storm_secs = started.elapsed().as_secs_f64();
     let server_after = sample(target.server_pid);
+    server_threads_peak = server_threads_peak.max(server_after.map(|s| s.threads));
     let client_after = server::sample_proc("self");
     let metrics_after = api.metrics().await;
     let _ = stop_tx.send(true);
@@ -468,6 +478,7 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
         server_before,
         server_after,
         server_end: sample(target.server_pid),
+        server_threads_peak,
         client_before,
         client_after,
         metrics_before,
@@ -630,6 +641,8 @@ struct ReconnectReport {
     server_before: Option<ProcSample>,
     server_after: Option<ProcSample>,
     server_end: Option<ProcSample>,
+    /// Most threads the server had during the storm (read every 50 ms).
+    server_threads_peak: Option<u64>,
     client_before: Option<ProcSample>,
     client_after: Option<ProcSample>,
     metrics_before: BTreeMap<String, f64>,
@@ -837,6 +850,14 @@ impl ReconnectReport {
             ),
         );
         row(
+            "server threads before / peak during storm",
+            format!(
+                "{} / {}",
+                opt(self.server_before.map(|s| s.threads as f64), 0),
+                opt(self.server_threads_peak.map(|t| t as f64), 0)
+            ),
+        );
+        row(
             "deliveries queued (server metric)",
             opt(self.metric_delta("switchboard_deliveries_total"), 0),
         );
@@ -939,6 +960,7 @@ impl ReconnectReport {
                 "after_storm": proc_json(self.server_after),
                 "end": proc_json(self.server_end),
                 "cpu_secs_storm": cpu_delta(self.server_before, self.server_after),
+                "threads_peak_storm": self.server_threads_peak,
                 "log_warn_error_lines": self.server_log_problems,
                 "log_sample": self.server_log_sample,
                 "metrics_delta": {

@@ -211,7 +211,7 @@ pub fn hist_json(h: &Histogram<u64>) -> Value {
 pub fn proc_json(s: Option<ProcSample>) -> Value {
     s.map_or(
         Value::Null,
-        |s| json!({"cpu_secs": s.cpu_secs, "rss_kb": s.rss_kb, "peak_rss_kb": s.hwm_kb}),
+        |s| json!({"cpu_secs": s.cpu_secs, "rss_kb": s.rss_kb, "peak_rss_kb": s.hwm_kb, "threads": s.threads}),
     )
 }
 

@@ -230,6 +230,8 @@ pub struct ProcSample {
     pub cpu_secs: f64,
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// Threads in the process when sampled.
+    pub threads: u64,
 }
 
 /// `pid` is a number or `self`.
@@ -242,7 +244,7 @@ pub fn sample_proc(pid: &str) -> Option<ProcSample> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb = |key: &str| {
+    let field = |key: &str| {
         status
             .lines()
             .find(|l| l.starts_with(key))
@@ -252,7 +254,8 @@ pub fn sample_proc(pid: &str) -> Option<ProcSample> {
     };
     Some(ProcSample {
         cpu_secs: (utime + stime) as f64 / CLK_TCK,
-        rss_kb: kb("VmRSS:"),
-        hwm_kb: kb("VmHWM:"),
+        rss_kb: field("VmRSS:"),
+        hwm_kb: field("VmHWM:"),
+        threads: field("Threads:"),
     })
 }
