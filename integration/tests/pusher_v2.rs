@@ -218,6 +218,106 @@ async fn resume_after_live_deliveries_sends_each_serial_once() {
     assert_eq!(serial_of(&c.expect("item", Some(&ch)).await), 5);
 }
 
+/// `n` appends of `"b"` to `serial`, four at a time.
+async fn append_many(server: &TestServer, channel: &str, serial: &str, n: usize) {
+    let one = || mutate(server, channel, serial, "append", json!({"data": "b"}));
+    for _ in 0..n / 4 {
+        futures_util::future::join_all((0..4).map(|_| one())).await;
+    }
+}
+
+#[tokio::test]
+async fn a_resume_of_several_pages_on_two_channels_arrives_whole_and_in_order() {
+    let server = TestServer::start().await;
+    let (stream, feed) = (uniq("ai-reply"), uniq("feed"));
+    let mut first = server.pusher("?protocol=2&append_mode=full").await;
+    first.subscribe(&stream, None, None).await;
+    first.subscribe(&feed, None, None).await;
+    let serial = create(&server, &stream, "reply", "a").await;
+    let created = first.expect("reply", Some(&stream)).await;
+    let stream_id = created["stream_id"].clone();
+    first.ws.close().await;
+
+    // Missed: 1,100 appends to the reply (three pages of 500) and 600 posts on the feed.
+    let posts = async {
+        for i in 0..600 {
+            trigger(&server, &feed, "item", &format!("i{i}"), None).await;
+        }
+    };
+    tokio::join!(append_many(&server, &stream, &serial, 1_100), posts);
+
+    let mut again = server.pusher("?protocol=2&append_mode=full").await;
+    again.subscribe(&stream, None, None).await;
+    again.subscribe(&feed, None, None).await;
+    again
+        .send(
+            "sockudo:resume",
+            json!({"channel_positions": {
+                stream.clone(): {"serial": 1, "stream_id": stream_id},
+                feed.clone(): {"serial": 0},
+            }}),
+        )
+        .await;
+    let frames = again
+        .until(|v| v["event"] == json!("sockudo:resume_success"))
+        .await;
+    let (replayed, done) = frames.split_at(frames.len() - 1);
+    let of = |ch: &str| -> Vec<&Value> {
+        replayed
+            .iter()
+            .filter(|f| f["channel"] == json!(ch))
+            .collect()
+    };
+    let (appends, items) = (of(&stream), of(&feed));
+    assert_eq!(
+        appends.len() + items.len(),
+        replayed.len(),
+        "only the two channels"
+    );
+
+    let serials: Vec<i64> = appends.iter().map(|f| serial_of(f)).collect();
+    assert_eq!(serials, (2..=1_101).collect::<Vec<_>>());
+    for f in &appends {
+        assert_eq!(f["event"], json!("sockudo:message.append"), "{f}");
+        // Full mode: each append carries the whole text so far, across page ends too.
+        let text = f["data"].as_str().unwrap_or_else(|| panic!("text: {f}"));
+        assert_eq!(text.len() as i64, serial_of(f), "{f}");
+    }
+    assert_eq!(
+        appends.last().map(|f| f["data"].clone()),
+        Some(json!(format!("a{}", "b".repeat(1_100))))
+    );
+    let serials: Vec<i64> = items.iter().map(|f| serial_of(f)).collect();
+    assert_eq!(serials, (1..=600).collect::<Vec<_>>());
+    assert_eq!(items[599]["data"], json!("i599"));
+
+    let summary = string_data(&done[0]);
+    assert_eq!(summary["failed"], json!([]), "{summary}");
+    let recovered = summary["recovered"]
+        .as_array()
+        .unwrap_or_else(|| panic!("recovered: {summary}"));
+    let replayed_of = |ch: &str| {
+        recovered
+            .iter()
+            .find(|r| r["channel"] == json!(ch))
+            .map(|r| (r["replayed"].clone(), r["position"]["serial"].clone()))
+    };
+    assert_eq!(
+        replayed_of(&stream),
+        Some((json!(1_100), json!(1_101))),
+        "{summary}"
+    );
+    assert_eq!(
+        replayed_of(&feed),
+        Some((json!(600), json!(600))),
+        "{summary}"
+    );
+
+    // Live delivery follows, without a repeat.
+    trigger(&server, &feed, "item", "next", None).await;
+    assert_eq!(serial_of(&again.expect("item", Some(&feed)).await), 601);
+}
+
 #[tokio::test]
 async fn resume_refuses_a_foreign_stream_missing_positions_and_v1() {
     let server = TestServer::start().await;

@@ -12,4 +12,5 @@ pub mod delivery;
 pub mod hub;
 pub mod protocol;
 pub mod replay;
+pub mod resume;
 pub mod session;

@@ -21,6 +21,7 @@ use super::hub::{
 };
 use super::protocol::{self, AppendMode, Inbound, Protocol};
 use super::replay;
+use super::resume::{self, ResumeRun, Step, Wanted};
 use crate::cluster_presence::{ClusterJoin, REPLY_TIMEOUT};
 use crate::domain::capabilities::Capabilities;
 use crate::domain::channel::ChannelType;
@@ -101,6 +102,41 @@ struct Subscription {
     /// The entity whose membership admitted the socket to a chat channel (no signature):
     /// `resume` and `channel_history` check that it still may see the channel.
     via_member: Option<String>,
+}
+
+/// What a resume has answered so far, for its `resume_success`.
+#[derive(Default)]
+struct ResumeReport {
+    recovered: Vec<Value>,
+    failed: Vec<Value>,
+    /// Frames sent of the channel being replayed.
+    sent: usize,
+    /// Channels not yet recovered or failed when the current step began.
+    open: Vec<String>,
+}
+
+impl ResumeReport {
+    /// Every failed channel gets its own `resume_failed` frame too, as Sockudo sends them.
+    fn fail(&mut self, step: Step, ctx: &mut ws::WebsocketContext<PusherSession>) {
+        let Step::Failed { channel, failure } = step else {
+            return;
+        };
+        self.sent = 0;
+        ctx.text(protocol::v2_event(
+            "pusher:resume_failed",
+            Some(&channel),
+            json!(failure.to_string()),
+        ));
+        self.failed.push(failure);
+    }
+
+    fn finish(self, ctx: &mut ws::WebsocketContext<PusherSession>) {
+        ctx.text(protocol::v2_event(
+            "pusher:resume_success",
+            None,
+            json!(json!({"recovered": self.recovered, "failed": self.failed}).to_string()),
+        ));
+    }
 }
 
 /// Whether `via_member` (if any) still may see chat channel `name`.
@@ -741,7 +777,11 @@ impl PusherSession {
         let mut wanted = Vec::new();
         for (channel, pos) in positions {
             if let Some(sub) = self.subscriptions.get(&channel) {
-                wanted.push((channel, pos, sub.via_member.clone()));
+                wanted.push(Wanted {
+                    channel,
+                    pos,
+                    via_member: sub.via_member.clone(),
+                });
             } else {
                 let mut f = replay::failure(&channel, "continuity_unverifiable", None, None);
                 f["reason"] = json!("the socket is not subscribed to this channel");
@@ -754,76 +794,85 @@ impl PusherSession {
                 failed.push(f);
             }
         }
+        let run = ResumeRun::new(
+            app.workspace_id.clone(),
+            self.config.max_replay,
+            self.append_mode,
+            wanted,
+        );
+        let report = ResumeReport {
+            failed,
+            ..ResumeReport::default()
+        };
+        self.resume_step(run, report, ctx);
+    }
+
+    /// Reads the resume's next page in a pool slot and writes it. `wait`: the socket's
+    /// frames and live events queue behind the replay, and the context is polled (so the next
+    /// step asked for) only once the socket has taken what was written.
+    fn resume_step(
+        &mut self,
+        mut run: ResumeRun,
+        report: ResumeReport,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        let mut report = report;
+        report.open = run.unfinished();
         let registry = self.registry.clone();
-        let (max, mode) = (self.config.max_replay, self.append_mode);
-        let ws_id = app.workspace_id.clone();
         let work = self.registry.pool().run_blocking(move || {
-            let mut out = Vec::new();
-            for (channel, pos, via_member) in wanted {
-                let visible = still_visible(&registry, &ws_id, &channel, via_member.as_deref());
-                let result = visible.and_then(|visible| {
-                    if !visible {
-                        let mut f =
-                            replay::failure(&channel, "continuity_unverifiable", None, None);
-                        f["reason"] = json!("the signed-in user may no longer see this channel");
-                        return Ok(Err(f));
-                    }
-                    let mut conn = registry.pool().get()?;
-                    replay::resume_channel(&mut conn, &ws_id, &channel, &pos, max, mode)
-                });
-                let result = match result {
-                    Ok(r) => r,
-                    Err(_) => Err(replay::failure(
-                        &channel,
-                        "persistence_unavailable",
-                        None,
-                        None,
-                    )),
-                };
-                out.push((channel, pos, result));
-            }
-            out
+            let steps = run.step(&registry, still_visible);
+            (run, steps)
         });
-        ctx.wait(work.into_actor(self).map(move |res, act, ctx| {
-            let mut recovered = Vec::new();
-            for (channel, pos, result) in res.unwrap_or_default() {
-                match result {
-                    Err(f) => {
-                        ctx.text(protocol::v2_event(
-                            "pusher:resume_failed",
-                            Some(&channel),
-                            json!(f.to_string()),
-                        ));
-                        failed.push(f);
-                    }
-                    Ok(r) => {
-                        let Some(sub) = act.subscriptions.get_mut(&channel) else {
-                            continue;
-                        };
-                        let live = sub.first_live.map(|f| (f, sub.last_serial));
-                        let mut sent = 0;
-                        for (serial, frame) in r.frames {
-                            let already = live.is_some_and(|(f, l)| serial >= f && serial <= l);
-                            if serial > pos.serial && !already {
-                                ctx.text(frame);
-                                sub.last_serial = sub.last_serial.max(serial);
-                                sent += 1;
-                            }
+        ctx.wait(work.into_actor(self).map(move |res, act, ctx| match res {
+            Ok((run, steps)) => act.write_resume_steps(run, steps, report, ctx),
+            Err(e) => {
+                // The run went with the failed task: what it had left cannot be read now.
+                log::error!("resume: {e}");
+                let mut report = report;
+                for channel in std::mem::take(&mut report.open) {
+                    report.fail(resume::unavailable(channel), ctx);
+                }
+                report.finish(ctx);
+            }
+        }));
+    }
+
+    fn write_resume_steps(
+        &mut self,
+        run: ResumeRun,
+        steps: Vec<Step>,
+        mut report: ResumeReport,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        for step in steps {
+            match step {
+                Step::Frames { channel, frames } => {
+                    let Some(sub) = self.subscriptions.get_mut(&channel) else {
+                        continue;
+                    };
+                    // Serials already delivered live are not sent again.
+                    let live = sub.first_live.map(|f| (f, sub.last_serial));
+                    for (serial, frame) in frames {
+                        if !live.is_some_and(|(f, l)| serial >= f && serial <= l) {
+                            ctx.text(frame);
+                            sub.last_serial = sub.last_serial.max(serial);
+                            report.sent += 1;
                         }
-                        // What this socket was sent, not what the log held: live ones
-                        // already arrived.
-                        let mut summary = r.summary;
-                        summary["replayed"] = json!(sent);
-                        recovered.push(summary);
                     }
                 }
+                Step::Recovered(mut summary) => {
+                    // What this socket was sent, not what the log held.
+                    summary["replayed"] = json!(std::mem::take(&mut report.sent));
+                    report.recovered.push(summary);
+                }
+                failed @ Step::Failed { .. } => report.fail(failed, ctx),
             }
-            ctx.text(protocol::v2_event(
-                "pusher:resume_success",
-                None,
-                json!(json!({"recovered": recovered, "failed": failed}).to_string()),
-            ));
-        }));
+        }
+        if run.is_finished() {
+            report.finish(ctx);
+        } else {
+            self.resume_step(run, report, ctx);
+        }
     }
 
     fn channel_history(&mut self, data: Value, ctx: &mut ws::WebsocketContext<Self>) {

@@ -1213,6 +1213,22 @@ pub fn versions_after(
         .load(conn)
 }
 
+/// How many versions a channel holds with `after < seq <= until`: the range is complete when
+/// this is `until - after` (a channel's seqs are unique).
+pub fn count_versions(
+    conn: &mut Conn,
+    channel_id: &str,
+    after: i64,
+    until: i64,
+) -> QueryResult<i64> {
+    message_versions::table
+        .filter(message_versions::channel_id.eq(channel_id))
+        .filter(message_versions::seq.gt(after))
+        .filter(message_versions::seq.le(until))
+        .count()
+        .get_result(conn)
+}
+
 /// `?` placeholders as PostgreSQL's `$1, $2, …` (for SQL text without `?` in literals).
 fn numbered_placeholders(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len() + 8);
