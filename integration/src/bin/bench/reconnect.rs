@@ -13,6 +13,13 @@
 //! contiguous, cursors strictly increasing, each post exactly once. Times run from the moment
 //! the reconnect storm starts: to a client's `realtime.ready`, to its last missing event, and
 //! to the last client caught up (the total).
+//!
+//! `--face pusher` does the same on the Pusher face (`/app/{key}?protocol=2`): one public
+//! channel, opened by a first publish; each client subscribes, notes the channel's `serial`
+//! and leaves; E messages are published (`POST /apps/{id}/events`); then every client
+//! reconnects at once, subscribes again and sends `sockudo:resume` from the serial it left
+//! at. It checks each message: its channel, serials contiguous after the position, each
+//! publish once, and a `resume_success` with no failed channel.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,6 +41,7 @@ use crate::chat::{
     row, stamp, Frame, CONNECT_WITHIN, KEEP_ERRORS, SETUP_CONCURRENCY,
 };
 use crate::poster::reason;
+use crate::pusher::{self, Face, PusherFrame};
 use crate::report::{cpu_delta, hist_json, ms, opt, proc_json, write_results};
 use crate::server::{self, ProcSample};
 use crate::subscriber::{cursor_gt, Ws};
@@ -52,6 +60,10 @@ pub struct ReconnectArgs {
     /// Events each client catches up (messages posted while all are disconnected).
     #[arg(long, default_value_t = 500)]
     pub events: usize,
+    /// Which WebSocket reconnects: `chat` (/api/realtime/ws with `after_cursor`) or `pusher`
+    /// (/app/{key}?protocol=2: subscribe, then `sockudo:resume` from the serial it left at).
+    #[arg(long, value_enum, default_value_t = Face::Chat)]
+    pub face: Face,
     /// Socket handshakes in flight at once for the first connect (the reconnect is all at
     /// once).
     #[arg(long, default_value_t = 32)]
@@ -99,7 +111,8 @@ impl ReconnectArgs {
     }
 }
 
-/// One client as set up: its token and the cursor it left with.
+/// One client as set up: its token and the cursor it left with (on the Pusher face no token,
+/// and the channel's serial as its cursor).
 struct Client {
     token: String,
     cursor: String,
@@ -123,6 +136,8 @@ struct ClientTally {
     caught_up_us: Option<u64>,
     /// Times each post arrived, saturating.
     received: Vec<u8>,
+    /// Pusher face: `resume_success` arrived with no failed channel.
+    resumed: bool,
     message_frames: u64,
     other_frames: u64,
     seq_gaps: u64,
@@ -134,10 +149,34 @@ struct ClientTally {
     error: Option<String>,
 }
 
+impl ClientTally {
+    fn new(client: usize, events: usize) -> Self {
+        Self {
+            client,
+            ready_us: None,
+            caught_up_us: None,
+            received: vec![0; events],
+            resumed: false,
+            message_frames: 0,
+            other_frames: 0,
+            seq_gaps: 0,
+            seq_repeats: 0,
+            cursor_regressions: 0,
+            wrong_channel: 0,
+            foreign: 0,
+            unparsable: 0,
+            error: None,
+        }
+    }
+}
+
 struct ClientTask {
+    face: Face,
+    /// `ws://host:port`, or on the Pusher face the app's URL.
     ws_url: Arc<String>,
     token: String,
     cursor: String,
+    /// The chat channel's id, or the Pusher channel's name.
     channel_id: Arc<str>,
     /// Acknowledged posts: what "caught up" means.
     expected: u64,
@@ -166,16 +205,20 @@ impl ClientTask {
     async fn reconnect(&mut self, started: Instant) {
         let deadline = started + self.catchup_deadline;
         let within = deadline.saturating_duration_since(Instant::now());
-        let mut ws = match connect(
-            &self.ws_url,
-            &self.token,
-            Some(&self.cursor),
-            READ_BUFFER,
-            within,
-        )
-        .await
-        {
-            Ok((ws, _ready_cursor)) => ws,
+        let connected = match self.face {
+            Face::Chat => connect(
+                &self.ws_url,
+                &self.token,
+                Some(&self.cursor),
+                READ_BUFFER,
+                within,
+            )
+            .await
+            .map(|(ws, _ready_cursor)| ws),
+            Face::Pusher => self.resume(within).await,
+        };
+        let mut ws = match connected {
+            Ok(ws) => ws,
             Err(e) => {
                 self.tally.error = Some(format!("reconnect: {e}"));
                 return;
@@ -185,7 +228,7 @@ impl ClientTask {
         self.progress.ready.fetch_add(1, Ordering::Relaxed);
         let mut unique = 0u64;
         let mut last_seq = 0i64;
-        while unique < self.expected {
+        while unique < self.expected || (self.face == Face::Pusher && !self.tally.resumed) {
             let next = match tokio::time::timeout_at(deadline, ws.next()).await {
                 Ok(n) => n,
                 Err(_) => {
@@ -201,6 +244,9 @@ impl ClientTask {
                 Some(Ok(Message::Text(t))) => {
                     if self.handle(t.as_str(), &mut last_seq) {
                         unique += 1;
+                    }
+                    if self.tally.error.is_some() {
+                        break;
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -218,7 +264,7 @@ impl ClientTask {
                 }
             }
         }
-        if unique >= self.expected {
+        if self.tally.error.is_none() && unique >= self.expected {
             self.tally.caught_up_us = Some(started.elapsed().as_micros() as u64);
             self.progress.caught_up.fetch_add(1, Ordering::Relaxed);
             // Hold the socket (reading, so nothing piles up) until every client is done: a
@@ -251,8 +297,26 @@ impl ClientTask {
         }
     }
 
+    /// Pusher face: connects, subscribes and asks to resume from the serial it left at.
+    async fn resume(&mut self, within: Duration) -> Result<Ws, String> {
+        let (mut ws, _hello) =
+            pusher::connect(&self.ws_url, None, within, Some(&self.channel_id)).await?;
+        let serial: i64 = self.cursor.parse().map_err(|_| "no serial".to_string())?;
+        let resume = json!({
+            "event": "sockudo:resume",
+            "data": {"channel_positions": {&*self.channel_id: {"serial": serial}}},
+        });
+        futures_util::SinkExt::send(&mut ws, Message::text(resume.to_string()))
+            .await
+            .map_err(|e| format!("sending resume: {e}"))?;
+        Ok(ws)
+    }
+
     /// Books one frame; `true` for a post seen for the first time.
     fn handle(&mut self, text: &str, last_seq: &mut i64) -> bool {
+        if self.face == Face::Pusher {
+            return self.handle_pusher(text, last_seq);
+        }
         let t = &mut self.tally;
         let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
             t.unparsable += 1;
@@ -294,6 +358,73 @@ impl ClientTask {
     }
 }
 
+impl ClientTask {
+    /// [`ClientTask::handle`] on the Pusher face: `serial` instead of `seq`, the serial the
+    /// client left at instead of a cursor, and the resume's own answer.
+    fn handle_pusher(&mut self, text: &str, last_serial: &mut i64) -> bool {
+        let t = &mut self.tally;
+        let Ok(f) = serde_json::from_str::<PusherFrame<'_>>(text) else {
+            t.unparsable += 1;
+            return false;
+        };
+        if f.event != pusher::EVENT {
+            match pusher::protocol_event(&f.event) {
+                Some("resume_success") => {
+                    let answer = f
+                        .data
+                        .0
+                        .as_deref()
+                        .and_then(|d| serde_json::from_str::<Value>(d).ok());
+                    match answer {
+                        Some(a) if a["failed"].as_array().is_some_and(Vec::is_empty) => {
+                            t.resumed = true
+                        }
+                        other => {
+                            t.error = Some(format!("resume: {}", other.unwrap_or(Value::Null)))
+                        }
+                    }
+                }
+                Some("resume_failed") => {
+                    t.error = Some(format!(
+                        "resume_failed: {}",
+                        f.data.0.as_deref().unwrap_or("")
+                    ));
+                }
+                _ => {}
+            }
+            t.other_frames += 1;
+            return false;
+        }
+        t.message_frames += 1;
+        self.progress.events.fetch_add(1, Ordering::Relaxed);
+        if f.channel.as_deref() != Some(&*self.channel_id) {
+            t.wrong_channel += 1;
+            return false;
+        }
+        if let Some(serial) = f.serial {
+            if *last_serial == 0 {
+                // The first one follows the serial the client left at.
+                *last_serial = self.cursor.parse().unwrap_or(0);
+            }
+            if serial <= *last_serial {
+                t.seq_repeats += 1;
+            } else {
+                if serial != *last_serial + 1 {
+                    t.seq_gaps += 1;
+                }
+                *last_serial = serial;
+            }
+        }
+        let stamped = f.data.0.as_deref().and_then(crate::chat::parse_stamp);
+        let Some(count) = stamped.and_then(|(k, _)| t.received.get_mut(k)) else {
+            t.foreign += 1;
+            return false;
+        };
+        *count = count.saturating_add(1);
+        *count == 1
+    }
+}
+
 /// `switchboard-bench reconnect`: one run, its own results file. `Ok(true)` when every
 /// check passed (the 5 s target is reported, not enforced).
 pub async fn reconnect_only(args: ReconnectArgs) -> Result<bool, String> {
@@ -317,63 +448,32 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
         creds: target.creds.clone(),
     };
     eprintln!(
-        "reconnect: {} clients, {} events each",
-        args.clients, args.events
+        "reconnect: {} clients, {} events each, {} face",
+        args.clients,
+        args.events,
+        args.face.as_str()
     );
     let server_idle = sample(target.server_pid);
 
-    // Entities, tokens, the public channel.
+    // 1. The channel; every client connects once, notes where it is and leaves.
     let tag = random_tag();
-    let poster = format!("bench-{tag}-poster");
-    let second = format!("bench-{tag}-poster2");
-    let ids: Vec<String> = (0..args.clients)
-        .map(|i| format!("bench-{tag}-c{i}"))
-        .chain([poster.clone(), second.clone()])
-        .collect();
-    let setup_started = Instant::now();
-    create_humans(&api, &ids, deadline).await?;
-    let poster_token = api::mint_token(&api.creds, &poster, 3600)?;
-    let channel_id: Arc<str> = api
-        .create_channel(&poster_token, &format!("bench-{tag}-replay"), &[second])
-        .await?
-        .into();
+    let Away {
+        clients,
+        ws_url,
+        channel_id,
+        publisher,
+        first_connect_secs,
+    } = match args.face {
+        Face::Chat => chat_away(args, target, &api, &tag, deadline).await?,
+        Face::Pusher => pusher_away(args, target, &client, &tag, deadline).await?,
+    };
     eprintln!(
-        "reconnect: created {} entities and a public channel in {:.2}s",
-        ids.len(),
-        setup_started.elapsed().as_secs_f64()
-    );
-
-    // 1. Connect once, note the cursor, disconnect.
-    let ws_url = Arc::new(target.base.replacen("http://", "ws://", 1));
-    let first_started = Instant::now();
-    let firsts = tokio::time::timeout_at(
-        deadline,
-        futures_util::stream::iter(ids.iter().take(args.clients).enumerate().map(|(i, id)| {
-            let ws_url = ws_url.clone();
-            let creds = &api.creds;
-            async move {
-                let token = api::mint_token(creds, id, 3600)?;
-                let (mut ws, cursor) = connect(&ws_url, &token, None, 4096, CONNECT_WITHIN)
-                    .await
-                    .map_err(|e| format!("client {i} first connect: {e}"))?;
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                Ok::<_, String>(Client { token, cursor })
-            }
-        }))
-        .buffered(args.connect_concurrency)
-        .collect::<Vec<_>>(),
-    )
-    .await
-    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
-    let clients = firsts.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let first_connect_secs = first_started.elapsed().as_secs_f64();
-    eprintln!(
-        "reconnect: {} clients connected, noted their cursor and left in {first_connect_secs:.2}s",
+        "reconnect: {} clients connected, noted their position and left in {first_connect_secs:.2}s",
         clients.len()
     );
 
     // 2. Post E messages while they are away.
-    let posts = post_all(&client, target, &channel_id, &poster_token, args, deadline).await?;
+    let posts = post_all(&client, target, &channel_id, &publisher, args, deadline).await?;
     let acked = posts.acked.iter().filter(|a| **a).count() as u64;
     eprintln!(
         "reconnect: {acked}/{} posts acknowledged in {:.2}s",
@@ -389,6 +489,7 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
     let mut handles = Vec::with_capacity(clients.len());
     for (i, c) in clients.into_iter().enumerate() {
         let task = ClientTask {
+            face: args.face,
             ws_url: ws_url.clone(),
             token: c.token,
             cursor: c.cursor,
@@ -398,21 +499,7 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
             stop: stop_rx.clone(),
             catchup_deadline: Duration::from_secs(args.catchup_timeout),
             progress: progress.clone(),
-            tally: ClientTally {
-                client: i,
-                ready_us: None,
-                caught_up_us: None,
-                received: vec![0; args.events],
-                message_frames: 0,
-                other_frames: 0,
-                seq_gaps: 0,
-                seq_repeats: 0,
-                cursor_regressions: 0,
-                wrong_channel: 0,
-                foreign: 0,
-                unparsable: 0,
-                error: None,
-            },
+            tally: ClientTally::new(i, args.events),
         };
         handles.push(tokio::spawn(task.run()));
     }
@@ -491,6 +578,134 @@ async fn run(args: &ReconnectArgs, target: &Target) -> Result<ReconnectReport, S
     Ok(report)
 }
 
+/// Where the clients left: step 1 of either face.
+struct Away {
+    clients: Vec<Client>,
+    ws_url: Arc<String>,
+    channel_id: Arc<str>,
+    publisher: Publisher,
+    first_connect_secs: f64,
+}
+
+/// Who posts the events while the clients are away.
+enum Publisher {
+    /// A member of the chat channel, by `POST /api/channels/{id}/messages` (201).
+    Member { token: String },
+    /// The server API, by a signed `POST /apps/{id}/events` (200).
+    App,
+}
+
+/// The chat face: entities, tokens, a public channel; each client's `realtime.ready` cursor.
+async fn chat_away(
+    args: &ReconnectArgs,
+    target: &Target,
+    api: &Api,
+    tag: &str,
+    deadline: Instant,
+) -> Result<Away, String> {
+    let poster = format!("bench-{tag}-poster");
+    let second = format!("bench-{tag}-poster2");
+    let ids: Vec<String> = (0..args.clients)
+        .map(|i| format!("bench-{tag}-c{i}"))
+        .chain([poster.clone(), second.clone()])
+        .collect();
+    let setup_started = Instant::now();
+    create_humans(api, &ids, deadline).await?;
+    let poster_token = api::mint_token(&api.creds, &poster, 3600)?;
+    let channel_id: Arc<str> = api
+        .create_channel(&poster_token, &format!("bench-{tag}-replay"), &[second])
+        .await?
+        .into();
+    eprintln!(
+        "reconnect: created {} entities and a public channel in {:.2}s",
+        ids.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+    let ws_url = Arc::new(target.base.replacen("http://", "ws://", 1));
+    let first_started = Instant::now();
+    let firsts = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(ids.iter().take(args.clients).enumerate().map(|(i, id)| {
+            let ws_url = ws_url.clone();
+            let creds = &api.creds;
+            async move {
+                let token = api::mint_token(creds, id, 3600)?;
+                let (mut ws, cursor) = connect(&ws_url, &token, None, 4096, CONNECT_WITHIN)
+                    .await
+                    .map_err(|e| format!("client {i} first connect: {e}"))?;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                Ok::<_, String>(Client { token, cursor })
+            }
+        }))
+        .buffered(args.connect_concurrency)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
+    Ok(Away {
+        clients: firsts.into_iter().collect::<Result<Vec<_>, _>>()?,
+        ws_url,
+        channel_id,
+        publisher: Publisher::Member {
+            token: poster_token,
+        },
+        first_connect_secs: first_started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The Pusher face: a public channel opened by one publish (serial 1); each client's serial
+/// at subscribe time.
+async fn pusher_away(
+    args: &ReconnectArgs,
+    target: &Target,
+    client: &reqwest::Client,
+    tag: &str,
+    deadline: Instant,
+) -> Result<Away, String> {
+    let channel = format!("bench-{tag}-resume");
+    pusher::publish_once(
+        client,
+        &target.base,
+        &target.creds,
+        &channel,
+        pusher::EVENT,
+        "open",
+    )
+    .await?;
+    let ws_url = Arc::new(pusher::app_url(&target.base, &target.creds.key, 2));
+    let first_started = Instant::now();
+    let firsts = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter((0..args.clients).map(|i| {
+            let (ws_url, channel) = (ws_url.clone(), channel.as_str());
+            async move {
+                let (mut ws, hello) = pusher::connect(&ws_url, None, CONNECT_WITHIN, Some(channel))
+                    .await
+                    .map_err(|e| format!("client {i} first connect: {e}"))?;
+                let serial = hello.serial.ok_or_else(|| {
+                    format!("client {i}: no serial at subscribe (not a V2 server?)")
+                })?;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                Ok::<_, String>(Client {
+                    token: String::new(),
+                    cursor: serial.to_string(),
+                })
+            }
+        }))
+        .buffered(args.connect_concurrency)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
+    Ok(Away {
+        clients: firsts.into_iter().collect::<Result<Vec<_>, _>>()?,
+        ws_url,
+        channel_id: channel.into(),
+        publisher: Publisher::App,
+        first_connect_secs: first_started.elapsed().as_secs_f64(),
+    })
+}
+
 /// Clients whose task ended before the stop: only those that did not catch up (an error or
 /// the catch-up deadline), since a caught-up client holds its socket until the stop.
 fn progress_failed(p: &Progress) -> u64 {
@@ -511,21 +726,37 @@ async fn post_all(
     client: &reqwest::Client,
     target: &Target,
     channel_id: &str,
-    token: &str,
+    publisher: &Publisher,
     args: &ReconnectArgs,
     deadline: Instant,
 ) -> Result<Posts, String> {
     let url = format!("{}/api/channels/{channel_id}/messages", target.base);
-    let auth = api::bearer(token)?;
+    let (auth, acked_status) = match publisher {
+        Publisher::Member { token } => (Some(api::bearer(token)?), 201),
+        Publisher::App => (None, 200),
+    };
     let started = Instant::now();
     let answers = tokio::time::timeout_at(
         deadline,
         futures_util::stream::iter((0..args.events).map(|k| {
-            let request = client
-                .post(&url)
-                .header(AUTHORIZATION, auth.clone())
-                .header(CONTENT_TYPE, "application/json")
-                .body(format!(r#"{{"data":"{}"}}"#, stamp(k, now_ns())));
+            let data = stamp(k, now_ns());
+            let request = match &auth {
+                Some(auth) => client
+                    .post(&url)
+                    .header(AUTHORIZATION, auth.clone())
+                    .body(format!(r#"{{"data":"{data}"}}"#)),
+                None => {
+                    let (url, body) = pusher::trigger(
+                        &target.base,
+                        &target.creds,
+                        channel_id,
+                        pusher::EVENT,
+                        &data,
+                    );
+                    client.post(url).body(body)
+                }
+            }
+            .header(CONTENT_TYPE, "application/json");
             async move {
                 let sent = Instant::now();
                 let answer = match request.send().await {
@@ -533,7 +764,7 @@ async fn post_all(
                     Ok(r) => {
                         let status = r.status().as_u16();
                         match (status, r.bytes().await) {
-                            (201, Ok(_)) => Ok(()),
+                            (s, Ok(_)) if s == acked_status => Ok(()),
                             (_, Ok(b)) => Err((status, reason(status, &b))),
                             (_, Err(e)) => Err((
                                 status,
@@ -561,7 +792,7 @@ async fn post_all(
         match answer {
             Ok(()) => {
                 posts.acked[k] = true;
-                *posts.statuses.entry(201).or_insert(0) += 1;
+                *posts.statuses.entry(acked_status).or_insert(0) += 1;
                 posts.rtt.saturating_record(rtt_us.max(1));
             }
             Err((status, e)) => {
@@ -763,8 +994,10 @@ impl ReconnectReport {
         row(
             "scenario",
             format!(
-                "{} clients reconnect at once, {} events each to catch up",
-                a.clients, a.events
+                "{} clients reconnect at once, {} events each to catch up ({} face)",
+                a.clients,
+                a.events,
+                a.face.as_str()
             ),
         );
         row(
@@ -914,6 +1147,7 @@ impl ReconnectReport {
             "config": {
                 "clients": a.clients,
                 "events": a.events,
+                "face": a.face.as_str(),
                 "connect_concurrency": a.connect_concurrency,
                 "post_concurrency": a.post_concurrency,
                 "catchup_timeout_secs": a.catchup_timeout,
@@ -973,5 +1207,78 @@ impl ReconnectReport {
                 "after": proc_json(self.client_after),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Pusher-face client that left channel `ch` at serial 1 and expects 3 posts.
+    fn pusher_client() -> ClientTask {
+        let (_go_tx, go) = watch::channel(None);
+        let (_stop_tx, stop) = watch::channel(false);
+        ClientTask {
+            face: Face::Pusher,
+            ws_url: Arc::new(String::new()),
+            token: String::new(),
+            cursor: "1".into(),
+            channel_id: "ch".into(),
+            expected: 3,
+            go,
+            stop,
+            catchup_deadline: Duration::from_secs(1),
+            progress: Arc::default(),
+            tally: ClientTally::new(0, 3),
+        }
+    }
+
+    fn message(channel: &str, serial: i64, post: usize) -> String {
+        json!({"event": "bench", "channel": channel, "serial": serial, "data": stamp(post, 7)})
+            .to_string()
+    }
+
+    #[test]
+    fn pusher_frames_are_checked_for_serials_posts_and_the_resume_answer() {
+        let mut c = pusher_client();
+        let mut last = 0;
+        assert!(
+            c.handle(&message("ch", 2, 0), &mut last),
+            "first after serial 1"
+        );
+        assert!(c.handle(&message("ch", 3, 2), &mut last));
+        assert!(!c.handle(&message("ch", 3, 2), &mut last), "a repeat");
+        assert!(
+            !c.handle(&message("other", 4, 1), &mut last),
+            "another channel"
+        );
+        assert!(c.handle(&message("ch", 5, 1), &mut last), "after a gap");
+        assert!(
+            !c.handle(&message("ch", 6, 9), &mut last),
+            "not a post of this run"
+        );
+        let t = &c.tally;
+        assert_eq!(
+            (t.seq_repeats, t.seq_gaps, t.wrong_channel, t.foreign),
+            (1, 1, 1, 1)
+        );
+        assert_eq!(t.received, vec![1, 1, 2]);
+        assert!(!t.resumed);
+
+        let success = |failed: Value| {
+            json!({"event": "sockudo:resume_success",
+                   "data": json!({"recovered": [], "failed": failed}).to_string()})
+            .to_string()
+        };
+        c.handle(&success(json!([])), &mut last);
+        assert!(c.tally.resumed && c.tally.error.is_none());
+
+        let mut failed = pusher_client();
+        failed.handle(&success(json!([{"channel": "ch"}])), &mut last);
+        assert!(!failed.tally.resumed && failed.tally.error.is_some());
+        let mut refused = pusher_client();
+        let frame = json!({"event": "sockudo:resume_failed", "channel": "ch", "data": "{}"});
+        refused.handle(&frame.to_string(), &mut last);
+        assert!(refused.tally.error.is_some());
     }
 }
