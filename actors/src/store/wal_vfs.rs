@@ -222,60 +222,52 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
+/// Writes the pending run, then calls the real file's method.
+unsafe fn after_flush(
+    file: *mut ffi::sqlite3_file,
+    call: impl FnOnce(&ffi::sqlite3_io_methods, *mut ffi::sqlite3_file) -> c_int,
+) -> c_int {
+    let rc = flush(file);
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    let real = real_of(file);
+    call(methods(real), real)
+}
+
 unsafe extern "C" fn read(
     file: *mut ffi::sqlite3_file,
     out: *mut c_void,
     amt: c_int,
     at: ffi::sqlite3_int64,
 ) -> c_int {
-    let rc = flush(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let real = real_of(file);
-    match methods(real).xRead {
-        Some(read) => read(real, out, amt, at),
-        None => ffi::SQLITE_IOERR_READ,
-    }
+    after_flush(file, |m, real| {
+        m.xRead
+            .map_or(ffi::SQLITE_IOERR_READ, |f| f(real, out, amt, at))
+    })
 }
 
 unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_int64) -> c_int {
-    let rc = flush(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let real = real_of(file);
-    match methods(real).xTruncate {
-        Some(truncate) => truncate(real, size),
-        None => ffi::SQLITE_IOERR_TRUNCATE,
-    }
+    after_flush(file, |m, real| {
+        m.xTruncate
+            .map_or(ffi::SQLITE_IOERR_TRUNCATE, |f| f(real, size))
+    })
 }
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let rc = flush(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let real = real_of(file);
-    match methods(real).xSync {
-        Some(sync) => sync(real, flags),
-        None => ffi::SQLITE_IOERR_FSYNC,
-    }
+    after_flush(file, |m, real| {
+        m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |f| f(real, flags))
+    })
 }
 
 unsafe extern "C" fn file_size(
     file: *mut ffi::sqlite3_file,
     size: *mut ffi::sqlite3_int64,
 ) -> c_int {
-    let rc = flush(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let real = real_of(file);
-    match methods(real).xFileSize {
-        Some(file_size) => file_size(real, size),
-        None => ffi::SQLITE_IOERR_FSTAT,
-    }
+    after_flush(file, |m, real| {
+        m.xFileSize
+            .map_or(ffi::SQLITE_IOERR_FSTAT, |f| f(real, size))
+    })
 }
 
 unsafe extern "C" fn lock(file: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -308,14 +300,10 @@ unsafe extern "C" fn file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    let rc = flush(file);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let real = real_of(file);
-    methods(real)
-        .xFileControl
-        .map_or(ffi::SQLITE_NOTFOUND, |f| f(real, op, arg))
+    after_flush(file, |m, real| {
+        m.xFileControl
+            .map_or(ffi::SQLITE_NOTFOUND, |f| f(real, op, arg))
+    })
 }
 
 unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {

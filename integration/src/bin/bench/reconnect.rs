@@ -595,6 +595,28 @@ enum Publisher {
     App,
 }
 
+/// Step 1: each client's first connect, `--connect-concurrency` at a time, within `deadline`.
+async fn first_connects<F, Fut>(
+    args: &ReconnectArgs,
+    deadline: Instant,
+    connect_once: F,
+) -> Result<Vec<Client>, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Client, String>>,
+{
+    tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter((0..args.clients).map(connect_once))
+            .buffered(args.connect_concurrency)
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "reconnect: timed out on the first connects".to_string())?
+    .into_iter()
+    .collect()
+}
+
 /// The chat face: entities, tokens, a public channel; each client's `realtime.ready` cursor.
 async fn chat_away(
     args: &ReconnectArgs,
@@ -623,27 +645,21 @@ async fn chat_away(
     );
     let ws_url = Arc::new(target.base.replacen("http://", "ws://", 1));
     let first_started = Instant::now();
-    let firsts = tokio::time::timeout_at(
-        deadline,
-        futures_util::stream::iter(ids.iter().take(args.clients).enumerate().map(|(i, id)| {
-            let ws_url = ws_url.clone();
-            let creds = &api.creds;
-            async move {
-                let token = api::mint_token(creds, id, 3600)?;
-                let (mut ws, cursor) = connect(&ws_url, &token, None, 4096, CONNECT_WITHIN)
-                    .await
-                    .map_err(|e| format!("client {i} first connect: {e}"))?;
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                Ok::<_, String>(Client { token, cursor })
-            }
-        }))
-        .buffered(args.connect_concurrency)
-        .collect::<Vec<_>>(),
-    )
-    .await
-    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
+    let clients = first_connects(args, deadline, |i| {
+        let ws_url = ws_url.clone();
+        let (creds, id) = (&api.creds, &ids[i]);
+        async move {
+            let token = api::mint_token(creds, id, 3600)?;
+            let (mut ws, cursor) = connect(&ws_url, &token, None, 4096, CONNECT_WITHIN)
+                .await
+                .map_err(|e| format!("client {i} first connect: {e}"))?;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            Ok(Client { token, cursor })
+        }
+    })
+    .await?;
     Ok(Away {
-        clients: firsts.into_iter().collect::<Result<Vec<_>, _>>()?,
+        clients,
         ws_url,
         channel_id,
         publisher: Publisher::Member {
@@ -674,31 +690,25 @@ async fn pusher_away(
     .await?;
     let ws_url = Arc::new(pusher::app_url(&target.base, &target.creds.key, 2));
     let first_started = Instant::now();
-    let firsts = tokio::time::timeout_at(
-        deadline,
-        futures_util::stream::iter((0..args.clients).map(|i| {
-            let (ws_url, channel) = (ws_url.clone(), channel.as_str());
-            async move {
-                let (mut ws, hello) = pusher::connect(&ws_url, None, CONNECT_WITHIN, Some(channel))
-                    .await
-                    .map_err(|e| format!("client {i} first connect: {e}"))?;
-                let serial = hello.serial.ok_or_else(|| {
-                    format!("client {i}: no serial at subscribe (not a V2 server?)")
-                })?;
-                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                Ok::<_, String>(Client {
-                    token: String::new(),
-                    cursor: serial.to_string(),
-                })
-            }
-        }))
-        .buffered(args.connect_concurrency)
-        .collect::<Vec<_>>(),
-    )
-    .await
-    .map_err(|_| "reconnect: timed out on the first connects".to_string())?;
+    let clients = first_connects(args, deadline, |i| {
+        let (ws_url, channel) = (ws_url.clone(), channel.as_str());
+        async move {
+            let (mut ws, hello) = pusher::connect(&ws_url, None, CONNECT_WITHIN, Some(channel))
+                .await
+                .map_err(|e| format!("client {i} first connect: {e}"))?;
+            let serial = hello
+                .serial
+                .ok_or_else(|| format!("client {i}: no serial at subscribe (not a V2 server?)"))?;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            Ok(Client {
+                token: String::new(),
+                cursor: serial.to_string(),
+            })
+        }
+    })
+    .await?;
     Ok(Away {
-        clients: firsts.into_iter().collect::<Result<Vec<_>, _>>()?,
+        clients,
         ws_url,
         channel_id: channel.into(),
         publisher: Publisher::App,
