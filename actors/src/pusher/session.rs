@@ -804,6 +804,10 @@ impl PusherSession {
             failed,
             ..ResumeReport::default()
         };
+        if run.is_finished() {
+            // Nothing to read: no channel asked for is subscribed here.
+            return report.finish(ctx);
+        }
         self.resume_step(run, report, ctx);
     }
 

@@ -143,16 +143,20 @@ unsafe extern "C" fn open(
     let rc = real_open(real_vfs, name, real, flags, out_flags);
     if rc == ffi::SQLITE_OK && !(*real).pMethods.is_null() {
         (*f).base.pMethods = &WAL_METHODS;
-    } else {
-        // SQLite calls no xClose on a file whose open failed: free the run here.
-        if !(*real).pMethods.is_null() {
-            if let Some(close) = methods(real).xClose {
-                close(real);
-            }
-        }
-        ptr::drop_in_place(f);
+        return rc;
     }
-    rc
+    // SQLite calls no xClose on a file whose open failed: close and free it here.
+    if !(*real).pMethods.is_null() {
+        if let Some(close) = methods(real).xClose {
+            close(real);
+        }
+    }
+    ptr::drop_in_place(f);
+    if rc == ffi::SQLITE_OK {
+        ffi::SQLITE_CANTOPEN
+    } else {
+        rc
+    }
 }
 
 /// Writes the pending run, if any.
