@@ -17,6 +17,11 @@ status=0
 cpu_loop() {
   python3 -c 'import time; t=time.perf_counter(); sum(range(3 * 10**7)); print(round(time.perf_counter()-t, 3))'
 }
+# The build just wrote its output: have the kernel write it back now, not while the
+# scenarios sync their commits (a chat run right after a release build had p50 1.09 ms,
+# 0.78–0.92 ms minutes later; the write-back is the likely cause, not a proven one:
+# docs/performance.md, "2026-12-07, 07:00–").
+sync
 cpu_loop > "$dir/host-calibration.txt"
 "$bench" probe | tail -n 1 > "$dir/host-probe.jsonl"
 run() {
