@@ -39,6 +39,7 @@ run fanout fanout --subscribers 10000 --rate 15 --duration 60
 run chat chat --rooms 200 --members 10 --rate 500 --duration 30
 run ai-stream ai-stream --streams 100 --rate 50 --subscribers 5 --duration 20
 run reconnect reconnect --clients 1000 --events 500
+run reconnect_pusher reconnect --face pusher --clients 1000 --events 500
 cpu_loop >> "$dir/host-calibration.txt"
 "$bench" probe | tail -n 1 >> "$dir/host-probe.jsonl"
 echo "== persistence: 200000 appends through the persistence actor"

@@ -434,7 +434,12 @@ pub async fn reconnect_only(args: ReconnectArgs) -> Result<bool, String> {
     target.stop(outcome.is_err());
     let report = outcome?;
     report.print();
-    let path = write_results(&args.target.results_dir, "reconnect", &report.to_json())?;
+    // Its own name on the Pusher face: `make bench` merges results files by name.
+    let name = match args.face {
+        Face::Chat => "reconnect",
+        Face::Pusher => "reconnect_pusher",
+    };
+    let path = write_results(&args.target.results_dir, name, &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
 }
