@@ -55,6 +55,7 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     )?;
     let purger = (pool.clone(), persistence.clone(), config.purge_interval);
     let hooks_pool = pool.clone();
+    let exit_pool = pool.clone();
     let state = web::Data::new(AppState {
         pool,
         persistence: persistence.clone(),
@@ -116,6 +117,11 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
     });
     result.map_err(|e| format!("server error: {e}"))?;
     drop(writer);
+    match switchboard_actors::checkpointer::truncate_at_exit(&exit_pool) {
+        Ok(true) => {}
+        Ok(false) => log::warn!("the WAL could not be emptied at exit (a reader held it)"),
+        Err(e) => log::warn!("WAL checkpoint at exit: {e}"),
+    }
     log::info!("stopped");
     Ok(())
 }

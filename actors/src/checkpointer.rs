@@ -95,6 +95,23 @@ pub fn start(pool: &DbPool) -> Result<Option<Sender<()>>, String> {
     Ok(Some(stop))
 }
 
+/// At a clean exit, once the writer has stopped: copies every frame into the database file
+/// and empties the WAL (`TRUNCATE`), so the database file alone holds every commit (a copy
+/// of it taken after a stop is whole). `Ok(false)` when a reader kept it from finishing.
+pub fn truncate_at_exit(pool: &DbPool) -> Result<bool, String> {
+    if pool.is_postgres() {
+        return Ok(true);
+    }
+    let mut conn = pool.get().map_err(|e| e.to_string())?;
+    match &mut *conn {
+        AnyConnection::Sqlite(c) => diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .get_result::<Pass>(c)
+            .map(|p| p.busy == 0)
+            .map_err(|e| e.to_string()),
+        AnyConnection::Pg(_) => Ok(true),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

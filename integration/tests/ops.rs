@@ -44,6 +44,11 @@ async fn graceful_shutdown_closes_sockets_4200_and_keeps_writes() {
     assert_eq!(code, Some(4200), "sockets are closed with 4200 on shutdown");
     let status = exited.expect("the server exits within 15 s of SIGTERM");
     assert!(status.success(), "graceful shutdown exits 0: {status}");
+    // Every commit is in the database file itself: the WAL was emptied at exit.
+    let mut wal = s.db_path().into_os_string();
+    wal.push("-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_len, 0, "{wal:?} after a clean stop");
     s.restart().await;
     let msgs = alice.messages(&cid).await;
     assert_eq!(msgs.len(), answered.len());
