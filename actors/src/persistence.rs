@@ -875,15 +875,7 @@ mod tests {
 
     /// Workspace "1" and the direct channel "c1" (alice and bob).
     fn seed(pool: &DbPool) {
-        let mut conn = pool.get().expect("conn");
-        queries::insert_workspace(&mut conn, &crate::store::rows::WorkspaceRow::for_tests("1"))
-            .expect("workspace");
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("c");
-        queries::insert_channel(&mut conn, &channel).expect("channel");
+        crate::store::seed_direct_channel(&mut pool.get().expect("conn"));
     }
 
     fn setup() -> (tempfile::TempDir, DbPool, Persistence, Arc<Recorder>) {

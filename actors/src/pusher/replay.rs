@@ -246,7 +246,7 @@ impl ChannelResume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::rows::{VersionRow, WorkspaceRow};
+    use crate::store::rows::VersionRow;
     use crate::store::DbPool;
     use diesel::connection::SimpleConnection;
 
@@ -254,13 +254,7 @@ mod tests {
     fn channel_with_stream(tail: i64) -> (tempfile::TempDir, DbPool, Channel) {
         let (dir, pool) = crate::store::test_pool(2);
         let mut conn = pool.get().expect("conn");
-        queries::insert_workspace(&mut conn, &WorkspaceRow::for_tests("1")).expect("ws");
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        queries::insert_channel(&mut conn, &channel).expect("insert channel");
+        let channel = crate::store::seed_direct_channel(&mut conn);
         let rows: Vec<VersionRow> = (1..=tail)
             .map(|seq| VersionRow {
                 channel_id: "c1".into(),

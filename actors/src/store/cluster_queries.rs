@@ -47,7 +47,7 @@ pub fn parse_recipients(row: &EventRow) -> Option<Vec<String>> {
 mod tests {
     use super::*;
     use crate::store::queries;
-    use crate::store::rows::{recipients_text, WorkspaceRow};
+    use crate::store::rows::recipients_text;
 
     fn event(cursor: i64, channel: Option<&str>, recipients: Option<&[String]>) -> EventRow {
         EventRow {
@@ -67,13 +67,7 @@ mod tests {
     #[test]
     fn reads_a_range_with_channel_names_and_recipients() {
         let mut conn = crate::store::test_conn();
-        queries::insert_workspace(&mut conn, &WorkspaceRow::for_tests("1")).expect("ws");
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        queries::insert_channel(&mut conn, &channel).expect("insert channel");
+        let channel = crate::store::seed_direct_channel(&mut conn);
         let pair = ["alice".to_string(), "bob".to_string()];
         for c in 1..=5 {
             let row = if c % 2 == 0 {

@@ -437,6 +437,17 @@ pub fn test_pool(max_size: u32) -> (tempfile::TempDir, DbPool) {
     (dir, pool)
 }
 
+/// Workspace "1" and the direct channel "c1" between alice and bob, for unit tests.
+#[cfg(test)]
+pub fn seed_direct_channel(conn: &mut Conn) -> crate::domain::channel::Channel {
+    queries::insert_workspace(conn, &rows::WorkspaceRow::for_tests("1")).expect("workspace");
+    let creator = crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
+    let channel = crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
+        .expect("channel");
+    queries::insert_channel(conn, &channel).expect("insert channel");
+    channel
+}
+
 /// A migrated in-memory database for unit tests.
 #[cfg(test)]
 pub fn test_conn() -> Conn {

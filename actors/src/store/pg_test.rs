@@ -80,7 +80,7 @@ impl Drop for TestDb {
 #[cfg(test)]
 mod tests {
     use super::TestDb;
-    use crate::store::rows::{recipients_text, EventRow, VersionRow, WorkspaceRow};
+    use crate::store::rows::{recipients_text, EventRow, VersionRow};
     use crate::store::{cluster_queries, queries, Conn};
 
     fn event(conn: &mut Conn, created_at: &str, recipients: Option<&[String]>) -> i64 {
@@ -105,13 +105,7 @@ mod tests {
         let pool = db.pool(2);
         let mut conn = pool.get().expect("conn");
         assert!(conn.is_postgres());
-        queries::insert_workspace(&mut conn, &WorkspaceRow::for_tests("1")).expect("ws");
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        queries::insert_channel(&mut conn, &channel).expect("insert channel");
+        crate::store::seed_direct_channel(&mut conn);
         conn
     }
 

@@ -1256,13 +1256,7 @@ pub(crate) mod tests {
     /// Workspace "1" with a direct channel "c1" between alice and bob.
     fn workspace_with_channel_c1() -> Conn {
         let mut conn = test_conn();
-        workspace(&mut conn);
-        let creator =
-            crate::domain::entity::test_entity("alice", crate::domain::entity::Role::Member);
-        let channel =
-            crate::domain::channel::new_direct("c1".into(), "1".into(), &creator, "bob", "t")
-                .expect("channel");
-        insert_channel(&mut conn, &channel).expect("insert channel");
+        crate::store::seed_direct_channel(&mut conn);
         conn
     }
 
