@@ -3,11 +3,17 @@
 //! A checkpoint copies the WAL's pages into the database file and fsyncs it. On the writer
 //! that stalls every batch queued behind it (ai-stream: ~7 writer checkpoints a second of
 //! 4–8 ms each at 4,000 pages). So a thread of its own copies the frames (PASSIVE: it never
-//! blocks the writer) every 100 ms while writes come in, and once a second when they do not.
+//! blocks the writer) every 25 ms while writes come in, and once a second when they do not.
 //! The WAL can only start over from its beginning when a write finds every frame copied,
 //! which a busy writer rarely does; its own auto-checkpoint, at [`WRITER_CHECKPOINT_PAGES`],
-//! then copies the last ≤ 100 ms of frames and lets it restart: it bounds the WAL at about
+//! then copies the last ≤ 25 ms of frames and lets it restart: it bounds the WAL at about
 //! 64 MiB and runs a few times a minute instead of several times a second.
+//!
+//! Why 25 ms: the checkpoint's fsync of the database file and the writer's fsync of the WAL
+//! share one disk, so a commit that syncs while a checkpoint's pages are being written waits
+//! for them. The fewer pages a pass copies, the shorter that wait. In ai-stream (5,000
+//! appends/s) passes every 1 s / 100 / 50 / 25 ms gave a p99 of 13–21 / 8–15 / 7–10 /
+//! 6–9 ms, with the same server CPU (`docs/performance.md`, "2026-12-07, 09:10–").
 
 use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::Duration;
@@ -19,8 +25,8 @@ use crate::store::{AnyConnection, DbPool};
 
 /// The writer's own checkpoint (SQLite's `wal_autocheckpoint`), in WAL pages of 4 KiB.
 pub const WRITER_CHECKPOINT_PAGES: u32 = 16_000;
-/// Between passes while the WAL grows.
-const BUSY_EVERY: Duration = Duration::from_millis(100);
+/// Between passes while the WAL grows: short, so that each pass's fsync is short.
+const BUSY_EVERY: Duration = Duration::from_millis(25);
 /// Between passes while it does not.
 const IDLE_EVERY: Duration = Duration::from_secs(1);
 
