@@ -9,11 +9,12 @@
 //! then copies the last ≤ 25 ms of frames and lets it restart: it bounds the WAL at about
 //! 64 MiB and runs a few times a minute instead of several times a second.
 //!
-//! Why 25 ms: the checkpoint's fsync of the database file and the writer's fsync of the WAL
-//! share one disk, so a commit that syncs while a checkpoint's pages are being written waits
-//! for them. The fewer pages a pass copies, the shorter that wait. In ai-stream (5,000
-//! appends/s) passes every 1 s / 100 / 50 / 25 ms gave a p99 of 13–21 / 8–15 / 7–10 /
-//! 6–9 ms, with the same server CPU (`docs/performance.md`, "2026-12-07, 09:10–").
+//! Why 25 ms: commits that run while a pass copies are slower, and the longer the pass, the
+//! more of them. In ai-stream (5,000 appends/s) passes every 1 s / 100 / 50 / 25 ms gave a
+//! p99 of 13–21 / 8–16 / 7–10 / 6–12 ms, with the same server CPU; a pass at 25 ms reads and
+//! writes ~400 pages (~12 ms of syscalls; its fsync ~0.15 ms). Which resource the two share
+//! (a core, the page cache, the disk) was not pinned down; this thread at nice 10 made the
+//! p99 worse (`docs/performance.md`, "2026-12-07, 09:10–").
 
 use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::Duration;
@@ -25,7 +26,7 @@ use crate::store::{AnyConnection, DbPool};
 
 /// The writer's own checkpoint (SQLite's `wal_autocheckpoint`), in WAL pages of 4 KiB.
 pub const WRITER_CHECKPOINT_PAGES: u32 = 16_000;
-/// Between passes while the WAL grows: short, so that each pass's fsync is short.
+/// Between passes while the WAL grows: short, so that each pass is short.
 const BUSY_EVERY: Duration = Duration::from_millis(25);
 /// Between passes while it does not.
 const IDLE_EVERY: Duration = Duration::from_secs(1);
