@@ -82,4 +82,6 @@ with open(out, "w") as f:
 print("results written to", out)
 PY
 rm -rf "$dir"
+# Every target of the run, met or missed, in one table (the README's latest table comes from it).
+./target/release/switchboard-bench summary "bench/results/$stamp.json" || status=1
 exit $status

@@ -60,6 +60,8 @@ mod scan;
 mod server;
 #[path = "bench/subscriber.rs"]
 mod subscriber;
+#[path = "bench/summary.rs"]
+mod summary;
 #[path = "bench/workers.rs"]
 mod workers;
 
@@ -127,6 +129,8 @@ enum Command {
     Reconnect(reconnect::ReconnectArgs),
     /// The machine's floors, without Switchboard: one loopback TCP write, one fdatasync.
     Probe(probe::ProbeArgs),
+    /// The targets of a merged `make bench` results file, met or missed, in one table.
+    Summary(summary::SummaryArgs),
 }
 
 /// Which server to load and where the results go (shared by every run).
@@ -303,7 +307,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => a.threads,
         Command::Chat(a) => a.target.threads,
         Command::Reconnect(a) => a.target.threads,
-        Command::Probe(_) => 1,
+        Command::Probe(_) | Command::Summary(_) => 1,
     };
     let single = match &cli.command {
         Command::Quick(a) => a.target.single_node("quick"),
@@ -338,6 +342,7 @@ fn main() -> ExitCode {
             Command::Reconnect(args) => reconnect::reconnect_only(args).await,
             // Synchronous and short: it measures the kernel, not the runtime.
             Command::Probe(args) => probe::main(&args).map(|()| true),
+            Command::Summary(args) => summary::main(&args),
         }
     });
     match outcome {

@@ -1,0 +1,306 @@
+//! `switchboard-bench summary FILE`: the targets of `make bench` in one table.
+//!
+//! `make bench` merges every scenario's results into one `bench/results/<date>.json`. Each
+//! scenario prints its own table as it runs; this reads the merged file and answers, target
+//! by target, what was measured and whether it was met, so that one run's verdict is one
+//! table (and the README's is copied from it). The targets are issue 4's, on the build
+//! machine. A target whose figures are missing from the file (a scenario that did not run)
+//! is reported as such. Misses do not fail the command: the scenarios' own correctness
+//! checks decide whether a run passed.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::Value;
+
+#[derive(Args, Clone, Debug)]
+pub struct SummaryArgs {
+    /// A merged results file of `make bench` (`bench/results/<date>.json`).
+    pub file: PathBuf,
+}
+
+/// One target and what the run measured for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub scenario: &'static str,
+    pub target: &'static str,
+    pub measured: String,
+    /// `None`: the file holds no figure for it.
+    pub met: Option<bool>,
+}
+
+pub fn main(args: &SummaryArgs) -> Result<bool, String> {
+    let text =
+        std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    let merged: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    print!("{}", render(&rows(&merged)));
+    Ok(true)
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
+}
+
+/// A row from a figure and its test; `None` figures make a row without a verdict.
+fn row(scenario: &'static str, target: &'static str, figure: Option<(String, bool)>) -> Row {
+    match figure {
+        Some((measured, met)) => Row {
+            scenario,
+            target,
+            measured,
+            met: Some(met),
+        },
+        None => Row {
+            scenario,
+            target,
+            measured: "not in this file".into(),
+            met: None,
+        },
+    }
+}
+
+/// Issue 4's targets, read from a merged results file.
+pub fn rows(m: &Value) -> Vec<Row> {
+    let idle = &m["idle"];
+    let fanout = &m["fanout"];
+    let chat = &m["chat"];
+    let ai = &m["ai"];
+    let mut out = vec![
+        row(
+            "idle",
+            "19,000 sockets up in ≤ 10 s",
+            num(idle, &["connect", "established"])
+                .zip(num(idle, &["connect", "secs"]))
+                .map(|(up, secs)| {
+                    (
+                        format!("{up:.0} up in {secs:.2} s"),
+                        up >= 19_000.0 && secs <= 10.0,
+                    )
+                }),
+        ),
+        row(
+            "idle",
+            "≤ 16 KiB server RSS per socket",
+            num(idle, &["memory", "server_rss_per_socket_kib"])
+                .map(|kib| (format!("{kib:.1} KiB"), kib <= 16.0)),
+        ),
+        row(
+            "idle",
+            "stretch: ≤ 8 KiB server RSS per socket",
+            num(idle, &["memory", "server_rss_per_socket_kib"])
+                .map(|kib| (format!("{kib:.1} KiB"), kib <= 8.0)),
+        ),
+        row(
+            "fanout",
+            "10,000 subscribers, ≥ 150,000 deliveries/s (99% of offered)",
+            num(fanout, &["deliveries", "per_sec"])
+                .zip(num(fanout, &["sockets", "established"]))
+                .map(|(rate, subs)| {
+                    (
+                        format!("{rate:.0}/s to {subs:.0}"),
+                        rate >= 148_500.0 && subs >= 10_000.0,
+                    )
+                }),
+        ),
+        row(
+            "fanout",
+            "zero loss",
+            lost(fanout, &["missing", "duplicates", "out_of_order"]),
+        ),
+        row(
+            "fanout",
+            "p99 ≤ 40 ms",
+            num(fanout, &["latency_send_to_receive", "p99_ms"])
+                .map(|ms| (format!("{ms:.1} ms"), ms <= 40.0)),
+        ),
+        row(
+            "chat",
+            "500 posts/s persisted first (99% acknowledged)",
+            num(chat, &["posting", "acked_posts_per_sec"])
+                .map(|rate| (format!("{rate:.0}/s"), rate >= 495.0)),
+        ),
+        row(
+            "chat",
+            "post-to-receive p50 ≤ 1 ms",
+            num(chat, &["delivery", "latency_post_to_receive", "p50_ms"])
+                .map(|ms| (format!("{ms:.2} ms"), ms <= 1.0)),
+        ),
+        row(
+            "chat",
+            "post-to-receive p99 ≤ 5 ms",
+            num(chat, &["delivery", "latency_post_to_receive", "p99_ms"])
+                .map(|ms| (format!("{ms:.2} ms"), ms <= 5.0)),
+        ),
+        row(
+            "ai-stream",
+            "every append durable",
+            num(ai, &["appends", "durable_fragments"])
+                .zip(num(ai, &["appends", "sent"]))
+                .zip(num(ai, &["appends", "failed"]))
+                .map(|((durable, sent), failed)| {
+                    (
+                        format!("{durable:.0} of {sent:.0} sent durable, {failed:.0} failed"),
+                        durable >= sent && failed == 0.0,
+                    )
+                }),
+        ),
+        row(
+            "ai-stream",
+            "p99 ≤ 10 ms",
+            num(ai, &["latency_append_to_receive", "p99_ms"])
+                .map(|ms| (format!("{ms:.2} ms"), ms <= 10.0)),
+        ),
+    ];
+    for (key, scenario) in [
+        ("reconnect", "reconnect"),
+        ("reconnect_pusher", "reconnect (Pusher)"),
+    ] {
+        out.push(row(
+            scenario,
+            "1,000 clients × 500 events: ≤ 5 s, none missing",
+            scenario_targets(&m[key]),
+        ));
+    }
+    out.push(row(
+        "persistence",
+        "≥ 100,000 durable appends/s",
+        num(&m["persistence"], &["appends_per_sec"])
+            .map(|rate| (format!("{rate:.0}/s"), rate >= 100_000.0)),
+    ));
+    out
+}
+
+/// Sum of the named correctness counters: zero is met.
+fn lost(scenario: &Value, counters: &[&str]) -> Option<(String, bool)> {
+    let total = counters
+        .iter()
+        .map(|c| num(scenario, &["correctness", c]))
+        .sum::<Option<f64>>()?;
+    Some((
+        format!("{total:.0} lost, duplicated or out of order"),
+        total == 0.0,
+    ))
+}
+
+/// A scenario that judges its own targets (`targets: [{target, met}]`): all of them met.
+fn scenario_targets(scenario: &Value) -> Option<(String, bool)> {
+    let targets = scenario.get("targets")?.as_array()?;
+    if targets.is_empty() {
+        return None;
+    }
+    let mut said = Vec::new();
+    let mut all = true;
+    for t in targets {
+        said.push(t.get("target")?.as_str()?.to_string());
+        all &= t.get("met")?.as_bool()?;
+    }
+    Some((said.join("; "), all))
+}
+
+/// The rows as a plain-text table.
+pub fn render(rows: &[Row]) -> String {
+    let mut out = String::from("\nmake bench: the targets\n=======================\n");
+    for r in rows {
+        let verdict = match r.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "-",
+        };
+        out.push_str(&format!(
+            "{:<7} {:<19} {:<61} {}\n",
+            verdict, r.scenario, r.target, r.measured
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn merged() -> Value {
+        json!({
+            "idle": {"connect": {"established": 19000, "secs": 1.62},
+                     "memory": {"server_rss_per_socket_kib": 3.15}},
+            "fanout": {"deliveries": {"per_sec": 149920.7},
+                       "sockets": {"established": 10000},
+                       "correctness": {"missing": 0, "duplicates": 0, "out_of_order": 0},
+                       "latency_send_to_receive": {"p99_ms": 122.6}},
+            "ai": {"appends": {"durable_fragments": 100000, "sent": 100000, "failed": 0},
+                   "latency_append_to_receive": {"p99_ms": 7.24}},
+            "reconnect": {"targets": [{"target": "all caught up in 1.03 s ≤ 5 s", "met": true},
+                                      {"target": "0 events missing = 0", "met": true}]},
+            "reconnect_pusher": {"targets": [{"target": "all caught up in 6.2 s ≤ 5 s", "met": false},
+                                             {"target": "0 events missing = 0", "met": true}]},
+            "persistence": {"appends_per_sec": 173209.8}
+        })
+    }
+
+    fn verdict(rows: &[Row], scenario: &str, target_starts: &str) -> Option<bool> {
+        rows.iter()
+            .find(|r| r.scenario == scenario && r.target.starts_with(target_starts))
+            .unwrap_or_else(|| panic!("no row {scenario} / {target_starts}"))
+            .met
+    }
+
+    #[test]
+    fn each_target_is_judged_from_its_figure() {
+        let rows = rows(&merged());
+        assert_eq!(verdict(&rows, "idle", "19,000"), Some(true));
+        assert_eq!(verdict(&rows, "idle", "≤ 16 KiB"), Some(true));
+        assert_eq!(verdict(&rows, "idle", "stretch"), Some(true));
+        assert_eq!(verdict(&rows, "fanout", "10,000"), Some(true));
+        assert_eq!(verdict(&rows, "fanout", "zero loss"), Some(true));
+        assert_eq!(verdict(&rows, "fanout", "p99"), Some(false));
+        assert_eq!(verdict(&rows, "ai-stream", "every append"), Some(true));
+        assert_eq!(verdict(&rows, "ai-stream", "p99"), Some(true));
+        assert_eq!(verdict(&rows, "reconnect", "1,000"), Some(true));
+        // One of its own targets missed: the row is missed.
+        assert_eq!(verdict(&rows, "reconnect (Pusher)", "1,000"), Some(false));
+        assert_eq!(verdict(&rows, "persistence", "≥ 100,000"), Some(true));
+        // No chat section in this file: no verdict rather than a guess.
+        assert_eq!(verdict(&rows, "chat", "500"), None);
+        let text = render(&rows);
+        assert!(text.contains("MISSED  fanout"), "{text}");
+        assert!(text.contains("122.6 ms"), "{text}");
+    }
+
+    #[test]
+    fn the_edges_are_judged_as_the_targets_say() {
+        let mut m = merged();
+        m["fanout"]["latency_send_to_receive"]["p99_ms"] = json!(40.0);
+        m["fanout"]["correctness"]["duplicates"] = json!(1);
+        m["ai"]["appends"]["durable_fragments"] = json!(99_999);
+        m["idle"]["connect"]["secs"] = json!(10.01);
+        m["persistence"]["appends_per_sec"] = json!(99_999.0);
+        m["idle"]["memory"]["server_rss_per_socket_kib"] = json!(8.5);
+        let rows = rows(&m);
+        assert_eq!(verdict(&rows, "fanout", "p99"), Some(true));
+        assert_eq!(verdict(&rows, "fanout", "zero loss"), Some(false));
+        assert_eq!(verdict(&rows, "ai-stream", "every append"), Some(false));
+        assert_eq!(verdict(&rows, "idle", "19,000"), Some(false));
+        assert_eq!(verdict(&rows, "persistence", "≥ 100,000"), Some(false));
+        assert_eq!(verdict(&rows, "idle", "≤ 16 KiB"), Some(true));
+        assert_eq!(verdict(&rows, "idle", "stretch"), Some(false));
+    }
+
+    #[test]
+    fn the_committed_latest_run_reads_whole() {
+        // The file `make bench` wrote at 2026-12-07 10:24: every target has a figure.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../bench/results/20261207T102430Z.json"
+        );
+        let text = std::fs::read_to_string(path).expect("results file");
+        let m: Value = serde_json::from_str(&text).expect("json");
+        let rows = rows(&m);
+        for r in &rows {
+            assert!(r.met.is_some(), "no figure for {r:?}");
+        }
+        assert_eq!(verdict(&rows, "fanout", "p99"), Some(false));
+        assert_eq!(verdict(&rows, "chat", "500"), Some(true));
+        assert_eq!(verdict(&rows, "chat", "post-to-receive p50"), Some(true));
+    }
+}
