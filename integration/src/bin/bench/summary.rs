@@ -42,6 +42,28 @@ fn num(v: &Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
 
+/// A figure that must not exceed `limit`, shown with `precision` decimals and `unit`.
+fn at_most(
+    v: &Value,
+    path: &[&str],
+    limit: f64,
+    precision: usize,
+    unit: &str,
+) -> Option<(String, bool)> {
+    num(v, path).map(|x| (format!("{x:.precision$}{unit}"), x <= limit))
+}
+
+/// A figure that must reach `limit`, shown with `precision` decimals and `unit`.
+fn at_least(
+    v: &Value,
+    path: &[&str],
+    limit: f64,
+    precision: usize,
+    unit: &str,
+) -> Option<(String, bool)> {
+    num(v, path).map(|x| (format!("{x:.precision$}{unit}"), x >= limit))
+}
+
 /// A row from a figure and its test; `None` figures make a row without a verdict.
 fn row(scenario: &'static str, target: &'static str, figure: Option<(String, bool)>) -> Row {
     match figure {
@@ -82,14 +104,24 @@ pub fn rows(m: &Value) -> Vec<Row> {
         row(
             "idle",
             "≤ 16 KiB server RSS per socket",
-            num(idle, &["memory", "server_rss_per_socket_kib"])
-                .map(|kib| (format!("{kib:.1} KiB"), kib <= 16.0)),
+            at_most(
+                idle,
+                &["memory", "server_rss_per_socket_kib"],
+                16.0,
+                1,
+                " KiB",
+            ),
         ),
         row(
             "idle",
             "stretch: ≤ 8 KiB server RSS per socket",
-            num(idle, &["memory", "server_rss_per_socket_kib"])
-                .map(|kib| (format!("{kib:.1} KiB"), kib <= 8.0)),
+            at_most(
+                idle,
+                &["memory", "server_rss_per_socket_kib"],
+                8.0,
+                1,
+                " KiB",
+            ),
         ),
         row(
             "fanout",
@@ -111,26 +143,40 @@ pub fn rows(m: &Value) -> Vec<Row> {
         row(
             "fanout",
             "p99 ≤ 40 ms",
-            num(fanout, &["latency_send_to_receive", "p99_ms"])
-                .map(|ms| (format!("{ms:.1} ms"), ms <= 40.0)),
+            at_most(
+                fanout,
+                &["latency_send_to_receive", "p99_ms"],
+                40.0,
+                1,
+                " ms",
+            ),
         ),
         row(
             "chat",
             "500 posts/s persisted first (99% acknowledged)",
-            num(chat, &["posting", "acked_posts_per_sec"])
-                .map(|rate| (format!("{rate:.0}/s"), rate >= 495.0)),
+            at_least(chat, &["posting", "acked_posts_per_sec"], 495.0, 0, "/s"),
         ),
         row(
             "chat",
             "post-to-receive p50 ≤ 1 ms",
-            num(chat, &["delivery", "latency_post_to_receive", "p50_ms"])
-                .map(|ms| (format!("{ms:.2} ms"), ms <= 1.0)),
+            at_most(
+                chat,
+                &["delivery", "latency_post_to_receive", "p50_ms"],
+                1.0,
+                2,
+                " ms",
+            ),
         ),
         row(
             "chat",
             "post-to-receive p99 ≤ 5 ms",
-            num(chat, &["delivery", "latency_post_to_receive", "p99_ms"])
-                .map(|ms| (format!("{ms:.2} ms"), ms <= 5.0)),
+            at_most(
+                chat,
+                &["delivery", "latency_post_to_receive", "p99_ms"],
+                5.0,
+                2,
+                " ms",
+            ),
         ),
         row(
             "ai-stream",
@@ -148,8 +194,7 @@ pub fn rows(m: &Value) -> Vec<Row> {
         row(
             "ai-stream",
             "p99 ≤ 10 ms",
-            num(ai, &["latency_append_to_receive", "p99_ms"])
-                .map(|ms| (format!("{ms:.2} ms"), ms <= 10.0)),
+            at_most(ai, &["latency_append_to_receive", "p99_ms"], 10.0, 2, " ms"),
         ),
     ];
     for (key, scenario) in [
@@ -165,8 +210,7 @@ pub fn rows(m: &Value) -> Vec<Row> {
     out.push(row(
         "persistence",
         "≥ 100,000 durable appends/s",
-        num(&m["persistence"], &["appends_per_sec"])
-            .map(|rate| (format!("{rate:.0}/s"), rate >= 100_000.0)),
+        at_least(&m["persistence"], &["appends_per_sec"], 100_000.0, 0, "/s"),
     ));
     out
 }
