@@ -42,177 +42,169 @@ fn num(v: &Value, path: &[&str]) -> Option<f64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_f64()
 }
 
-/// A figure that must not exceed `limit`, shown with `precision` decimals and `unit`.
-fn at_most(
-    v: &Value,
-    path: &[&str],
-    limit: f64,
-    precision: usize,
-    unit: &str,
-) -> Option<(String, bool)> {
-    num(v, path).map(|x| (format!("{x:.precision$}{unit}"), x <= limit))
+/// How a target is judged.
+enum Check {
+    /// One figure at `path` in the scenario's section, at most this value.
+    AtMost(&'static [&'static str], f64, Shown),
+    /// One figure at `path`, at least this value.
+    AtLeast(&'static [&'static str], f64, Shown),
+    /// Several figures of the scenario's section, judged together.
+    Figures(fn(&Value) -> Option<(String, bool)>),
 }
 
-/// A figure that must reach `limit`, shown with `precision` decimals and `unit`.
-fn at_least(
-    v: &Value,
-    path: &[&str],
-    limit: f64,
-    precision: usize,
-    unit: &str,
-) -> Option<(String, bool)> {
-    num(v, path).map(|x| (format!("{x:.precision$}{unit}"), x >= limit))
-}
+/// How a single figure is printed: decimals and unit.
+type Shown = (usize, &'static str);
 
-/// A row from a figure and its test; `None` figures make a row without a verdict.
-fn row(scenario: &'static str, target: &'static str, figure: Option<(String, bool)>) -> Row {
-    match figure {
-        Some((measured, met)) => Row {
-            scenario,
-            target,
-            measured,
-            met: Some(met),
-        },
-        None => Row {
-            scenario,
-            target,
-            measured: "not in this file".into(),
-            met: None,
-        },
-    }
-}
-
-/// Issue 4's targets, read from a merged results file.
-pub fn rows(m: &Value) -> Vec<Row> {
-    let idle = &m["idle"];
-    let fanout = &m["fanout"];
-    let chat = &m["chat"];
-    let ai = &m["ai"];
-    let mut out = vec![
-        row(
-            "idle",
-            "19,000 sockets up in ≤ 10 s",
-            num(idle, &["connect", "established"])
-                .zip(num(idle, &["connect", "secs"]))
-                .map(|(up, secs)| {
-                    (
-                        format!("{up:.0} up in {secs:.2} s"),
-                        up >= 19_000.0 && secs <= 10.0,
-                    )
-                }),
+/// Issue 4's targets: scenario as printed, its section in the merged file, target, check.
+const TARGETS: &[(&str, &str, &str, Check)] = &[
+    (
+        "idle",
+        "idle",
+        "19,000 sockets up in ≤ 10 s",
+        Check::Figures(idle_up),
+    ),
+    (
+        "idle",
+        "idle",
+        "≤ 16 KiB server RSS per socket",
+        Check::AtMost(&["memory", "server_rss_per_socket_kib"], 16.0, (1, " KiB")),
+    ),
+    (
+        "idle",
+        "idle",
+        "stretch: ≤ 8 KiB server RSS per socket",
+        Check::AtMost(&["memory", "server_rss_per_socket_kib"], 8.0, (1, " KiB")),
+    ),
+    (
+        "fanout",
+        "fanout",
+        "10,000 subscribers, ≥ 150,000 deliveries/s (99% of offered)",
+        Check::Figures(fanout_rate),
+    ),
+    ("fanout", "fanout", "zero loss", Check::Figures(fanout_loss)),
+    (
+        "fanout",
+        "fanout",
+        "p99 ≤ 40 ms",
+        Check::AtMost(&["latency_send_to_receive", "p99_ms"], 40.0, (1, " ms")),
+    ),
+    (
+        "chat",
+        "chat",
+        "500 posts/s persisted first (99% acknowledged)",
+        Check::AtLeast(&["posting", "acked_posts_per_sec"], 495.0, (0, "/s")),
+    ),
+    (
+        "chat",
+        "chat",
+        "post-to-receive p50 ≤ 1 ms",
+        Check::AtMost(
+            &["delivery", "latency_post_to_receive", "p50_ms"],
+            1.0,
+            (2, " ms"),
         ),
-        row(
-            "idle",
-            "≤ 16 KiB server RSS per socket",
-            at_most(
-                idle,
-                &["memory", "server_rss_per_socket_kib"],
-                16.0,
-                1,
-                " KiB",
-            ),
+    ),
+    (
+        "chat",
+        "chat",
+        "post-to-receive p99 ≤ 5 ms",
+        Check::AtMost(
+            &["delivery", "latency_post_to_receive", "p99_ms"],
+            5.0,
+            (2, " ms"),
         ),
-        row(
-            "idle",
-            "stretch: ≤ 8 KiB server RSS per socket",
-            at_most(
-                idle,
-                &["memory", "server_rss_per_socket_kib"],
-                8.0,
-                1,
-                " KiB",
-            ),
-        ),
-        row(
-            "fanout",
-            "10,000 subscribers, ≥ 150,000 deliveries/s (99% of offered)",
-            num(fanout, &["deliveries", "per_sec"])
-                .zip(num(fanout, &["sockets", "established"]))
-                .map(|(rate, subs)| {
-                    (
-                        format!("{rate:.0}/s to {subs:.0}"),
-                        rate >= 148_500.0 && subs >= 10_000.0,
-                    )
-                }),
-        ),
-        row(
-            "fanout",
-            "zero loss",
-            lost(fanout, &["missing", "duplicates", "out_of_order"]),
-        ),
-        row(
-            "fanout",
-            "p99 ≤ 40 ms",
-            at_most(
-                fanout,
-                &["latency_send_to_receive", "p99_ms"],
-                40.0,
-                1,
-                " ms",
-            ),
-        ),
-        row(
-            "chat",
-            "500 posts/s persisted first (99% acknowledged)",
-            at_least(chat, &["posting", "acked_posts_per_sec"], 495.0, 0, "/s"),
-        ),
-        row(
-            "chat",
-            "post-to-receive p50 ≤ 1 ms",
-            at_most(
-                chat,
-                &["delivery", "latency_post_to_receive", "p50_ms"],
-                1.0,
-                2,
-                " ms",
-            ),
-        ),
-        row(
-            "chat",
-            "post-to-receive p99 ≤ 5 ms",
-            at_most(
-                chat,
-                &["delivery", "latency_post_to_receive", "p99_ms"],
-                5.0,
-                2,
-                " ms",
-            ),
-        ),
-        row(
-            "ai-stream",
-            "every append durable",
-            num(ai, &["appends", "durable_fragments"])
-                .zip(num(ai, &["appends", "sent"]))
-                .zip(num(ai, &["appends", "failed"]))
-                .map(|((durable, sent), failed)| {
-                    (
-                        format!("{durable:.0} of {sent:.0} sent durable, {failed:.0} failed"),
-                        durable >= sent && failed == 0.0,
-                    )
-                }),
-        ),
-        row(
-            "ai-stream",
-            "p99 ≤ 10 ms",
-            at_most(ai, &["latency_append_to_receive", "p99_ms"], 10.0, 2, " ms"),
-        ),
-    ];
-    for (key, scenario) in [
-        ("reconnect", "reconnect"),
-        ("reconnect_pusher", "reconnect (Pusher)"),
-    ] {
-        out.push(row(
-            scenario,
-            "1,000 clients × 500 events: ≤ 5 s, none missing",
-            scenario_targets(&m[key]),
-        ));
-    }
-    out.push(row(
+    ),
+    (
+        "ai-stream",
+        "ai",
+        "every append durable",
+        Check::Figures(ai_durable),
+    ),
+    (
+        "ai-stream",
+        "ai",
+        "p99 ≤ 10 ms",
+        Check::AtMost(&["latency_append_to_receive", "p99_ms"], 10.0, (2, " ms")),
+    ),
+    (
+        "reconnect",
+        "reconnect",
+        "1,000 clients × 500 events: ≤ 5 s, none missing",
+        Check::Figures(own_targets),
+    ),
+    (
+        "reconnect (Pusher)",
+        "reconnect_pusher",
+        "1,000 clients × 500 events: ≤ 5 s, none missing",
+        Check::Figures(own_targets),
+    ),
+    (
+        "persistence",
         "persistence",
         "≥ 100,000 durable appends/s",
-        at_least(&m["persistence"], &["appends_per_sec"], 100_000.0, 0, "/s"),
-    ));
-    out
+        Check::AtLeast(&["appends_per_sec"], 100_000.0, (0, "/s")),
+    ),
+];
+
+/// Issue 4's targets, read from a merged results file; a target whose figures are missing
+/// gets a row without a verdict.
+pub fn rows(m: &Value) -> Vec<Row> {
+    TARGETS
+        .iter()
+        .map(|(scenario, section, target, check)| {
+            let section = &m[*section];
+            let single = |path: &[&str], (precision, unit): Shown, met: &dyn Fn(f64) -> bool| {
+                num(section, path).map(|x| (format!("{x:.precision$}{unit}"), met(x)))
+            };
+            let figure = match check {
+                Check::AtMost(path, limit, shown) => single(path, *shown, &|x| x <= *limit),
+                Check::AtLeast(path, limit, shown) => single(path, *shown, &|x| x >= *limit),
+                Check::Figures(judge) => judge(section),
+            };
+            let (measured, met) = match figure {
+                Some((measured, met)) => (measured, Some(met)),
+                None => ("not in this file".into(), None),
+            };
+            Row {
+                scenario,
+                target,
+                measured,
+                met,
+            }
+        })
+        .collect()
+}
+
+fn idle_up(idle: &Value) -> Option<(String, bool)> {
+    let up = num(idle, &["connect", "established"])?;
+    let secs = num(idle, &["connect", "secs"])?;
+    Some((
+        format!("{up:.0} up in {secs:.2} s"),
+        up >= 19_000.0 && secs <= 10.0,
+    ))
+}
+
+fn fanout_rate(fanout: &Value) -> Option<(String, bool)> {
+    let rate = num(fanout, &["deliveries", "per_sec"])?;
+    let subs = num(fanout, &["sockets", "established"])?;
+    Some((
+        format!("{rate:.0}/s to {subs:.0}"),
+        rate >= 148_500.0 && subs >= 10_000.0,
+    ))
+}
+
+fn fanout_loss(fanout: &Value) -> Option<(String, bool)> {
+    lost(fanout, &["missing", "duplicates", "out_of_order"])
+}
+
+fn ai_durable(ai: &Value) -> Option<(String, bool)> {
+    let durable = num(ai, &["appends", "durable_fragments"])?;
+    let sent = num(ai, &["appends", "sent"])?;
+    let failed = num(ai, &["appends", "failed"])?;
+    Some((
+        format!("{durable:.0} of {sent:.0} sent durable, {failed:.0} failed"),
+        durable >= sent && failed == 0.0,
+    ))
 }
 
 /// Sum of the named correctness counters: zero is met.
@@ -228,7 +220,7 @@ fn lost(scenario: &Value, counters: &[&str]) -> Option<(String, bool)> {
 }
 
 /// A scenario that judges its own targets (`targets: [{target, met}]`): all of them met.
-fn scenario_targets(scenario: &Value) -> Option<(String, bool)> {
+fn own_targets(scenario: &Value) -> Option<(String, bool)> {
     let targets = scenario.get("targets")?.as_array()?;
     if targets.is_empty() {
         return None;
