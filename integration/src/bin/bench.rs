@@ -54,6 +54,8 @@ mod rawws;
 mod reconnect;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/rxstamp.rs"]
+mod rxstamp;
 #[path = "bench/scan.rs"]
 mod scan;
 #[path = "bench/server.rs"]

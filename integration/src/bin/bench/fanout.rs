@@ -142,6 +142,12 @@ pub struct FanoutArgs {
     /// delivery's latency; 0: no pause.
     #[arg(long, default_value_t = 1000)]
     pub read_pause_us: u64,
+    /// Nice value (0..=19) of each worker's receive thread. Above 0 the server's threads
+    /// get the cores first when both want them, so the send-to-arrival figure shows the
+    /// fan-out with less of the generator in its way (the send-to-receive figure then
+    /// includes a longer read queue).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub reader_nice: i32,
     /// Overall bound in seconds (after the server is ready); every process stops by then.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
@@ -263,6 +269,8 @@ pub struct FanoutJob {
     pub drain_idle_secs: u64,
     #[serde(default)]
     pub read_pause_us: u64,
+    #[serde(default)]
+    pub reader_nice: i32,
     /// Unix ns the delivery bins count from (bin i: [epoch + i s, epoch + (i+1) s)).
     pub epoch_ns: u64,
     /// The worker stops by itself this long after it starts.
@@ -293,6 +301,10 @@ pub struct Tally {
     /// Pusher: `pusher:ping` frames answered with `pusher:pong` (counted in other frames too).
     #[serde(default)]
     pub pings: u64,
+    /// Bench messages read without a kernel receive stamp (bytes read with the handshake,
+    /// or a kernel that does not stamp): not in the arrival histogram.
+    #[serde(default)]
+    pub unstamped: u64,
     /// Sockets that received every acknowledged publish and ended without an error.
     pub complete: u64,
     /// Sockets stopped by the deadline.
@@ -316,6 +328,7 @@ impl Tally {
         self.overflow_closes += o.overflow_closes;
         self.reconnects += o.reconnects;
         self.pings += o.pings;
+        self.unstamped += o.unstamped;
         self.complete += o.complete;
         self.timed_out += o.timed_out;
         self.socket_errors += o.socket_errors;
@@ -366,6 +379,9 @@ pub struct WorkerReport {
     /// µs, hdrhistogram V2, hex.
     pub connect_hist: String,
     pub latency_hist: String,
+    /// Send-to-arrival by the kernel's receive stamp (`rxstamp.rs`), µs, V2 hex.
+    #[serde(default)]
+    pub arrival_hist: String,
     pub tally: Tally,
     /// Whether the coordinator's drain (the list of acknowledged publishes) arrived.
     pub drained: bool,
@@ -409,10 +425,14 @@ struct SockCtx {
     drain_idle: Duration,
     /// See `--read-pause-us`.
     read_pause: Duration,
+    /// See `--reader-nice`.
+    reader_nice: i32,
     reconnect_within: Duration,
     deadline: Instant,
     /// Send-to-receive latency, µs.
     hist: Mutex<Histogram<u64>>,
+    /// Send-to-arrival latency by the kernel's receive stamp, µs.
+    arrival_hist: Mutex<Histogram<u64>>,
     /// The same latencies by second of receipt since `epoch_ns` (`--plot`).
     timeline: Recorder,
     bins: Vec<AtomicU64>,
@@ -430,9 +450,11 @@ impl SockCtx {
             epoch_ns: job.epoch_ns,
             drain_idle: Duration::from_secs(job.drain_idle_secs),
             read_pause: Duration::from_micros(job.read_pause_us),
+            reader_nice: job.reader_nice,
             reconnect_within: Duration::from_secs(job.connect_timeout_secs),
             deadline,
             hist: Mutex::new(latency_hist()?),
+            arrival_hist: Mutex::new(latency_hist()?),
             timeline: Recorder::new(job.plot, job.epoch_ns),
             bins: (0..=job.max_secs).map(|_| AtomicU64::new(0)).collect(),
             delivered: AtomicU64::new(0),
@@ -631,7 +653,8 @@ impl Check {
     }
 
     /// Checks one text frame; `true` when it is a Pusher ping the socket must answer.
-    fn frame(&mut self, text: &str, ctx: &SockCtx) -> bool {
+    /// `arrived_ns`: the kernel's receive stamp of the read that completed it, if any.
+    fn frame(&mut self, text: &str, ctx: &SockCtx, arrived_ns: Option<u64>) -> bool {
         let recv_ns = unix_ns();
         self.tally.frames += 1;
         let Some(f) = Seen::parse(ctx.face, text) else {
@@ -703,6 +726,16 @@ impl Check {
             .unwrap_or_else(|e| e.into_inner())
             .saturating_record(latency_us);
         ctx.timeline.record(recv_ns, latency_us);
+        match arrived_ns {
+            Some(at) => {
+                let arrival_us = (at.saturating_sub(sent_ns) / 1_000).max(1);
+                ctx.arrival_hist
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .saturating_record(arrival_us);
+            }
+            None => self.tally.unstamped += 1,
+        }
         false
     }
 
@@ -1000,6 +1033,11 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
     let drained = matches!(*phase_rx.borrow(), Phase::Drain(_));
     let me = server::sample_proc("self").unwrap_or_default();
     let latency = ctx.hist.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let arrival = ctx
+        .arrival_hist
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let report = WorkerReport {
         worker: job.worker,
         sockets: job.sockets,
@@ -1011,6 +1049,7 @@ pub async fn worker(job: Value, control: watch::Receiver<Value>, out: Out) -> Re
         socket_error_sample: errors,
         connect_hist: hist_to_hex(&connect_hist)?,
         latency_hist: hist_to_hex(&latency)?,
+        arrival_hist: hist_to_hex(&arrival)?,
         tally,
         drained,
         first_delivery_ns: if first_ns == u64::MAX { 0 } else { first_ns },
@@ -1485,6 +1524,7 @@ async fn drive(
             retries: args.retries,
             drain_idle_secs: args.drain_idle,
             read_pause_us: args.read_pause_us,
+            reader_nice: args.reader_nice,
             epoch_ns: plan.epoch_ns,
             max_secs: plan.max_secs + 10,
             plot: args.plot.is_some(),
@@ -1686,6 +1726,8 @@ struct Merged {
     retries: u64,
     connect_hist: Histogram<u64>,
     latency: Histogram<u64>,
+    /// Send-to-arrival by the kernel's receive stamps.
+    arrival: Histogram<u64>,
     tally: Tally,
     drained_workers: usize,
     connect_errors: Vec<String>,
@@ -1709,6 +1751,7 @@ impl Merged {
             retries: 0,
             connect_hist: latency_hist()?,
             latency: latency_hist()?,
+            arrival: latency_hist()?,
             tally: Tally::default(),
             drained_workers: 0,
             connect_errors: Vec::new(),
@@ -1734,6 +1777,11 @@ impl Merged {
         self.latency
             .add(hist_from_hex(&r.latency_hist)?)
             .map_err(|e| format!("merge histogram: {e}"))?;
+        if !r.arrival_hist.is_empty() {
+            self.arrival
+                .add(hist_from_hex(&r.arrival_hist)?)
+                .map_err(|e| format!("merge histogram: {e}"))?;
+        }
         self.tally.add(&r.tally);
         self.drained_workers += usize::from(r.drained);
         let keep = |all: &mut Vec<String>, new: &[String]| {
@@ -1812,6 +1860,19 @@ pub struct FanoutReport {
     node_connected: Vec<Option<ProcSample>>,
     node_published: Vec<Option<ProcSample>>,
     node_after: Vec<Option<ProcSample>>,
+}
+
+/// `p50 / p90 / p99 / p99.9 / max ms` of a µs histogram.
+fn percentiles(h: &Histogram<u64>) -> String {
+    let at = |q: f64| opt((!h.is_empty()).then(|| ms(h.value_at_quantile(q))), 2);
+    format!(
+        "{} / {} / {} / {} / {} ms",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(0.999),
+        opt((!h.is_empty()).then(|| ms(h.max())), 2)
+    )
 }
 
 fn ms(us: u64) -> f64 {
@@ -2108,13 +2169,14 @@ impl FanoutReport {
         );
         row(
             "send-to-receive p50 / p90 / p99 / p99.9 / max",
+            percentiles(&m.latency),
+        );
+        row(
+            "send-to-arrival (kernel stamp), same",
             format!(
-                "{} / {} / {} / {} / {} ms",
-                opt(self.p(0.5), 2),
-                opt(self.p(0.9), 2),
-                opt(self.p(0.99), 2),
-                opt(self.p(0.999), 2),
-                opt((!m.latency.is_empty()).then(|| ms(m.latency.max())), 2)
+                "{} ({} messages without a stamp)",
+                percentiles(&m.arrival),
+                t.unstamped
             ),
         );
         println!("-- correctness");
@@ -2312,6 +2374,7 @@ impl FanoutReport {
                 "source_ips": a.source_ips,
                 "drain_idle_secs": a.drain_idle,
                 "read_pause_us": a.read_pause_us,
+                "reader_nice": a.reader_nice,
                 "timeout_secs": a.timeout,
                 "client_threads": a.target.threads,
                 "nodes": self.nodes.len(),
@@ -2388,6 +2451,9 @@ impl FanoutReport {
                 "windows_after_warmup": self.windows(),
             },
             "latency_send_to_receive": hist_json(&m.latency),
+            // The same messages, to their arrival by the kernel's receive stamp (`rxstamp.rs`):
+            // without the generator's own read queue on the shared cores.
+            "latency_send_to_arrival": hist_json(&m.arrival),
             "correctness": t,
             "client": {
                 "coordinator_cpu_secs": cpu_delta(self.client_before, self.client_after),
@@ -2420,9 +2486,11 @@ mod tests {
             epoch_ns: unix_ns(),
             drain_idle: Duration::from_secs(1),
             read_pause: Duration::ZERO,
+            reader_nice: 0,
             reconnect_within: Duration::from_secs(1),
             deadline: Instant::now(),
             hist: Mutex::new(latency_hist().expect("histogram")),
+            arrival_hist: Mutex::new(latency_hist().expect("histogram")),
             timeline: Recorder::default(),
             bins: (0..10).map(|_| AtomicU64::new(0)).collect(),
             delivered: AtomicU64::new(0),
@@ -2509,13 +2577,13 @@ mod tests {
     fn checks_loss_duplicates_order_and_strangers() {
         let ctx = ctx(4);
         let mut c = Check::new(4, "10".into(), None);
-        c.frame(&frame(11, "c", 5, 0), &ctx); // first seen: any seq
-        c.frame(&frame(12, "c", 7, 1), &ctx); // gap
-        c.frame(&frame(13, "c", 6, 1), &ctx); // out of order and duplicate
-        c.frame(&frame(13, "c", 8, 9), &ctx); // cursor did not advance; n beyond the plan
-        c.frame(&frame(14, "other", 9, 2), &ctx); // another channel
-        c.frame(r#"{"type":"channel.updated","cursor":"15"}"#, &ctx);
-        c.frame("not json", &ctx);
+        c.frame(&frame(11, "c", 5, 0), &ctx, None); // first seen: any seq
+        c.frame(&frame(12, "c", 7, 1), &ctx, None); // gap
+        c.frame(&frame(13, "c", 6, 1), &ctx, None); // out of order and duplicate
+        c.frame(&frame(13, "c", 8, 9), &ctx, None); // cursor did not advance; n beyond the plan
+        c.frame(&frame(14, "other", 9, 2), &ctx, None); // another channel
+        c.frame(r#"{"type":"channel.updated","cursor":"15"}"#, &ctx, None);
+        c.frame("not json", &ctx, None);
         let t = &c.tally;
         assert_eq!(
             (t.frames, t.message_frames, t.other_frames, t.unparsable),
@@ -2532,6 +2600,31 @@ mod tests {
             acked: vec![true, true, true, false],
         }));
         assert_eq!((c.tally.missing, c.tally.unacked_delivered), (1, 0));
+    }
+
+    #[test]
+    fn a_stamped_read_records_the_arrival_and_an_unstamped_one_is_counted() {
+        let ctx = ctx(4);
+        let mut c = Check::new(4, "10".into(), None);
+        let sent = unix_ns();
+        let text = json!({
+            "id": "evt_x", "cursor": "11", "type": "message.created", "workspace_id": "1",
+            "channel_id": "c", "seq": 1,
+            "payload": {"message_id": "m", "author_id": "a", "data": format!("0:{sent}")},
+        })
+        .to_string();
+        // Arrived 7 ms after it was sent, whenever it was read.
+        c.frame(&text, &ctx, Some(sent + 7_000_000));
+        c.frame(&frame(12, "c", 2, 1), &ctx, None);
+        let arrival = ctx.arrival_hist.lock().expect("lock");
+        assert_eq!(arrival.len(), 1);
+        assert!(
+            arrival.equivalent(arrival.max(), 7_000),
+            "{}",
+            arrival.max()
+        );
+        assert_eq!(ctx.hist.lock().expect("lock").len(), 2);
+        assert_eq!(c.tally.unstamped, 1);
     }
 
     /// A Pusher delivery: V1 (`serial: None`) or V2 with the channel's serial.
@@ -2552,17 +2645,18 @@ mod tests {
         let ctx = ctx_of(Face::Pusher, 4);
         // subscription_succeeded announced serial 1 (the set-up publish): 2 comes first.
         let mut c = Check::new(4, String::new(), Some(1));
-        assert!(!c.frame(&pusher_frame("c", Some(2), 0), &ctx));
-        assert!(!c.frame(&pusher_frame("c", Some(4), 1), &ctx)); // gap (3 missed)
-        assert!(!c.frame(&pusher_frame("c", Some(3), 1), &ctx)); // out of order, duplicate
-        assert!(!c.frame(&pusher_frame("other", Some(5), 2), &ctx)); // another channel
-        assert!(c.frame(r#"{"event":"sockudo:ping","data":"{}"}"#, &ctx));
-        assert!(c.frame(r#"{"event":"pusher:ping","data":{}}"#, &ctx));
+        assert!(!c.frame(&pusher_frame("c", Some(2), 0), &ctx, None));
+        assert!(!c.frame(&pusher_frame("c", Some(4), 1), &ctx, None)); // gap (3 missed)
+        assert!(!c.frame(&pusher_frame("c", Some(3), 1), &ctx, None)); // out of order, duplicate
+        assert!(!c.frame(&pusher_frame("other", Some(5), 2), &ctx, None)); // another channel
+        assert!(c.frame(r#"{"event":"sockudo:ping","data":"{}"}"#, &ctx, None));
+        assert!(c.frame(r#"{"event":"pusher:ping","data":{}}"#, &ctx, None));
         assert!(!c.frame(
             r#"{"event":"pusher:error","data":{"code":4300,"message":"x"}}"#,
-            &ctx
+            &ctx,
+            None
         ));
-        assert!(!c.frame("[1,2]", &ctx));
+        assert!(!c.frame("[1,2]", &ctx, None));
         let t = &c.tally;
         assert_eq!(
             (
@@ -2589,8 +2683,8 @@ mod tests {
     fn pusher_v2_gap_from_the_announced_serial() {
         let ctx = ctx_of(Face::Pusher, 2);
         let mut c = Check::new(2, String::new(), Some(1));
-        c.frame(&pusher_frame("c", Some(3), 0), &ctx); // serial 2 never came
-        c.frame(&pusher_frame("c", Some(4), 1), &ctx);
+        c.frame(&pusher_frame("c", Some(3), 0), &ctx, None); // serial 2 never came
+        c.frame(&pusher_frame("c", Some(4), 1), &ctx, None);
         assert_eq!((c.tally.seq_gaps, c.tally.out_of_order), (1, 0));
         assert_eq!(c.unique, 2);
     }
@@ -2599,10 +2693,14 @@ mod tests {
     fn pusher_v1_frames_check_loss_and_duplicates_without_serials() {
         let ctx = ctx_of(Face::Pusher, 3);
         let mut c = Check::new(3, String::new(), None);
-        c.frame(&pusher_frame("c", None, 1), &ctx);
-        c.frame(&pusher_frame("c", None, 0), &ctx); // no serial: no order check
-        c.frame(&pusher_frame("c", None, 1), &ctx); // duplicate
-        c.frame(r#"{"event":"bench","channel":"c","data":"junk"}"#, &ctx); // not a stamp
+        c.frame(&pusher_frame("c", None, 1), &ctx, None);
+        c.frame(&pusher_frame("c", None, 0), &ctx, None); // no serial: no order check
+        c.frame(&pusher_frame("c", None, 1), &ctx, None); // duplicate
+        c.frame(
+            r#"{"event":"bench","channel":"c","data":"junk"}"#,
+            &ctx,
+            None,
+        ); // not a stamp
         let t = &c.tally;
         assert_eq!((t.message_frames, t.duplicates, t.foreign), (4, 1, 1));
         assert_eq!((t.seq_gaps, t.out_of_order), (0, 0));
@@ -2617,11 +2715,11 @@ mod tests {
     fn a_chat_frame_is_not_a_pusher_message_and_back() {
         let pusher_ctx = ctx_of(Face::Pusher, 2);
         let mut c = Check::new(2, String::new(), None);
-        c.frame(&frame(11, "c", 1, 0), &pusher_ctx); // no `event`: unparsable
+        c.frame(&frame(11, "c", 1, 0), &pusher_ctx, None); // no `event`: unparsable
         assert_eq!((c.tally.unparsable, c.tally.message_frames), (1, 0));
         let chat_ctx = ctx(2);
         let mut c = Check::new(2, "10".into(), None);
-        c.frame(&pusher_frame("c", Some(1), 0), &chat_ctx); // no `type`: unparsable
+        c.frame(&pusher_frame("c", Some(1), 0), &chat_ctx, None); // no `type`: unparsable
         assert_eq!((c.tally.unparsable, c.tally.message_frames), (1, 0));
     }
 

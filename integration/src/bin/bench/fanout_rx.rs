@@ -12,8 +12,9 @@
 //! sent before that); a server ping that comes meanwhile waits in the kernel and is
 //! answered then, well within any heartbeat timeout (60 s for `/api/realtime/ws`).
 
-use std::io::{ErrorKind, Read as _, Write as _};
+use std::io::{ErrorKind, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use super::{Check, Drain, Phase, SockCtx, SockEnd, MAX_RECONNECTS, TICK};
 use crate::idle;
 use crate::pusher::{self, Face};
 use crate::rawws::{self, Fragments, Msg, RawWs};
+use crate::rxstamp;
 
 /// How long a socket we close waits for the server's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -95,10 +97,14 @@ pub(super) fn run(
     phase: watch::Receiver<Phase>,
     rt: tokio::runtime::Handle,
 ) -> Result<Vec<SockEnd>, String> {
+    if ctx.reader_nice != 0 {
+        set_thread_nice(ctx.reader_nice).map_err(|e| format!("nice: {e}"))?;
+    }
     let poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     let mut socks = Vec::with_capacity(subs.len());
     for (i, s) in subs.into_iter().enumerate() {
         let (stream, unread, frags) = s.ws.into_parts()?;
+        rxstamp::enable(stream.as_raw_fd()).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
         socks.push(Live {
             node: s.node,
             token: Token(i),
@@ -193,6 +199,18 @@ pub(super) fn run(
         .collect())
 }
 
+/// Sets the calling thread's nice value (on Linux `setpriority` with id 0 applies to the
+/// calling thread only), so the generator's reader yields the cores to the server first.
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: a plain syscall on the calling thread, no pointers.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn poll_once(poll: &mut Poll, events: &mut Events, wait: Duration) -> std::io::Result<()> {
     match poll.poll(events, Some(wait)) {
         Err(e) if e.kind() == ErrorKind::Interrupted => {
@@ -253,10 +271,14 @@ impl Receiver {
         self.scratch[..carried].copy_from_slice(&s.unread);
         s.unread.clear();
         let space = self.scratch.len() - carried;
-        let (n, mut turn) = match s.stream.read(&mut self.scratch[carried..]) {
-            Ok(0) => (0, Turn::Ended(Some("ws ended".into()))),
-            Ok(n) if n == space => (n, Turn::More),
-            Ok(n) => (n, Turn::Done),
+        let mut arrived = None;
+        let (n, mut turn) = match rxstamp::recv(s.stream.as_raw_fd(), &mut self.scratch[carried..])
+        {
+            Ok((0, _)) => (0, Turn::Ended(Some("ws ended".into()))),
+            Ok((n, stamp)) => {
+                arrived = stamp;
+                (n, if n == space { Turn::More } else { Turn::Done })
+            }
             Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Turn::Done),
             Err(e) if e.kind() == ErrorKind::Interrupted => (0, Turn::More),
             Err(e) => (0, Turn::Ended(Some(format!("ws read: {e}")))),
@@ -278,7 +300,7 @@ impl Receiver {
             }
             match m {
                 Msg::Text(t) => {
-                    if check.frame(t, ctx) {
+                    if check.frame(t, ctx, arrived) {
                         rawws::client_frame(rawws::OP_TEXT, pusher::PONG.as_bytes(), out);
                     }
                 }
@@ -343,6 +365,9 @@ impl Receiver {
             Ok(parts) => parts,
             Err(e) => return self.end(s, Some(format!("reconnect after 1013: {e}"))),
         };
+        if let Err(e) = rxstamp::enable(stream.as_raw_fd()) {
+            return self.end(s, Some(format!("SO_TIMESTAMPNS: {e}")));
+        }
         let _ = self.poll.registry().deregister(&mut s.stream);
         s.stream = TcpStream::from_std(stream);
         s.unread = unread;
@@ -528,6 +553,24 @@ mod tests {
         (s, l, ctx, rx)
     }
 
+    #[test]
+    fn the_reader_nice_applies_to_its_own_thread_only() {
+        let before = unsafe_getpriority();
+        let inside = std::thread::spawn(|| {
+            set_thread_nice(7).expect("nice");
+            unsafe_getpriority()
+        })
+        .join()
+        .expect("joined");
+        assert_eq!(inside, 7);
+        assert_eq!(unsafe_getpriority(), before);
+    }
+
+    fn unsafe_getpriority() -> i32 {
+        // SAFETY: a plain syscall about the calling thread.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_delivery_is_checked_pings_answered_and_the_socket_closed() {
         // Publish 0 comes with the handshake, so it sits in the bytes the upgrade kept.
@@ -566,6 +609,11 @@ mod tests {
         );
         assert_eq!(ctx.delivered.load(Ordering::Relaxed), 5);
         assert_eq!(ctx.open.load(Ordering::Relaxed), 0);
+        // Every message read from the socket carries the kernel's stamp; only publish 0
+        // may have come without one, in the bytes the handshake kept.
+        let stamped = ctx.arrival_hist.lock().expect("lock").len();
+        assert_eq!(stamped + t.unstamped, 5);
+        assert!(stamped >= 4, "{stamped} stamped");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
