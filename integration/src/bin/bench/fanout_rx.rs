@@ -82,7 +82,10 @@ struct Live {
 /// What one read turned up besides the frames already checked.
 enum Turn {
     More,
+    /// A short read: the socket held no more data when it was read.
     Done,
+    /// Nothing to read (`EAGAIN`).
+    Empty,
     /// The server's close frame, with its code when it sent one.
     Closed(Option<u16>),
     Ended(Option<String>),
@@ -143,7 +146,7 @@ pub(super) fn run(
             )
             .map_err(|e| format!("epoll add: {e}"))?;
         // Bytes read with the handshake, and whatever came since.
-        rx.read_ready(s);
+        rx.read_ready(s, false);
     }
     rx.note_phase(&phase);
     let mut events = Events::with_capacity(EVENTS);
@@ -165,7 +168,7 @@ pub(super) fn run(
                 continue;
             };
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                rx.read_ready(s);
+                rx.read_ready(s, ev.is_read_closed() || ev.is_error());
             }
             if ev.is_writable() && s.state != State::Ended {
                 rx.flush(s);
@@ -233,15 +236,18 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Reads `s` until the kernel has nothing more, checking every message.
-    fn read_ready(&mut self, s: &mut Live) {
+    /// Reads `s` until the kernel has nothing more, checking every message. `to_end`: the
+    /// peer has closed (its FIN may have come with the last data, in the same edge), so a
+    /// short read is followed by one more, which finds the end of the stream.
+    fn read_ready(&mut self, s: &mut Live, to_end: bool) {
         loop {
             if s.state == State::Ended {
                 return;
             }
             match self.read_once(s) {
                 Turn::More => continue,
-                Turn::Done => break,
+                Turn::Done if to_end => continue,
+                Turn::Done | Turn::Empty => break,
                 Turn::Closed(code) => return self.on_close(s, code),
                 // After our close frame, the end of the stream is the end we asked for.
                 Turn::Ended(_) if matches!(s.state, State::Closing(_)) => return self.end(s, None),
@@ -279,7 +285,7 @@ impl Receiver {
                 arrived = stamp;
                 (n, if n == space { Turn::More } else { Turn::Done })
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Turn::Done),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => (0, Turn::Empty),
             Err(e) if e.kind() == ErrorKind::Interrupted => (0, Turn::More),
             Err(e) => (0, Turn::Ended(Some(format!("ws read: {e}")))),
         };
@@ -381,7 +387,7 @@ impl Receiver {
         ) {
             return self.end(s, Some(format!("epoll add: {e}")));
         }
-        self.read_ready(s);
+        self.read_ready(s, false);
     }
 
     /// Starts the close handshake: our close frame, then at most [`CLOSE_WAIT`].
@@ -550,6 +556,12 @@ mod tests {
         );
         let ctx = ctx(slots);
         let rx = receive(vec![sub], ctx.clone(), drain(slots as u64));
+        // The loop counts its sockets open once each has its receive stamps turned on:
+        // what the server side writes from here on is stamped.
+        let until = Instant::now() + Duration::from_secs(5);
+        while ctx.open.load(Ordering::Relaxed) == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         (s, l, ctx, rx)
     }
 
