@@ -12,6 +12,13 @@
 //! checks its room's `message.created` seqs (contiguous from 1: a gap is a loss, a repeat a
 //! duplicate or a reorder), that every acknowledged post of its room arrives exactly once,
 //! and records post-to-receive latency; the scheduler records the HTTP round trip to 201.
+//!
+//! `--face pusher` runs the same load on the Pusher protocol, so that any Pusher-compatible
+//! server can be measured: each room is a public channel `bench-<tag>-room<r>`, each member a
+//! `/app/{key}` socket subscribed to it, and post `k` a signed `POST /apps/{id}/events`
+//! (event `bench`, answered 200). V2 deliveries carry the channel's `serial`, checked like the
+//! chat face's seqs (from the serial `subscription_succeeded` announced, else from the first
+//! delivery); V1 deliveries are checked for loss and duplicates only. Pings are answered.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -23,7 +30,7 @@ use std::time::Duration;
 
 use clap::Args;
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::Deserialize;
@@ -37,8 +44,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::api::{self, Api};
 use crate::plot::{Point, Recorder};
 use crate::poster::reason;
+use crate::pusher::{self, Face, FaceArgs, PusherFrame};
 use crate::report::{cpu_delta, hist_json, ms, opt, proc_json, write_results, Window};
-use crate::server::{self, ProcSample};
+use crate::server::{self, AppCreds, ProcSample};
 use crate::subscriber::{cursor_gt, Ws};
 use crate::{now_ns, random_tag, sample, Target, TargetArgs};
 
@@ -80,6 +88,8 @@ pub struct ChatArgs {
     /// `timeline` to the JSON).
     #[arg(long, value_name = "PATH.svg")]
     pub plot: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub face: FaceArgs,
     #[command(flatten)]
     pub target: TargetArgs,
 }
@@ -247,8 +257,9 @@ pub async fn create_humans(api: &Api, ids: &[String], deadline: Instant) -> Resu
 
 /// One room as set up.
 struct Room {
+    /// Chat: the channel's id; Pusher: its name.
     channel_id: Arc<str>,
-    /// Tokens of its members, member 0 (the creator) first.
+    /// Chat: tokens of its members, member 0 (the creator) first; Pusher: none.
     tokens: Vec<String>,
 }
 
@@ -280,18 +291,23 @@ struct SocketTally {
     seq_gaps: u64,
     /// A seq at or below the last one seen: a duplicate or a reorder.
     seq_repeats: u64,
+    /// Pusher: pings answered.
+    pings: u64,
     cursor_regressions: u64,
     wrong_channel: u64,
     unparsable: u64,
     /// `message.created` without this run's stamp, or a post of another room.
     foreign: u64,
-    last_seq: i64,
+    /// The room's seq (Pusher V2: serial) before the next expected delivery; `None`: take
+    /// the first delivery's as it comes.
+    last_seq: Option<i64>,
     last_delivery_ns: u64,
     error: Option<String>,
 }
 
 struct SocketTask {
     ws: Ws,
+    face: Face,
     cursor: String,
     rooms: usize,
     channel_id: Arc<str>,
@@ -320,8 +336,20 @@ impl SocketTask {
             last_frame = Instant::now();
             match next {
                 Some(Ok(Message::Text(t))) => {
-                    if self.handle(t.as_str()) {
-                        unique += 1;
+                    let seen = match self.face {
+                        Face::Chat => self.handle(t.as_str()),
+                        Face::Pusher => self.handle_pusher(t.as_str()),
+                    };
+                    match seen {
+                        Seen::First => unique += 1,
+                        Seen::Ping => {
+                            let pong = Message::Text(pusher::PONG.into());
+                            if let Err(e) = self.ws.send(pong).await {
+                                self.tally.error = Some(format!("ws write: {e}"));
+                                break;
+                            }
+                        }
+                        Seen::Other => {}
                     }
                 }
                 Some(Ok(Message::Close(c))) => {
@@ -343,13 +371,13 @@ impl SocketTask {
         self.tally
     }
 
-    /// Books one text frame; `true` for a post of this room seen for the first time.
-    fn handle(&mut self, text: &str) -> bool {
+    /// Books one frame of the chat face.
+    fn handle(&mut self, text: &str) -> Seen {
         let recv_ns = now_ns();
         let r = &mut self.tally;
         let Ok(f) = serde_json::from_str::<Frame<'_>>(text) else {
             r.unparsable += 1;
-            return false;
+            return Seen::Other;
         };
         if let Some(c) = f.cursor {
             if !cursor_gt(c, &self.cursor) {
@@ -360,44 +388,95 @@ impl SocketTask {
         }
         if f.ty != "message.created" {
             r.other_frames += 1;
-            return false;
+            return Seen::Other;
         }
+        let stamp = frame_stamp(&f);
+        self.book(recv_ns, f.channel_id, f.seq, stamp)
+    }
+
+    /// Books one frame of the Pusher face.
+    fn handle_pusher(&mut self, text: &str) -> Seen {
+        let recv_ns = now_ns();
+        let Ok(f) = serde_json::from_str::<PusherFrame<'_>>(text) else {
+            self.tally.unparsable += 1;
+            return Seen::Other;
+        };
+        if f.is_ping() {
+            self.tally.other_frames += 1;
+            self.tally.pings += 1;
+            return Seen::Ping;
+        }
+        if f.event != BENCH_EVENT {
+            self.tally.other_frames += 1;
+            return Seen::Other;
+        }
+        let stamp = f.data.0.as_deref().and_then(parse_stamp);
+        self.book(recv_ns, f.channel.as_deref(), f.serial, stamp)
+    }
+
+    /// Books one delivered post of either face: its room, its seq, its stamp.
+    fn book(
+        &mut self,
+        recv_ns: u64,
+        channel: Option<&str>,
+        seq: Option<i64>,
+        stamp: Option<(usize, u64)>,
+    ) -> Seen {
+        let r = &mut self.tally;
         r.message_frames += 1;
         r.last_delivery_ns = recv_ns;
         self.progress.deliveries.fetch_add(1, Ordering::Relaxed);
-        if f.channel_id != Some(&*self.channel_id) {
+        if channel != Some(&*self.channel_id) {
             r.wrong_channel += 1;
-            return false;
+            return Seen::Other;
         }
-        if let Some(seq) = f.seq {
-            if seq <= r.last_seq {
-                r.seq_repeats += 1;
-            } else {
-                if seq != r.last_seq + 1 {
-                    r.seq_gaps += 1;
+        if let Some(seq) = seq {
+            match r.last_seq {
+                Some(last) if seq <= last => r.seq_repeats += 1,
+                last => {
+                    if last.is_some_and(|l| seq != l + 1) {
+                        r.seq_gaps += 1;
+                    }
+                    r.last_seq = Some(seq);
                 }
-                r.last_seq = seq;
             }
         }
-        let Some((k, sent_ns)) = frame_stamp(&f) else {
+        let Some((k, sent_ns)) = stamp else {
             r.foreign += 1;
-            return false;
+            return Seen::Other;
         };
         if k % self.rooms != r.room {
             r.foreign += 1;
-            return false;
+            return Seen::Other;
         }
         let Some(count) = r.received.get_mut(k / self.rooms) else {
             r.foreign += 1;
-            return false;
+            return Seen::Other;
         };
         *count = count.saturating_add(1);
         let latency_us = (recv_ns.saturating_sub(sent_ns) / 1_000).max(1);
         r.hist.saturating_record(latency_us);
         self.timeline.record(recv_ns, latency_us);
-        *count == 1
+        if *count == 1 {
+            Seen::First
+        } else {
+            Seen::Other
+        }
     }
 }
+
+/// What one frame was to its socket.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// A post of this room, the first time.
+    First,
+    /// A Pusher ping: answer it.
+    Ping,
+    Other,
+}
+
+/// The Pusher face's event name of a post.
+const BENCH_EVENT: &str = "bench";
 
 /// What the scheduler did.
 struct PostTally {
@@ -424,12 +503,35 @@ enum Answer {
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = (usize, Answer, u64)> + Send>>>;
 
+/// Where and as whom posts go.
+enum Posts {
+    Chat {
+        /// `{base}/api/channels/{id}/messages` per room.
+        urls: Vec<String>,
+        /// Bearer header of member m of room r at `r * members + m`.
+        auths: Vec<HeaderValue>,
+    },
+    /// A signed `POST /apps/{id}/events` on each room's channel.
+    Pusher {
+        base: String,
+        creds: AppCreds,
+        channels: Vec<Arc<str>>,
+    },
+}
+
+impl Posts {
+    /// The status of an acknowledged post.
+    fn created(&self) -> u16 {
+        match self {
+            Self::Chat { .. } => 201,
+            Self::Pusher { .. } => 200,
+        }
+    }
+}
+
 struct Scheduler {
     client: reqwest::Client,
-    /// `{base}/api/channels/{id}/messages` per room.
-    urls: Vec<String>,
-    /// Bearer header of member m of room r at `r * members + m`.
-    auths: Vec<HeaderValue>,
+    posts: Posts,
     rooms: usize,
     members: usize,
     period: Duration,
@@ -485,16 +587,24 @@ impl Scheduler {
         self.tally.sent += 1;
         let room = k % self.rooms;
         let member = (k / self.rooms) % self.members;
-        let body = format!(r#"{{"data":"{}"}}"#, stamp(k, now_ns()));
-        let request = self
-            .client
-            .post(&self.urls[room])
-            .header(
-                AUTHORIZATION,
-                self.auths[room * self.members + member].clone(),
-            )
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
+        let data = stamp(k, now_ns());
+        let request = match &self.posts {
+            Posts::Chat { urls, auths } => self
+                .client
+                .post(&urls[room])
+                .header(AUTHORIZATION, auths[room * self.members + member].clone())
+                .body(format!(r#"{{"data":"{data}"}}"#)),
+            Posts::Pusher {
+                base,
+                creds,
+                channels,
+            } => {
+                let (url, body) = pusher::trigger(base, creds, &channels[room], BENCH_EVENT, &data);
+                self.client.post(url).body(body)
+            }
+        }
+        .header(CONTENT_TYPE, "application/json");
+        let created = self.posts.created();
         Box::pin(async move {
             let sent = Instant::now();
             let answer = match request.send().await {
@@ -502,7 +612,7 @@ impl Scheduler {
                 Ok(r) => {
                     let status = r.status().as_u16();
                     match (status, r.bytes().await) {
-                        (201, Ok(_)) => Answer::Created,
+                        (s, Ok(_)) if s == created => Answer::Created,
                         (_, Ok(b)) => Answer::Refused(status, reason(status, &b)),
                         (_, Err(e)) => Answer::Transport(format!(
                             "reading the answer: {}",
@@ -519,7 +629,7 @@ impl Scheduler {
         let t = &mut self.tally;
         match answer {
             Answer::Created => {
-                *t.statuses.entry(201).or_insert(0) += 1;
+                *t.statuses.entry(self.posts.created()).or_insert(0) += 1;
                 if let Some(a) = t.acked.get_mut(k) {
                     *a = true;
                 }
@@ -565,7 +675,11 @@ pub async fn chat_only(args: ChatArgs) -> Result<bool, String> {
         );
         crate::plot::write_svg(path, title, &subtitle, points)?;
     }
-    let path = write_results(&args.target.results_dir, "chat", &report.to_json())?;
+    let name = match args.face.face {
+        Face::Chat => "chat",
+        Face::Pusher => "chat-pusher",
+    };
+    let path = write_results(&args.target.results_dir, name, &report.to_json())?;
     println!("results written to {}", path.display());
     Ok(report.passed())
 }
@@ -578,40 +692,53 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
         base: target.base.clone(),
         creds: target.creds.clone(),
     };
-    let min_members = min_group_members(&api).await;
-    if args.members < min_members {
-        return Err(format!(
-            "--members {} is below the workspace's min_group_members {min_members}",
-            args.members
-        ));
+    let face = args.face.face;
+    if face == Face::Chat {
+        let min_members = min_group_members(&api).await;
+        if args.members < min_members {
+            return Err(format!(
+                "--members {} is below the workspace's min_group_members {min_members}",
+                args.members
+            ));
+        }
     }
     eprintln!(
-        "chat: {} rooms x {} members ({} sockets), {} posts/s for {} s",
+        "chat: {} rooms x {} members ({} sockets), {} posts/s for {} s, {}",
         args.rooms,
         args.members,
         args.rooms * args.members,
         args.rate,
-        args.duration
+        args.duration,
+        args.face.label()
     );
     let setup_started = Instant::now();
     let server_idle = sample(target.server_pid);
-    let rooms = set_up_rooms(&api, args, deadline).await?;
+    let rooms = match face {
+        Face::Chat => set_up_rooms(&api, args, deadline).await?,
+        Face::Pusher => pusher_rooms(args.rooms),
+    };
     let ws_url = target.base.replacen("http://", "ws://", 1);
+    let app_url = pusher::app_url(&target.base, &target.creds.key, args.face.protocol);
     let connect_started = Instant::now();
-    let wanted = rooms.iter().enumerate().flat_map(|(r, room)| {
-        room.tokens
-            .iter()
-            .enumerate()
-            .map(move |(m, token)| (r, m, token))
-    });
+    let wanted = (0..args.rooms).flat_map(|r| (0..args.members).map(move |m| (r, m)));
     let connected = tokio::time::timeout_at(
         deadline,
-        futures_util::stream::iter(wanted.map(|(r, m, token)| {
-            let ws_url = &ws_url;
+        futures_util::stream::iter(wanted.map(|(r, m)| {
+            let (ws_url, app_url, room) = (&ws_url, &app_url, &rooms[r]);
             async move {
-                connect(ws_url, token, None, 16 * 1024, CONNECT_WITHIN)
-                    .await
-                    .map(|(ws, cursor)| (r, m, ws, cursor))
+                let socket = match face {
+                    // The chat face's seqs count from 1 in a new room.
+                    Face::Chat => connect(ws_url, &room.tokens[m], None, 16 * 1024, CONNECT_WITHIN)
+                        .await
+                        .map(|(ws, cursor)| (ws, cursor, Some(0))),
+                    Face::Pusher => {
+                        pusher::connect(app_url, None, CONNECT_WITHIN, Some(&room.channel_id))
+                            .await
+                            .map(|(ws, hello)| (ws, String::new(), hello.serial))
+                    }
+                };
+                socket
+                    .map(|(ws, cursor, last_seq)| (r, m, ws, cursor, last_seq))
                     .map_err(|e| format!("room {r} member {m}: {e}"))
             }
         }))
@@ -638,9 +765,10 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
         .collect();
     let timeline = Recorder::new(args.plot.is_some(), now_ns());
     let mut sockets: Vec<JoinHandle<SocketTally>> = Vec::with_capacity(connected.len());
-    for (r, m, ws, cursor) in connected {
+    for (r, m, ws, cursor, last_seq) in connected {
         let task = SocketTask {
             ws,
+            face,
             cursor,
             rooms: args.rooms,
             channel_id: rooms[r].channel_id.clone(),
@@ -657,11 +785,12 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
                 other_frames: 0,
                 seq_gaps: 0,
                 seq_repeats: 0,
+                pings: 0,
                 cursor_regressions: 0,
                 wrong_channel: 0,
                 unparsable: 0,
                 foreign: 0,
-                last_seq: 0,
+                last_seq,
                 last_delivery_ns: 0,
                 error: None,
             },
@@ -673,17 +802,26 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
     let server_before = sample(target.server_pid);
     let client_before = server::sample_proc("self");
     let metrics_before = api.metrics().await;
-    let auths = rooms
-        .iter()
-        .flat_map(|room| room.tokens.iter().map(|t| api::bearer(t)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let posts = match face {
+        Face::Chat => Posts::Chat {
+            urls: rooms
+                .iter()
+                .map(|room| format!("{}/api/channels/{}/messages", target.base, room.channel_id))
+                .collect(),
+            auths: rooms
+                .iter()
+                .flat_map(|room| room.tokens.iter().map(|t| api::bearer(t)))
+                .collect::<Result<Vec<_>, _>>()?,
+        },
+        Face::Pusher => Posts::Pusher {
+            base: target.base.clone(),
+            creds: target.creds.clone(),
+            channels: rooms.iter().map(|room| room.channel_id.clone()).collect(),
+        },
+    };
     let scheduler = Scheduler {
         client: client.clone(),
-        urls: rooms
-            .iter()
-            .map(|room| format!("{}/api/channels/{}/messages", target.base, room.channel_id))
-            .collect(),
-        auths,
+        posts,
         rooms: args.rooms,
         members: args.members,
         period: Duration::from_secs_f64(1.0 / f64::from(args.rate)),
@@ -808,6 +946,17 @@ async fn set_up_rooms(api: &Api, args: &ChatArgs, deadline: Instant) -> Result<V
     Ok(rooms)
 }
 
+/// The Pusher face's rooms: public channels of a name of this run's own.
+fn pusher_rooms(rooms: usize) -> Vec<Room> {
+    let tag = random_tag();
+    (0..rooms)
+        .map(|r| Room {
+            channel_id: format!("bench-{tag}-room{r}").into(),
+            tokens: Vec::new(),
+        })
+        .collect()
+}
+
 /// Prints posts and deliveries once a second to stderr until told to stop.
 async fn progress_line(
     progress: Arc<Progress>,
@@ -878,6 +1027,8 @@ struct Checks {
     unparsable: u64,
     foreign: u64,
     other_frames: u64,
+    /// Pusher: pings answered (counted in other frames too).
+    pings: u64,
     /// Delivered although the post was not acknowledged (e.g. it failed on the client side).
     unacked_delivered: u64,
     sockets_complete: u64,
@@ -930,6 +1081,7 @@ impl ChatReport {
             c.unparsable += t.unparsable;
             c.foreign += t.foreign;
             c.other_frames += t.other_frames;
+            c.pings += t.pings;
             c.last_delivery_ns = c.last_delivery_ns.max(t.last_delivery_ns);
             let mut missing = 0;
             for (j, n) in t.received.iter().enumerate() {
@@ -1033,6 +1185,10 @@ impl ChatReport {
         let a = &self.args;
         let c = &self.checks;
         let p = &self.posted;
+        let created = match a.face.face {
+            Face::Chat => 201,
+            Face::Pusher => 200,
+        };
         println!();
         println!("switchboard-bench chat");
         println!("======================");
@@ -1048,6 +1204,7 @@ impl ChatReport {
                 a.max_in_flight
             ),
         );
+        row("face", a.face.label());
         row(
             "server",
             format!(
@@ -1067,7 +1224,7 @@ impl ChatReport {
         );
         println!("-- posting");
         row(
-            "posts scheduled / sent / acked (201)",
+            &format!("posts scheduled / sent / acked ({created})"),
             format!("{} / {} / {}", p.scheduled, p.sent, self.acked()),
         );
         row(
@@ -1082,7 +1239,10 @@ impl ChatReport {
                 self.post_window.secs()
             ),
         );
-        row("HTTP post→201 p50/p90/p99/p99.9/max ms", quantiles(&p.rtt));
+        row(
+            &format!("HTTP post→{created} p50/p90/p99/p99.9/max ms"),
+            quantiles(&p.rtt),
+        );
         row("send lag behind schedule p50/p99 ms", {
             let s = &p.send_lag;
             format!(
@@ -1091,7 +1251,13 @@ impl ChatReport {
                 ms(s.value_at_quantile(0.99))
             )
         });
-        println!("-- delivery (message.created)");
+        println!(
+            "-- delivery ({})",
+            match a.face.face {
+                Face::Chat => "message.created",
+                Face::Pusher => BENCH_EVENT,
+            }
+        );
         row(
             "deliveries / expected",
             format!("{} / {}", c.deliveries, c.expected_deliveries),
@@ -1220,6 +1386,8 @@ impl ChatReport {
             "failures": self.failures(),
             "targets": self.targets().into_iter().map(|(name, met)| json!({"target": name, "met": met})).collect::<Vec<_>>(),
             "config": {
+                "face": a.face.face.as_str(),
+                "protocol": a.face.protocol(),
                 "rooms": a.rooms,
                 "members_per_room": a.members,
                 "sockets": a.rooms * a.members,
@@ -1267,6 +1435,7 @@ impl ChatReport {
                 "wrong_channel": c.wrong_channel,
                 "foreign": c.foreign,
                 "other_frames": c.other_frames,
+                "pings": c.pings,
                 "unparsable": c.unparsable,
                 "unacked_delivered": c.unacked_delivered,
                 "socket_errors": c.socket_error_count,
@@ -1341,5 +1510,100 @@ mod tests {
             serde_json::from_str(r#"{"type":"channel.updated","payload":{"name":"x"}}"#)
                 .expect("frame");
         assert_eq!(frame_stamp(&other), None);
+    }
+
+    /// A scripted Pusher server on a real socket: greets, confirms the subscription at
+    /// serial 4, sends `frames`, reads one client frame (the pong), then closes.
+    async fn scripted_pusher(frames: Vec<String>) -> (String, JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("ws://{}/app/k?protocol=2", l.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+            let hello = r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.1\",\"activity_timeout\":120}"}"#;
+            ws.send(Message::Text(hello.into())).await.expect("hello");
+            let subscribe = ws.next().await.expect("frame").expect("ok");
+            assert!(subscribe
+                .to_text()
+                .expect("text")
+                .contains("pusher:subscribe"));
+            let ok = r#"{"event":"pusher_internal:subscription_succeeded","channel":"room0","serial":4}"#;
+            ws.send(Message::Text(ok.into())).await.expect("ok");
+            for f in frames {
+                ws.send(Message::Text(f.into())).await.expect("frame");
+            }
+            let pong = ws.next().await.expect("frame").expect("ok");
+            let _ = ws.close(None).await;
+            pong.to_text().expect("text").to_string()
+        });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn the_pusher_face_checks_serials_stamps_and_rooms_and_answers_pings() {
+        let bench = |channel: &str, serial: i64, k: usize| {
+            json!({"event": "bench", "channel": channel, "serial": serial,
+                   "data": stamp(k, now_ns())})
+            .to_string()
+        };
+        // Two rooms: room 0 gets posts 0, 2, 4.
+        let frames = vec![
+            bench("room0", 5, 0),
+            r#"{"event":"pusher:ping","data":{}}"#.to_string(),
+            bench("room0", 7, 2), // serial 6 never came: a gap
+            bench("room0", 7, 2), // repeated serial, duplicate post
+            bench("room1", 8, 4), // another room's channel
+            bench("room0", 8, 1), // post 1 is room 1's: foreign
+            r#"{"event":"bench","channel":"room0","serial":9,"data":"junk"}"#.to_string(),
+            "not json".to_string(),
+        ];
+        let (url, server) = scripted_pusher(frames).await;
+        let (ws, hello) = pusher::connect(&url, None, Duration::from_secs(5), Some("room0"))
+            .await
+            .expect("connected");
+        assert_eq!(hello.serial, Some(4));
+        let end = Arc::new(RoomEnd {
+            acked: AtomicU64::new(3),
+        });
+        let task = SocketTask {
+            ws,
+            face: Face::Pusher,
+            cursor: String::new(),
+            rooms: 2,
+            channel_id: "room0".into(),
+            end,
+            progress: Arc::new(Progress::default()),
+            deadline: Instant::now() + Duration::from_secs(10),
+            drain_idle: Duration::from_secs(1),
+            tally: SocketTally {
+                room: 0,
+                member: 0,
+                hist: histogram().expect("histogram"),
+                received: vec![0; 3],
+                message_frames: 0,
+                other_frames: 0,
+                seq_gaps: 0,
+                seq_repeats: 0,
+                pings: 0,
+                cursor_regressions: 0,
+                wrong_channel: 0,
+                unparsable: 0,
+                foreign: 0,
+                last_seq: hello.serial,
+                last_delivery_ns: 0,
+                error: None,
+            },
+            timeline: Recorder::default(),
+        };
+        let t = task.run().await;
+        assert_eq!(server.await.expect("server"), pusher::PONG);
+        assert_eq!(t.pings, 1);
+        assert_eq!(t.received, vec![1, 2, 0]);
+        assert_eq!((t.seq_gaps, t.seq_repeats), (1, 1));
+        assert_eq!((t.wrong_channel, t.foreign, t.unparsable), (1, 2, 1));
+        assert_eq!(t.message_frames, 6);
+        assert_eq!(t.hist.len(), 3);
     }
 }
