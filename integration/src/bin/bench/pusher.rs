@@ -62,7 +62,7 @@ impl Face {
     }
 }
 
-/// `--face` and `--protocol`, shared by `idle` and `fanout`.
+/// `--face` and `--protocol`, shared by `idle`, `fanout` and `chat`.
 #[derive(Args, Clone, Debug)]
 pub struct FaceArgs {
     /// Which WebSocket to load: `chat` (/api/realtime/ws) or `pusher` (/app/{key}, the
