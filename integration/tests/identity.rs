@@ -483,3 +483,43 @@ async fn admin_workspaces_need_the_operator_token() {
     let foreign = s.client("wanda", &s.token_for("wanda"));
     assert_error(&foreign.get("/api/me").await, 401, "auth_failed");
 }
+
+/// The workspace of a signed request is cached (no store read per request): a cached app
+/// still checks every signature, and a settings change applies to the very next request.
+#[tokio::test]
+async fn a_cached_app_checks_every_signature_and_sees_a_settings_change_at_once() {
+    let s = TestServer::start().await;
+    let path = format!("/apps/{}/settings", s.app.id);
+    let (st, before) = s.signed(Method::GET, &path, None).await;
+    assert_eq!(st, 200, "{before}");
+    assert_eq!(before["enable_client_messages"], json!(false), "{before}");
+    // Right after a good request (the app is cached), a wrong secret is still refused.
+    let wrong = AppCreds {
+        secret: random_string(32),
+        ..s.app.clone()
+    };
+    let refused = s
+        .signed_with(&wrong, Method::GET, &path, None, SignOpts::default())
+        .await;
+    assert_error(&refused, 401, "auth_failed");
+    let tampered = s
+        .signed_with(
+            &s.app,
+            Method::GET,
+            &path,
+            None,
+            SignOpts {
+                tamper_signature: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_error(&tampered, 401, "auth_failed");
+    // A settings change is what the next signed request sees.
+    let patch = json!({"enable_client_messages": true});
+    let (st, patched) = s.signed(Method::PATCH, &path, Some(&patch)).await;
+    assert_eq!(st, 200, "{patched}");
+    let (st, after) = s.signed(Method::GET, &path, None).await;
+    assert_eq!(st, 200, "{after}");
+    assert_eq!(after["enable_client_messages"], json!(true), "{after}");
+}

@@ -82,10 +82,11 @@ pub struct AuthCache {
     entries: Mutex<HashMap<String, CachedCaller>>,
     /// Workspaces by key for the Pusher face: a connect storm reads each app once.
     apps: Mutex<HashMap<String, (Arc<App>, Instant)>>,
-    /// The last copy of each workspace this node read (any request), by app id: while the
-    /// store is unreachable, signed requests that need no store (occupancy, presence) still
-    /// verify.
-    signed: Mutex<HashMap<String, Workspace>>,
+    /// The last copy of each workspace this node read for a signed request, by app id, and
+    /// when it was read: within [`AUTH_CACHE_TTL`] it verifies the next signed requests
+    /// without a read (like a token or a Pusher key); while the store is unreachable, at
+    /// any age, so that signed requests that need no store (occupancy, presence) still verify.
+    signed: Mutex<HashMap<String, (Workspace, Instant)>>,
     /// Bumped by every clear: a lookup that began before a clear must not be cached.
     generation: AtomicU64,
 }
@@ -198,9 +199,16 @@ impl AuthCache {
         self.generation()
     }
 
-    /// The last copy of a workspace this node read (see `signed`).
+    /// The last copy of a workspace this node read (see `signed`), however old.
     fn signed_workspace(&self, app_id: &str) -> Option<Workspace> {
-        self.signed.lock().ok()?.get(app_id).cloned()
+        self.signed.lock().ok()?.get(app_id).map(|(w, _)| w.clone())
+    }
+
+    /// The copy of a workspace read within the TTL (see `signed`).
+    fn fresh_signed_workspace(&self, app_id: &str) -> Option<Workspace> {
+        let map = self.signed.lock().ok()?;
+        let (w, at) = map.get(app_id)?;
+        (at.elapsed() < AUTH_CACHE_TTL).then(|| w.clone())
     }
 
     /// Remembers a workspace just read (with the generation read before reading it).
@@ -212,7 +220,7 @@ impl AuthCache {
             if map.len() >= AUTH_CACHE_MAX {
                 map.clear();
             }
-            map.insert(workspace.id.clone(), workspace.clone());
+            map.insert(workspace.id.clone(), (workspace.clone(), Instant::now()));
         }
     }
 }
@@ -308,6 +316,24 @@ pub async fn signed_app(
     let query = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
         .map_err(|_| ApiError::auth("malformed query string"))?
         .into_inner();
+    let workspace = match state.auth_cache.fresh_signed_workspace(app_id) {
+        Some(w) => w,
+        None => read_signed_workspace(state, app_id).await?,
+    };
+    auth::verify_signed_request(
+        req.method().as_str(),
+        req.path(),
+        &query,
+        body,
+        &workspace.key,
+        &workspace.secret,
+        now_secs(),
+    )?;
+    Ok(workspace)
+}
+
+/// Reads the workspace of a signed request (and caches it; see [`AuthCache`]).
+async fn read_signed_workspace(state: &AppState, app_id: &str) -> ApiResult<Workspace> {
     let app = app_id.to_string();
     let generation = state.auth_cache.current_generation();
     let read = state
@@ -332,15 +358,6 @@ pub async fn signed_app(
         }
         Err(e) => return Err(e),
     };
-    auth::verify_signed_request(
-        req.method().as_str(),
-        req.path(),
-        &query,
-        body,
-        &workspace.key,
-        &workspace.secret,
-        now_secs(),
-    )?;
     Ok(workspace)
 }
 
