@@ -305,6 +305,36 @@ struct SocketTally {
     error: Option<String>,
 }
 
+impl SocketTally {
+    /// Member `member` of room `room`, expecting `posts` posts of its room; `last_seq`: see
+    /// the field.
+    fn new(
+        room: usize,
+        member: usize,
+        posts: usize,
+        last_seq: Option<i64>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            room,
+            member,
+            hist: histogram()?,
+            received: vec![0; posts],
+            message_frames: 0,
+            other_frames: 0,
+            seq_gaps: 0,
+            seq_repeats: 0,
+            pings: 0,
+            cursor_regressions: 0,
+            wrong_channel: 0,
+            unparsable: 0,
+            foreign: 0,
+            last_seq,
+            last_delivery_ns: 0,
+            error: None,
+        })
+    }
+}
+
 struct SocketTask {
     ws: Ws,
     face: Face,
@@ -776,24 +806,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
             progress: progress.clone(),
             deadline,
             drain_idle: Duration::from_secs(args.drain_idle),
-            tally: SocketTally {
-                room: r,
-                member: m,
-                hist: histogram()?,
-                received: vec![0; args.posts_per_room()],
-                message_frames: 0,
-                other_frames: 0,
-                seq_gaps: 0,
-                seq_repeats: 0,
-                pings: 0,
-                cursor_regressions: 0,
-                wrong_channel: 0,
-                unparsable: 0,
-                foreign: 0,
-                last_seq,
-                last_delivery_ns: 0,
-                error: None,
-            },
+            tally: SocketTally::new(r, m, args.posts_per_room(), last_seq)?,
             timeline: timeline.clone(),
         };
         sockets.push(tokio::spawn(task.run()));
@@ -1577,24 +1590,7 @@ mod tests {
             progress: Arc::new(Progress::default()),
             deadline: Instant::now() + Duration::from_secs(10),
             drain_idle: Duration::from_secs(1),
-            tally: SocketTally {
-                room: 0,
-                member: 0,
-                hist: histogram().expect("histogram"),
-                received: vec![0; 3],
-                message_frames: 0,
-                other_frames: 0,
-                seq_gaps: 0,
-                seq_repeats: 0,
-                pings: 0,
-                cursor_regressions: 0,
-                wrong_channel: 0,
-                unparsable: 0,
-                foreign: 0,
-                last_seq: hello.serial,
-                last_delivery_ns: 0,
-                error: None,
-            },
+            tally: SocketTally::new(0, 0, 3, hello.serial).expect("tally"),
             timeline: Recorder::default(),
         };
         let t = task.run().await;
