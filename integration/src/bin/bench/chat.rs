@@ -436,7 +436,7 @@ impl SocketTask {
             self.tally.pings += 1;
             return Seen::Ping;
         }
-        if f.event != BENCH_EVENT {
+        if f.event != pusher::EVENT {
             self.tally.other_frames += 1;
             return Seen::Other;
         }
@@ -505,8 +505,13 @@ enum Seen {
     Other,
 }
 
-/// The Pusher face's event name of a post.
-const BENCH_EVENT: &str = "bench";
+/// The status of an acknowledged post: 201 (chat API), 200 (`/events`).
+fn acked_status(face: Face) -> u16 {
+    match face {
+        Face::Chat => 201,
+        Face::Pusher => 200,
+    }
+}
 
 /// What the scheduler did.
 struct PostTally {
@@ -549,19 +554,11 @@ enum Posts {
     },
 }
 
-impl Posts {
-    /// The status of an acknowledged post.
-    fn created(&self) -> u16 {
-        match self {
-            Self::Chat { .. } => 201,
-            Self::Pusher { .. } => 200,
-        }
-    }
-}
-
 struct Scheduler {
     client: reqwest::Client,
     posts: Posts,
+    /// See [`acked_status`].
+    acked_status: u16,
     rooms: usize,
     members: usize,
     period: Duration,
@@ -629,12 +626,13 @@ impl Scheduler {
                 creds,
                 channels,
             } => {
-                let (url, body) = pusher::trigger(base, creds, &channels[room], BENCH_EVENT, &data);
+                let (url, body) =
+                    pusher::trigger(base, creds, &channels[room], pusher::EVENT, &data);
                 self.client.post(url).body(body)
             }
         }
         .header(CONTENT_TYPE, "application/json");
-        let created = self.posts.created();
+        let created = self.acked_status;
         Box::pin(async move {
             let sent = Instant::now();
             let answer = match request.send().await {
@@ -659,7 +657,7 @@ impl Scheduler {
         let t = &mut self.tally;
         match answer {
             Answer::Created => {
-                *t.statuses.entry(self.posts.created()).or_insert(0) += 1;
+                *t.statuses.entry(self.acked_status).or_insert(0) += 1;
                 if let Some(a) = t.acked.get_mut(k) {
                     *a = true;
                 }
@@ -835,6 +833,7 @@ async fn run(args: &ChatArgs, target: &Target) -> Result<ChatReport, String> {
     let scheduler = Scheduler {
         client: client.clone(),
         posts,
+        acked_status: acked_status(face),
         rooms: args.rooms,
         members: args.members,
         period: Duration::from_secs_f64(1.0 / f64::from(args.rate)),
@@ -1198,10 +1197,7 @@ impl ChatReport {
         let a = &self.args;
         let c = &self.checks;
         let p = &self.posted;
-        let created = match a.face.face {
-            Face::Chat => 201,
-            Face::Pusher => 200,
-        };
+        let created = acked_status(a.face.face);
         println!();
         println!("switchboard-bench chat");
         println!("======================");
@@ -1268,7 +1264,7 @@ impl ChatReport {
             "-- delivery ({})",
             match a.face.face {
                 Face::Chat => "message.created",
-                Face::Pusher => BENCH_EVENT,
+                Face::Pusher => pusher::EVENT,
             }
         );
         row(

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::api::{self, Api};
+use crate::chat::quantiles;
 use crate::idle::{self, FD_CAP, FD_MARGIN};
 use crate::plot::{Point, Recorder, Timeline};
 use crate::poster::{reason, retry_after};
@@ -1862,19 +1863,6 @@ pub struct FanoutReport {
     node_after: Vec<Option<ProcSample>>,
 }
 
-/// `p50 / p90 / p99 / p99.9 / max ms` of a µs histogram.
-fn percentiles(h: &Histogram<u64>) -> String {
-    let at = |q: f64| opt((!h.is_empty()).then(|| ms(h.value_at_quantile(q))), 2);
-    format!(
-        "{} / {} / {} / {} / {} ms",
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        at(0.999),
-        opt((!h.is_empty()).then(|| ms(h.max())), 2)
-    )
-}
-
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -2168,14 +2156,14 @@ impl FanoutReport {
             ),
         );
         row(
-            "send-to-receive p50 / p90 / p99 / p99.9 / max",
-            percentiles(&m.latency),
+            "send-to-receive p50/p90/p99/p99.9/max ms",
+            quantiles(&m.latency),
         );
         row(
             "send-to-arrival (kernel stamp), same",
             format!(
                 "{} ({} messages without a stamp)",
-                percentiles(&m.arrival),
+                quantiles(&m.arrival),
                 t.unstamped
             ),
         );
