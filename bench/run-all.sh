@@ -36,6 +36,13 @@ run() {
 }
 run idle idle --sockets 19000 --hold 10
 run fanout fanout --subscribers 10000 --rate 15 --duration 60
+# The same fan-out from bare threads, no server: what this machine allows (docs/performance.md,
+# "2026-12-07, 13:29–"). Its p99 is shown beside fanout's in the summary.
+echo "== floor: fanout's shape without a server"
+if ! "$bench" floor --subscribers 10000 --rate 15 --duration 20 | tail -n 1 > "$dir/floor-$stamp.json"; then
+  echo "!! floor lost frames"
+  status=1
+fi
 run chat chat --rooms 200 --members 10 --rate 500 --duration 30
 run ai-stream ai-stream --streams 100 --rate 50 --subscribers 5 --duration 20
 run reconnect reconnect --clients 1000 --events 500

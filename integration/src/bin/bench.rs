@@ -36,6 +36,8 @@ mod chat;
 mod cluster;
 #[path = "bench/fanout.rs"]
 mod fanout;
+#[path = "bench/floor.rs"]
+mod floor;
 #[path = "bench/http1.rs"]
 mod http1;
 #[path = "bench/idle.rs"]
@@ -131,6 +133,12 @@ enum Command {
     Reconnect(reconnect::ReconnectArgs),
     /// The machine's floors, without Switchboard: one loopback TCP write, one fdatasync.
     Probe(probe::ProbeArgs),
+    /// fanout's shape with no server and no protocol: one write per delivery from bare
+    /// threads, read by bare epoll loops; the machine's floor under fanout's latency.
+    Floor(floor::FloorArgs),
+    /// A reader process of `floor` (started by the bench itself).
+    #[command(hide = true)]
+    FloorReader(floor::FloorReaderArgs),
     /// The targets of a merged `make bench` results file, met or missed, in one table.
     Summary(summary::SummaryArgs),
 }
@@ -309,7 +317,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => a.threads,
         Command::Chat(a) => a.target.threads,
         Command::Reconnect(a) => a.target.threads,
-        Command::Probe(_) | Command::Summary(_) => 1,
+        Command::Probe(_) | Command::Summary(_) | Command::Floor(_) | Command::FloorReader(_) => 1,
     };
     let single = match &cli.command {
         Command::Quick(a) => a.target.single_node("quick"),
@@ -345,6 +353,9 @@ fn main() -> ExitCode {
             // Synchronous and short: it measures the kernel, not the runtime.
             Command::Probe(args) => probe::main(&args).map(|()| true),
             Command::Summary(args) => summary::main(&args),
+            // Threads and processes of its own, blocking: nothing of the runtime is measured.
+            Command::Floor(args) => floor::main(&args),
+            Command::FloorReader(args) => floor::reader_main(&args),
         }
     });
     match outcome {

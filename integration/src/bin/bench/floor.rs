@@ -1,0 +1,478 @@
+//! `switchboard-bench floor`: fanout's shape with no server and no protocol, to measure what
+//! this machine allows before any server's own work.
+//!
+//! A "server" of `--senders` threads holds one end of each loopback TCP connection and, at
+//! each tick, writes one pre-built frame of `--frame-bytes` (the tick's send stamp in its first
+//! eight bytes) to each of its sockets in turn: one `write` per delivery, nothing else. The
+//! subscribers' ends are read by `--readers` child processes (`floor-reader`), each from one
+//! edge-triggered epoll loop, and every frame's send-to-read latency goes into an HDR
+//! histogram. What it leaves out is everything a real server and the real generator add: the
+//! publish's HTTP request, actors, WebSocket framing, JSON, the checks of order and loss.
+//!
+//! So its p99 is a lower bound for `fanout` at the same size and rate on the same machine.
+//! Bounded: `--duration` of ticks, then every socket is closed and each reader stops at the end
+//! of its sockets or 10 s later.
+
+use std::io::{BufReader, ErrorKind, Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::server::sample_proc;
+use crate::workers::{hist_from_hex, hist_to_hex, unix_ns};
+
+/// How long a reader waits for the rest after the senders stop.
+const READ_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Args, Clone, Debug)]
+pub struct FloorArgs {
+    /// Subscribed sockets (each is two descriptors: one in this process, one in a reader).
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Ticks per second; each tick writes one frame to every socket.
+    #[arg(long, default_value_t = 15)]
+    pub rate: u32,
+    /// Seconds of ticks.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// Sending threads (Switchboard runs one HTTP worker per core: 2 here).
+    #[arg(long, default_value_t = 2)]
+    pub senders: usize,
+    /// Reader processes (fanout's default for 10,000 subscribers: 2).
+    #[arg(long, default_value_t = 2)]
+    pub readers: usize,
+    /// Bytes per frame (a chat-face delivery of `fanout` is about this size).
+    #[arg(long, default_value_t = 400)]
+    pub frame_bytes: usize,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct FloorReaderArgs {
+    #[arg(long)]
+    pub connect: SocketAddr,
+    #[arg(long)]
+    pub sockets: usize,
+    #[arg(long)]
+    pub frames_each: u64,
+    #[arg(long)]
+    pub frame_bytes: usize,
+    /// Seconds after which the reader stops whatever it has.
+    #[arg(long)]
+    pub deadline: u64,
+}
+
+pub fn main(args: &FloorArgs) -> Result<bool, String> {
+    if args.frame_bytes < 8 || args.senders == 0 || args.readers == 0 || args.rate == 0 {
+        return Err("--frame-bytes ≥ 8, and --senders, --readers, --rate ≥ 1".into());
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    widen_backlog(&listener);
+    let ticks = args.duration * u64::from(args.rate);
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let share = |i: usize| {
+        args.subscribers / args.readers + usize::from(i < args.subscribers % args.readers)
+    };
+    let mut children = Vec::new();
+    for i in 0..args.readers {
+        let child = Command::new(&exe)
+            .args(["floor-reader", "--connect", &addr.to_string()])
+            .args(["--sockets", &share(i).to_string()])
+            .args(["--frames-each", &ticks.to_string()])
+            .args(["--frame-bytes", &args.frame_bytes.to_string()])
+            .args(["--deadline", &(args.duration + 60).to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn reader: {e}"))?;
+        children.push(child);
+    }
+    // Accepted in connect order, dealt to the senders in turn (as a server's workers share
+    // their sockets).
+    let mut groups: Vec<Vec<TcpStream>> = (0..args.senders).map(|_| Vec::new()).collect();
+    let accept_until = Instant::now() + Duration::from_secs(60);
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut accepted = 0;
+    while accepted < args.subscribers {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                groups[accepted % args.senders].push(s);
+                accepted += 1;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() > accept_until {
+                    return Err(format!("only {accepted} of {} connected", args.subscribers));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+    let mut outs: Vec<BufReader<std::process::ChildStdout>> = children
+        .iter_mut()
+        .filter_map(|c| c.stdout.take().map(BufReader::new))
+        .collect();
+    for out in &mut outs {
+        expect_line(out, "ready")?;
+    }
+    eprintln!(
+        "floor: {} sockets up; {} ticks of {} B at {}/s from {} senders",
+        args.subscribers, ticks, args.frame_bytes, args.rate, args.senders
+    );
+
+    let cpu_before = sample_proc("self").map(|s| s.cpu_secs);
+    let readers_cpu_before: Vec<Option<f64>> = children
+        .iter()
+        .map(|c| sample_proc(&c.id().to_string()).map(|s| s.cpu_secs))
+        .collect();
+    // One barrier crossing per tick: the tick's stamp is taken once, before any write.
+    let start = Arc::new(Barrier::new(args.senders + 1));
+    let stamp = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let frame_bytes = args.frame_bytes;
+    let threads: Vec<_> = groups
+        .into_iter()
+        .map(|mut socks| {
+            let (start, stamp) = (start.clone(), stamp.clone());
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut frame = vec![b'x'; frame_bytes];
+                for _ in 0..ticks {
+                    start.wait();
+                    let sent = stamp.load(std::sync::atomic::Ordering::Acquire);
+                    frame[..8].copy_from_slice(&sent.to_le_bytes());
+                    for s in &mut socks {
+                        s.write_all(&frame)?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    for t in 0..ticks {
+        let due = began + period.mul_f64(t as f64);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        stamp.store(unix_ns(), std::sync::atomic::Ordering::Release);
+        start.wait();
+    }
+    for t in threads {
+        t.join()
+            .map_err(|_| "sender panicked".to_string())?
+            .map_err(|e| format!("write: {e}"))?;
+    }
+    let sent_secs = began.elapsed().as_secs_f64();
+    let cpu = cpu_before.and_then(|b| sample_proc("self").map(|s| s.cpu_secs - b));
+    let readers_cpu: f64 = children
+        .iter()
+        .zip(&readers_cpu_before)
+        .filter_map(|(c, b)| Some(sample_proc(&c.id().to_string())?.cpu_secs - (*b)?))
+        .sum();
+
+    let mut merged =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    let (mut frames, mut short) = (0u64, 0u64);
+    for out in &mut outs {
+        let report: Value = serde_json::from_str(&expect_line(out, "report")?)
+            .map_err(|e| format!("reader report: {e}"))?;
+        let hist = hist_from_hex(report["hist"].as_str().unwrap_or(""))?;
+        merged.add(&hist).map_err(|e| format!("merge: {e:?}"))?;
+        frames += report["frames"].as_u64().unwrap_or(0);
+        short += report["short_sockets"].as_u64().unwrap_or(0);
+    }
+    for mut c in children {
+        let _ = c.wait();
+    }
+    let expected = ticks * args.subscribers as u64;
+    let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
+    let per_delivery_us = |s: f64| s * 1e6 / expected.max(1) as f64;
+    println!(
+        "floor: {frames} of {expected} frames in {sent_secs:.1} s; send-to-read p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        merged.max() as f64 / 1000.0
+    );
+    println!(
+        "floor: CPU per delivery: senders {:.2} µs, readers {:.2} µs",
+        per_delivery_us(cpu.unwrap_or(f64::NAN)),
+        per_delivery_us(readers_cpu)
+    );
+    println!(
+        "{}",
+        json!({
+            "scenario": "floor",
+            "subscribers": args.subscribers, "rate": args.rate, "duration_s": args.duration,
+            "senders": args.senders, "readers": args.readers, "frame_bytes": args.frame_bytes,
+            "frames": frames, "expected": expected, "short_sockets": short,
+            "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": merged.max() as f64 / 1000.0},
+            "cpu_us_per_delivery": {"senders": per_delivery_us(cpu.unwrap_or(f64::NAN)), "readers": per_delivery_us(readers_cpu)},
+        })
+    );
+    Ok(frames == expected)
+}
+
+/// std listens with a backlog of 128: a reader connecting thousands of sockets at once would
+/// overflow it, and each dropped SYN stalls that reader a second or more. `listen` again on
+/// the listening socket raises it (the kernel caps it at `net.core.somaxconn`).
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: the descriptor is the listener's own, open for the whole call.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    if rc != 0 {
+        eprintln!(
+            "floor: listen backlog stays 128: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The next line of a reader, which must be a JSON object of `type` `want`.
+fn expect_line(out: &mut impl std::io::BufRead, want: &str) -> Result<String, String> {
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|_| format!("reader said {line:?}"))?;
+    if v["type"] == want {
+        Ok(line)
+    } else {
+        Err(format!("reader said {line:?}, expected {want}"))
+    }
+}
+
+/// A socket's frames as they come: the part of a frame a read ended in.
+struct Partial {
+    stream: mio::net::TcpStream,
+    have: usize,
+    stamp: [u8; 8],
+    frames: u64,
+    ended: bool,
+}
+
+pub fn reader_main(args: &FloorReaderArgs) -> Result<bool, String> {
+    let report = read_all(args, || println!("{}", json!({"type": "ready"})))?;
+    println!(
+        "{}",
+        json!({"type": "report", "frames": report.frames, "short_sockets": report.short_sockets, "hist": hist_to_hex(&report.hist)?})
+    );
+    Ok(report.short_sockets == 0)
+}
+
+/// What one reader read.
+struct ReaderReport {
+    frames: u64,
+    /// Sockets that ended (or were still waiting at the end) with fewer frames than expected.
+    short_sockets: usize,
+    hist: Histogram<u64>,
+}
+
+/// Connects the reader's sockets, calls `ready`, and reads every socket until each has its
+/// frames or has ended (then at most [`READ_GRACE`] more), or the deadline.
+fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport, String> {
+    let mut socks = Vec::with_capacity(args.sockets);
+    for _ in 0..args.sockets {
+        let s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
+        s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        socks.push(Partial {
+            stream: mio::net::TcpStream::from_std(s),
+            have: 0,
+            stamp: [0; 8],
+            frames: 0,
+            ended: false,
+        });
+    }
+    let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
+    for (i, p) in socks.iter_mut().enumerate() {
+        poll.registry()
+            .register(&mut p.stream, mio::Token(i), mio::Interest::READABLE)
+            .map_err(|e| e.to_string())?;
+    }
+    ready();
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    let mut events = mio::Events::with_capacity(1024);
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    let mut grace: Option<Instant> = None;
+    let (mut open, mut complete) = (socks.len(), 0usize);
+    while open > 0 && complete < socks.len() {
+        let now = Instant::now();
+        if now > deadline || grace.is_some_and(|g| now > g) {
+            break;
+        }
+        poll.poll(&mut events, Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        for ev in &events {
+            let Some(p) = socks.get_mut(ev.token().0).filter(|p| !p.ended) else {
+                continue;
+            };
+            // Edge-triggered: read until the socket is empty or ended.
+            loop {
+                match p.stream.read(&mut buf) {
+                    Ok(0) => {
+                        p.ended = true;
+                        open -= 1;
+                        grace.get_or_insert_with(|| Instant::now() + READ_GRACE);
+                        break;
+                    }
+                    Ok(n) => {
+                        let now = unix_ns();
+                        let before = p.frames;
+                        take(p, &buf[..n], args.frame_bytes, now, &mut hist);
+                        if before < args.frames_each && p.frames >= args.frames_each {
+                            complete += 1;
+                        }
+                        // A short read emptied the socket (unless its end came with it).
+                        if n < buf.len() && !ev.is_read_closed() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+            }
+        }
+    }
+    let frames = socks.iter().map(|p| p.frames).sum();
+    let short_sockets = socks.iter().filter(|p| p.frames < args.frames_each).count();
+    Ok(ReaderReport {
+        frames,
+        short_sockets,
+        hist,
+    })
+}
+
+/// Splits `bytes` into the socket's fixed-size frames, recording each completed frame's
+/// latency (µs) from the stamp in its first eight bytes.
+fn take(p: &mut Partial, mut bytes: &[u8], frame: usize, now_ns: u64, hist: &mut Histogram<u64>) {
+    while !bytes.is_empty() {
+        if p.have < 8 {
+            let n = (8 - p.have).min(bytes.len());
+            p.stamp[p.have..p.have + n].copy_from_slice(&bytes[..n]);
+            p.have += n;
+            bytes = &bytes[n..];
+            continue;
+        }
+        let n = (frame - p.have).min(bytes.len());
+        p.have += n;
+        bytes = &bytes[n..];
+        if p.have == frame {
+            let sent = u64::from_le_bytes(p.stamp);
+            hist.saturating_record(now_ns.saturating_sub(sent).div_ceil(1000).max(1));
+            p.frames += 1;
+            p.have = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial() -> Partial {
+        let (a, _b) = loopback_pair();
+        Partial {
+            stream: mio::net::TcpStream::from_std(a),
+            have: 0,
+            stamp: [0; 8],
+            frames: 0,
+            ended: false,
+        }
+    }
+
+    fn loopback_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (b, _) = l.accept().expect("accept");
+        (a, b)
+    }
+
+    fn frame(sent_ns: u64, len: usize) -> Vec<u8> {
+        let mut f = vec![b'x'; len];
+        f[..8].copy_from_slice(&sent_ns.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn frames_split_anywhere_are_each_timed_once() {
+        let mut bytes = frame(1_000_000, 20);
+        bytes.extend(frame(2_000_000, 20));
+        bytes.extend(frame(2_400_000, 20));
+        let mut p = partial();
+        let mut hist = Histogram::<u64>::new(3).expect("hist");
+        // Cut inside the first stamp, inside the second frame's body, and inside the third's stamp.
+        for chunk in [&bytes[..3], &bytes[3..31], &bytes[31..44], &bytes[44..]] {
+            take(&mut p, chunk, 20, 2_500_000, &mut hist);
+        }
+        assert_eq!(p.frames, 3);
+        assert_eq!(hist.len(), 3);
+        // (Below 2,048 the histogram holds values exactly.)
+        assert_eq!(hist.max(), 1_500, "sent at 1 ms, read at 2.5 ms");
+        assert_eq!(hist.min(), 100);
+        assert_eq!(p.have, 0);
+    }
+
+    /// A reader on its own thread; the test plays the senders.
+    fn run_reader(
+        sockets: usize,
+        frames_each: u64,
+        send: impl FnOnce(Vec<TcpStream>),
+    ) -> ReaderReport {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let args = FloorReaderArgs {
+            connect: l.local_addr().expect("addr"),
+            sockets,
+            frames_each,
+            frame_bytes: 100,
+            deadline: 20,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            read_all(&args, || tx.send(()).expect("ready")).expect("reader")
+        });
+        let ends: Vec<TcpStream> = (0..sockets)
+            .map(|_| l.accept().expect("accept").0)
+            .collect();
+        rx.recv().expect("reader ready");
+        send(ends);
+        reader.join().expect("reader thread")
+    }
+
+    #[test]
+    fn every_frame_of_every_socket_is_read_and_timed() {
+        let report = run_reader(5, 3, |mut ends| {
+            for _ in 0..3 {
+                for e in &mut ends {
+                    e.write_all(&frame(unix_ns(), 100)).expect("write");
+                }
+            }
+        });
+        assert_eq!(report.frames, 15);
+        assert_eq!(report.short_sockets, 0);
+        assert_eq!(report.hist.len(), 15);
+    }
+
+    #[test]
+    fn a_socket_that_ends_early_is_counted_short() {
+        let report = run_reader(3, 2, |mut ends| {
+            for (i, e) in ends.iter_mut().enumerate() {
+                let frames = if i == 1 { 1 } else { 2 };
+                for _ in 0..frames {
+                    e.write_all(&frame(unix_ns(), 100)).expect("write");
+                }
+            }
+            // Dropped here: every socket ends, one of them a frame short.
+        });
+        assert_eq!(report.frames, 5);
+        assert_eq!(report.short_sockets, 1);
+    }
+}
