@@ -750,12 +750,16 @@ fn merge_ai_stream(results: &mut serde_json::Value, (failures, section): (Vec<St
 /// `switchboard-bench ai-stream`: one run, its own results file.
 async fn ai_stream_only(args: AiStreamArgs) -> Result<bool, String> {
     args.params.validate()?;
-    let mut target = Target::open(&args.target).await?;
+    let mut target = Target::open_face(&args.target, args.params.face).await?;
     let outcome = ai_stream::run(&args.params, &target).await;
     target.stop(outcome.is_err());
     let ai = outcome?;
     ai.print();
-    let path = report::write_results(&args.target.results_dir, "ai-stream", &ai.to_json())?;
+    let stem = match args.params.face {
+        pusher::Face::Chat => "ai-stream",
+        pusher::Face::Pusher => "ai-stream-pusher",
+    };
+    let path = report::write_results(&args.target.results_dir, stem, &ai.to_json())?;
     println!("results written to {}", path.display());
     Ok(ai.passed())
 }

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use crate::api::{self, Api};
 use crate::http1::Http1;
 use crate::plot::Recorder;
+use crate::pusher::{self, Face};
 use crate::report::Window;
 use crate::server::{self, ProcSample};
 use crate::subscriber::{self, Ws};
@@ -41,7 +42,7 @@ pub use report::AiStreamReport;
 
 use receiver::{ReceiverTally, ReceiverTask};
 use report::Samples;
-use streamer::{Schedule, StreamerTally, StreamerTask};
+use streamer::{Route, Schedule, StreamerTally, StreamerTask};
 
 const DEFAULT_STREAMS: usize = 100;
 const DEFAULT_RATE: u32 = 50;
@@ -91,6 +92,13 @@ pub struct AiStreamParams {
     /// `timeline` to the JSON).
     #[arg(long, value_name = "PATH.svg")]
     pub plot: Option<std::path::PathBuf>,
+    /// `chat`: agents create and append through `/api/channels/{id}/messages` on private
+    /// group channels, members read `/api/realtime/ws`. `pusher`: signed `POST
+    /// /apps/{id}/events` creates and `/apps/{id}/channels/{c}/messages/{serial}/append`
+    /// appends on public channels, read by Protocol V2 sockets (`/app/{key}?protocol=2`) as
+    /// `sockudo:message.append` fragments, each checked by its `serial`.
+    #[arg(long, value_enum, default_value_t = Face::Chat)]
+    pub face: Face,
 }
 
 impl Default for AiStreamParams {
@@ -106,6 +114,7 @@ impl Default for AiStreamParams {
             drain_idle: DEFAULT_DRAIN_IDLE_SECS,
             timeout: DEFAULT_TIMEOUT_SECS,
             plot: None,
+            face: Face::Chat,
         }
     }
 }
@@ -168,10 +177,13 @@ pub struct StreamEnd {
     pub acknowledged: AtomicU64,
 }
 
-/// One stream as set up: the agent's token, its channel, its subscribers' tokens.
+/// One stream as set up.
 struct StreamSetup {
-    agent_token: String,
-    channel_id: String,
+    /// Chat: the agent's bearer token (Pusher: none, requests are signed).
+    agent_token: Option<String>,
+    /// What the stream's frames name: the chat channel's id, the Pusher channel's name.
+    channel: String,
+    /// Chat: one token per subscriber. Pusher: none (a public channel).
     subscriber_tokens: Vec<String>,
 }
 
@@ -180,7 +192,10 @@ struct Connected {
     stream: usize,
     subscriber: usize,
     ws: Ws,
+    /// Chat: the `realtime.ready` cursor (Pusher: empty).
     cursor: String,
+    /// Pusher: the channel's serial at subscription (chat: 0, the first seq is taken as it comes).
+    last_serial: i64,
 }
 
 /// Runs `ai-stream` on a ready server and returns its figures.
@@ -199,10 +214,25 @@ pub async fn run(params: &AiStreamParams, target: &Target) -> Result<AiStreamRep
         creds: target.creds.clone(),
     };
     let setup_started = Instant::now();
-    let streams = set_up_streams(&api, params, deadline).await?;
-    let ws_url = target.base.replacen("http://", "ws://", 1);
+    let (streams, ws_url) = match params.face {
+        Face::Chat => (
+            set_up_streams(&api, params, deadline).await?,
+            target.base.replacen("http://", "ws://", 1),
+        ),
+        Face::Pusher => (
+            pusher_streams(params),
+            // Delta appends (the default, named for servers that differ).
+            format!(
+                "{}&append_mode=delta",
+                pusher::app_url(&target.base, &target.creds.key, 2)
+            ),
+        ),
+    };
     let connect_started = Instant::now();
-    let sockets = connect_subscribers(&ws_url, &streams, deadline).await?;
+    let sockets = match params.face {
+        Face::Chat => connect_subscribers(&ws_url, &streams, deadline).await?,
+        Face::Pusher => connect_pusher_subscribers(&ws_url, params, &streams, deadline).await?,
+    };
     let connect_secs = connect_started.elapsed().as_secs_f64();
     eprintln!(
         "ai-stream: {} subscribers ready in {connect_secs:.2}s; setup took {:.2}s",
@@ -329,8 +359,8 @@ async fn set_up_streams(
                 .map(|m| api::mint_token(&api.creds, m, 3600))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, String>(StreamSetup {
-                agent_token,
-                channel_id,
+                agent_token: Some(agent_token),
+                channel: channel_id,
                 subscriber_tokens,
             })
         }))
@@ -342,6 +372,52 @@ async fn set_up_streams(
     let made = made.into_iter().collect::<Result<Vec<_>, _>>()?;
     eprintln!("ai-stream: created {} private group channels", made.len());
     Ok(made)
+}
+
+/// One public channel per stream, made by its first create (no entities, no tokens).
+fn pusher_streams(params: &AiStreamParams) -> Vec<StreamSetup> {
+    let tag = random_tag();
+    (0..params.streams)
+        .map(|s| StreamSetup {
+            agent_token: None,
+            channel: format!("bench-{tag}-ai{s}"),
+            subscriber_tokens: Vec::new(),
+        })
+        .collect()
+}
+
+/// `--subscribers` V2 sockets per stream, each subscribed to its stream's channel before any
+/// create; the serial `subscription_succeeded` gave is where its checks start.
+async fn connect_pusher_subscribers(
+    app_url: &str,
+    params: &AiStreamParams,
+    streams: &[StreamSetup],
+    deadline: Instant,
+) -> Result<Vec<Connected>, String> {
+    let wanted = streams.iter().enumerate().flat_map(|(s, setup)| {
+        (0..params.subscribers).map(move |j| (s, j, setup.channel.as_str()))
+    });
+    let connected = tokio::time::timeout_at(
+        deadline,
+        futures_util::stream::iter(wanted.map(|(stream, subscriber, channel)| async move {
+            let (ws, hello) =
+                pusher::connect(app_url, None, crate::chat::CONNECT_WITHIN, Some(channel))
+                    .await
+                    .map_err(|e| format!("stream {stream} subscriber {subscriber}: {e}"))?;
+            Ok::<_, String>(Connected {
+                stream,
+                subscriber,
+                ws,
+                cursor: String::new(),
+                last_serial: hello.serial.unwrap_or(0),
+            })
+        }))
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .collect::<Vec<_>>(),
+    )
+    .await
+    .map_err(|_| "ai-stream: timed out connecting subscribers".to_string())?;
+    connected.into_iter().collect()
 }
 
 async fn create_entities(
@@ -388,6 +464,7 @@ async fn connect_subscribers(
                 subscriber,
                 ws,
                 cursor,
+                last_serial: 0,
             })
         }))
         .buffer_unordered(SETUP_CONCURRENCY)
@@ -411,11 +488,17 @@ fn spawn_receivers(
     for c in sockets {
         let setup = &streams[c.stream];
         let task = ReceiverTask {
+            face: params.face,
             ws: c.ws,
             cursor: c.cursor,
+            last_serial: c.last_serial,
             ws_url: ws_url.to_string(),
-            token: setup.subscriber_tokens[c.subscriber].clone(),
-            channel_id: setup.channel_id.clone(),
+            token: setup
+                .subscriber_tokens
+                .get(c.subscriber)
+                .cloned()
+                .unwrap_or_default(),
+            channel: setup.channel.clone(),
             end: ends[c.stream].clone(),
             progress: progress.clone(),
             deadline,
@@ -437,10 +520,27 @@ async fn prepare_streamers(
 ) -> Result<Vec<StreamerTask>, String> {
     let mut opening = Vec::with_capacity(streams.len());
     for setup in streams {
-        let bearer = format!("Bearer {}", setup.agent_token);
+        let (http, route) = match &setup.agent_token {
+            Some(token) => (
+                Http1::new(
+                    &target.base,
+                    &[("Authorization", &format!("Bearer {token}"))],
+                )?,
+                Route::Chat {
+                    messages_path: format!("/api/channels/{}/messages", setup.channel),
+                },
+            ),
+            None => (
+                Http1::new(&target.base, &[])?,
+                Route::Pusher {
+                    creds: target.creds.clone(),
+                    channel: setup.channel.clone(),
+                },
+            ),
+        };
         let task = StreamerTask {
-            http: Http1::new(&target.base, &[("Authorization", &bearer)])?,
-            messages_path: format!("/api/channels/{}/messages", setup.channel_id),
+            http,
+            route,
             // Set when the run starts (`spawn_streamers`).
             schedule: Schedule {
                 start: deadline,

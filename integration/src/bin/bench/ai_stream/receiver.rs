@@ -1,6 +1,12 @@
 //! One subscriber of one stream: reads its `/api/realtime/ws` socket, follows the text of
 //! each message of the stream's channel by the `length` of every `message.appended`, counts
 //! each fragment by its ordinal, and records append-to-receive latency.
+//!
+//! On the Pusher face the socket is a Protocol V2 `/app/{key}` socket subscribed to the
+//! stream's public channel: a create comes as the `bench` event, each append as
+//! `sockudo:message.append` with the fragment as `data`, and every one of them takes the
+//! channel's next `serial`, so a serial out of line is a loss or a reordering (V2 frames
+//! carry no text length). Server pings are answered.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -17,7 +23,9 @@ use tokio_tungstenite::tungstenite::Message;
 use super::streamer::parse_fragment;
 use super::{Progress, StreamEnd};
 use crate::now_ns;
+use crate::pusher::{self, Face, PusherFrame};
 use crate::subscriber::{self, cursor_gt, Ws};
+use futures_util::SinkExt as _;
 
 /// How many times a subscriber reconnects (with its cursor) after a 1013 overflow close.
 const MAX_RECONNECTS: u32 = 5;
@@ -120,11 +128,16 @@ impl ReceiverTally {
 }
 
 pub struct ReceiverTask {
+    pub face: Face,
     pub ws: Ws,
     pub cursor: String,
+    /// The channel's seq (serial) before this socket's first frame; 0: take the first as
+    /// it comes.
+    pub last_serial: i64,
     pub ws_url: String,
     pub token: String,
-    pub channel_id: String,
+    /// Chat: the channel's id; Pusher: its name.
+    pub channel: String,
     pub end: Arc<StreamEnd>,
     pub progress: Arc<Progress>,
     pub deadline: Instant,
@@ -143,18 +156,21 @@ enum Read {
 impl ReceiverTask {
     pub async fn run(self) -> ReceiverTally {
         let ReceiverTask {
+            face,
             mut ws,
             cursor,
+            last_serial,
             ws_url,
             token,
-            channel_id,
+            channel,
             end,
             progress,
             deadline,
             drain_idle,
             tally,
         } = self;
-        let mut checker = Checker::new(channel_id, cursor, progress, tally);
+        let mut checker = Checker::new(face, channel, cursor, progress, tally);
+        checker.last_seq = last_serial;
         let mut last_frame = Instant::now();
         loop {
             let expected = end.acknowledged.load(Ordering::Relaxed);
@@ -166,6 +182,14 @@ impl ReceiverTask {
                 break;
             }
             match read(&mut ws, &ws_url, &token, &mut checker).await {
+                Read::Text(text)
+                    if face == Face::Pusher && text.contains("ping") && pusher::is_ping(&text) =>
+                {
+                    if let Err(e) = ws.send(Message::text(pusher::PONG)).await {
+                        checker.tally.error = Some(format!("pong: {e}"));
+                        break;
+                    }
+                }
                 Read::Text(text) => {
                     last_frame = Instant::now();
                     checker.on_text(&text);
@@ -190,7 +214,8 @@ async fn read(ws: &mut Ws, ws_url: &str, token: &str, checker: &mut Checker) -> 
         Some(Ok(Message::Text(t))) => Read::Text(t.as_str().to_owned()),
         Some(Ok(Message::Close(frame))) => {
             let code = frame.as_ref().map(|f| u16::from(f.code));
-            if code == Some(1013) {
+            // (Only the chat face resumes with a cursor; the Pusher face's 4100 ends the socket.)
+            if code == Some(1013) && checker.face == Face::Chat {
                 tally.overflow_closes += 1;
                 if tally.reconnects < MAX_RECONNECTS {
                     return reconnect(ws, ws_url, token, checker).await;
@@ -228,7 +253,9 @@ async fn reconnect(ws: &mut Ws, ws_url: &str, token: &str, checker: &mut Checker
 /// The checks of one subscriber, apart from its socket: the text length of each message of
 /// the stream's channel, the channel's last seq, the cursor.
 struct Checker {
-    channel_id: String,
+    face: Face,
+    /// Chat: the channel's id; Pusher: its name.
+    channel: String,
     cursor: String,
     length_of: HashMap<String, u64>,
     last_seq: i64,
@@ -240,13 +267,15 @@ struct Checker {
 
 impl Checker {
     fn new(
-        channel_id: String,
+        face: Face,
+        channel: String,
         cursor: String,
         progress: Arc<Progress>,
         tally: ReceiverTally,
     ) -> Self {
         Self {
-            channel_id,
+            face,
+            channel,
             cursor,
             length_of: HashMap::new(),
             last_seq: 0,
@@ -257,6 +286,51 @@ impl Checker {
     }
 
     fn on_text(&mut self, text: &str) {
+        match self.face {
+            Face::Chat => self.on_chat_text(text),
+            Face::Pusher => self.on_pusher_text(text),
+        }
+    }
+
+    fn on_pusher_text(&mut self, text: &str) {
+        let recv_ns = now_ns();
+        let Ok(frame) = serde_json::from_str::<PusherFrame>(text) else {
+            self.tally.unparsable += 1;
+            return;
+        };
+        if frame.channel.as_deref() != Some(self.channel.as_str()) {
+            // A message of another channel carries a serial; protocol events do not.
+            if frame.serial.is_some() {
+                self.tally.foreign += 1;
+            } else {
+                self.tally.other_frames += 1;
+            }
+            return;
+        }
+        let append = pusher::protocol_event(&frame.event) == Some("message.append");
+        if !append && frame.event != pusher::EVENT {
+            self.tally.other_frames += 1;
+            return;
+        }
+        // Every create and append of the channel takes its next serial.
+        let Some(serial) = frame.serial else {
+            self.tally.unparsable += 1;
+            return;
+        };
+        self.follow_seq(Some(serial), Some(serial));
+        if !append {
+            self.tally.created_frames += 1;
+            return;
+        }
+        self.tally.appended_frames += 1;
+        let Some(fragment) = frame.data.0 else {
+            self.tally.unparsable += 1;
+            return;
+        };
+        self.count_fragment(&fragment, recv_ns);
+    }
+
+    fn on_chat_text(&mut self, text: &str) {
         let recv_ns = now_ns();
         let Ok(frame) = serde_json::from_str::<Frame>(text) else {
             self.tally.unparsable += 1;
@@ -264,7 +338,7 @@ impl Checker {
         };
         self.follow_cursor(frame.cursor);
         let is_message = frame.ty.starts_with("message.");
-        if frame.channel_id != Some(self.channel_id.as_str()) {
+        if frame.channel_id != Some(self.channel.as_str()) {
             if is_message {
                 self.tally.foreign += 1;
             } else {
@@ -335,8 +409,6 @@ impl Checker {
 
     fn on_fragment(&mut self, payload: Payload<'_>, recv_ns: u64) {
         self.tally.appended_frames += 1;
-        self.tally.last_delivery_ns = recv_ns;
-        self.progress.deliveries.fetch_add(1, Ordering::Relaxed);
         let (Some(id), Some(fragment), Some(length)) =
             (payload.message_id, payload.fragment, payload.length)
         else {
@@ -349,12 +421,19 @@ impl Checker {
             self.tally.length_breaks += 1;
         }
         *text_length = length.max(*text_length);
+        self.count_fragment(&fragment, recv_ns);
+    }
+
+    /// One delivered fragment (empty: a close): counted by its ordinal, timed the first time.
+    fn count_fragment(&mut self, fragment: &str, recv_ns: u64) {
+        self.tally.last_delivery_ns = recv_ns;
+        self.progress.deliveries.fetch_add(1, Ordering::Relaxed);
         if fragment.is_empty() {
             self.tally.closes += 1;
             self.distinct += 1;
             return;
         }
-        let Some((ordinal, sent_us)) = parse_fragment(&fragment) else {
+        let Some((ordinal, sent_us)) = parse_fragment(fragment) else {
             self.tally.foreign += 1;
             return;
         };
@@ -431,7 +510,13 @@ mod tests {
 
     fn checker() -> Checker {
         let tally = ReceiverTally::new(0, 0, 8).expect("histogram");
-        Checker::new("chn_a".into(), "0".into(), Arc::default(), tally)
+        Checker::new(
+            Face::Chat,
+            "chn_a".into(),
+            "0".into(),
+            Arc::default(),
+            tally,
+        )
     }
 
     #[test]
@@ -479,6 +564,64 @@ mod tests {
         assert_eq!(&t.received[..4], &[1, 0, 2, 1]);
         assert_eq!((t.foreign, t.unparsable, t.cursor_regressions), (1, 1, 1));
         assert_eq!(c.distinct, 3);
+    }
+
+    fn pusher_checker(last_serial: i64) -> Checker {
+        let tally = ReceiverTally::new(0, 0, 8).expect("histogram");
+        let mut c = Checker::new(
+            Face::Pusher,
+            "bench-t-ai0".into(),
+            String::new(),
+            Arc::default(),
+            tally,
+        );
+        c.last_seq = last_serial;
+        c
+    }
+
+    fn v2(event: &str, channel: &str, serial: i64, data: &str) -> String {
+        serde_json::json!({
+            "event": event, "channel": channel, "data": data, "message_id": "m000000000001",
+            "stream_id": "chn_1", "serial": serial, "extras": {"headers": {}},
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_pusher_stream_is_checked_by_serial_and_ordinal() {
+        let mut c = pusher_checker(0);
+        let (f0, f1, f2) = (fragment(0, 1), fragment(1, 2), fragment(2, 3));
+        let ch = "bench-t-ai0";
+        c.on_text(&v2("bench", ch, 1, ""));
+        c.on_text(&v2("sockudo:message.append", ch, 2, &f0));
+        c.on_text(&v2("sockudo:message.append", ch, 3, &f1));
+        c.on_text(&v2("sockudo:message.append", ch, 4, ""));
+        // Not this stream's: another channel's append, a protocol event.
+        c.on_text(&v2("sockudo:message.append", "bench-t-ai1", 9, &f2));
+        c.on_text(r#"{"event":"sockudo_internal:subscription_count","channel":"bench-t-ai0","data":"{}"}"#);
+        let t = &c.tally;
+        assert_eq!((t.created_frames, t.appended_frames, t.closes), (1, 3, 1));
+        assert_eq!((t.out_of_order, t.seq_gaps, t.unparsable), (0, 0, 0));
+        assert_eq!((t.foreign, t.other_frames), (1, 1));
+        assert_eq!(&t.received[..3], &[1, 1, 0]);
+        assert_eq!(c.distinct, 3);
+        assert_eq!(t.latency.len(), 2);
+    }
+
+    #[test]
+    fn a_pusher_serial_gap_or_repeat_is_counted_from_the_subscription() {
+        // subscription_succeeded said 5: the first message must be 6.
+        let mut c = pusher_checker(5);
+        let ch = "bench-t-ai0";
+        c.on_text(&v2("sockudo:message.append", ch, 7, &fragment(0, 1)));
+        c.on_text(&v2("sockudo:message.append", ch, 7, &fragment(0, 1)));
+        c.on_text(&v2("sockudo:message.append", ch, 8, &fragment(1, 1)));
+        // A V2 message without a serial cannot be checked.
+        c.on_text(r#"{"event":"sockudo:message.append","channel":"bench-t-ai0","data":"2@1;"}"#);
+        let t = &c.tally;
+        assert_eq!((t.seq_gaps, t.out_of_order, t.unparsable), (1, 1, 1));
+        // The repeat is a duplicate delivery of fragment 0.
+        assert_eq!(&t.received[..3], &[2, 1, 0]);
     }
 
     #[test]

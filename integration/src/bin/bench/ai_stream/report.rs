@@ -384,8 +384,8 @@ impl AiStreamReport {
         row(
             "scenario",
             format!(
-                "{} streams x {} appends/s for {} s, {} subscribers each (at most {} in flight)",
-                p.streams, p.rate, p.duration, p.subscribers, p.max_in_flight
+                "{} streams x {} appends/s for {} s, {} subscribers each (at most {} in flight), {} face",
+                p.streams, p.rate, p.duration, p.subscribers, p.max_in_flight, p.face.as_str()
             ),
         );
         row("server", self.describe_server());
@@ -614,6 +614,7 @@ impl AiStreamReport {
             "passed": self.passed(),
             "failures": self.failures(),
             "config": {
+                "face": p.face.as_str(),
                 "streams": p.streams,
                 "rate_per_stream": p.rate,
                 "subscribers_per_stream": p.subscribers,

@@ -15,15 +15,81 @@ use serde_json::Value;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Progress;
-use crate::api::snippet;
+use crate::api::{signed_query, snippet};
 use crate::http1::Http1;
 use crate::now_ns;
 use crate::poster::{reason, retry_wait};
+use crate::pusher;
+use crate::server::AppCreds;
 
 /// Attempts to create a message or close one on 429/503 or a transport error.
 const MAX_ATTEMPTS: u32 = 5;
 /// The closing append: an empty fragment with `extras.status` = `complete`.
 const CLOSE_BODY: &str = r#"{"data":"","extras":{"status":"complete"}}"#;
+
+/// Where a stream's messages are made and appended to, by face.
+pub enum Route {
+    /// The chat API: `/api/channels/{id}/messages` (created 201), the agent's bearer token on
+    /// every request.
+    Chat { messages_path: String },
+    /// The signed server API on a public channel: `POST /apps/{id}/events` with `info` for
+    /// the new message's serial (200), then `/apps/{id}/channels/{c}/messages/{serial}/append`.
+    Pusher { creds: AppCreds, channel: String },
+}
+
+impl Route {
+    /// The create request: path (signed when the face needs it), body, the status of success.
+    fn create(&self) -> (String, String, u16) {
+        match self {
+            Self::Chat { messages_path } => (messages_path.clone(), r#"{"data":""}"#.into(), 201),
+            Self::Pusher { creds, channel } => {
+                let body = serde_json::json!({
+                    "name": pusher::EVENT, "channel": channel, "data": "", "info": "",
+                })
+                .to_string();
+                (
+                    self.signed(&format!("/apps/{}/events", creds.id), &body),
+                    body,
+                    200,
+                )
+            }
+        }
+    }
+
+    /// The path appends to message `serial` go to (unsigned).
+    fn append_path(&self, serial: &str) -> String {
+        match self {
+            Self::Chat { messages_path } => format!("{messages_path}/{serial}/append"),
+            Self::Pusher { creds, channel } => {
+                format!(
+                    "/apps/{}/channels/{channel}/messages/{serial}/append",
+                    creds.id
+                )
+            }
+        }
+    }
+
+    /// `path` as sent with `body`: the Pusher face signs every request.
+    fn signed(&self, path: &str, body: &str) -> String {
+        match self {
+            Self::Chat { .. } => path.to_string(),
+            Self::Pusher { creds, .. } => {
+                format!(
+                    "{path}?{}",
+                    signed_query(creds, "POST", path, body.as_bytes())
+                )
+            }
+        }
+    }
+
+    /// The new message's serial in a create's answer.
+    fn serial_pointer(&self) -> String {
+        match self {
+            Self::Chat { .. } => "/message/message_serial".into(),
+            Self::Pusher { channel, .. } => format!("/channels/{channel}/message_serial"),
+        }
+    }
+}
 
 /// When a stream appends: `ticks` ticks `period` apart from `start`, none after `stop_at`.
 pub struct Schedule {
@@ -128,8 +194,7 @@ type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Answered> + Send>>>
 pub struct StreamerTask {
     /// The stream's connections, sending its agent's token.
     pub http: Http1,
-    /// `/api/channels/{id}/messages`.
-    pub messages_path: String,
+    pub route: Route,
     pub schedule: Schedule,
     pub max_in_flight: usize,
     /// Fragments per message; the append after them closes it.
@@ -229,7 +294,7 @@ impl StreamerTask {
     fn append_request(&self, path: &str, body: String) -> Request {
         Request {
             http: self.http.clone(),
-            path: path.to_string(),
+            path: self.route.signed(path, &body),
             extra: if self.minimal_answers {
                 "Prefer: return=minimal\r\n"
             } else {
@@ -321,7 +386,8 @@ impl StreamerTask {
     async fn open_message(&mut self) -> Result<OpenMessage, String> {
         let mut last_error = String::from("no attempt");
         for _ in 0..MAX_ATTEMPTS {
-            let request = self.http.post(&self.messages_path, "", br#"{"data":""}"#);
+            let (path, body, created) = self.route.create();
+            let request = self.http.post(&path, "", body.as_bytes());
             let response = tokio::time::timeout_at(self.deadline, request)
                 .await
                 .map_err(|_| "the deadline passed while creating a message".to_string())?;
@@ -336,11 +402,11 @@ impl StreamerTask {
             let (status, body) = (response.status, response.body);
             let wait = retry_wait(response.retry_after);
             match status {
-                201 => {
-                    let serial = message_serial(&body)?;
+                _ if status == created => {
+                    let serial = message_serial(&body, &self.route.serial_pointer())?;
                     self.tally.messages_opened += 1;
                     return Ok(OpenMessage {
-                        append_path: format!("{}/{serial}/append", self.messages_path),
+                        append_path: self.route.append_path(&serial),
                         fragments: 0,
                         refused: false,
                     });
@@ -358,19 +424,14 @@ impl StreamerTask {
     }
 }
 
-/// `message.message_serial` of a create answer, checked to be safe in a URL path.
-fn message_serial(body: &[u8]) -> Result<String, String> {
+/// The message serial at `pointer` of a create answer, checked to be safe in a URL path.
+fn message_serial(body: &[u8], pointer: &str) -> Result<String, String> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("create message: bad JSON ({e}): {}", snippet(body)))?;
     let serial = v
-        .pointer("/message/message_serial")
+        .pointer(pointer)
         .and_then(Value::as_str)
-        .ok_or_else(|| {
-            format!(
-                "create message: no message.message_serial in {}",
-                snippet(body)
-            )
-        })?;
+        .ok_or_else(|| format!("create message: no {pointer} in {}", snippet(body)))?;
     let url_safe = |b: u8| b.is_ascii_alphanumeric() || b"-_.~".contains(&b);
     if serial.is_empty() || !serial.bytes().all(url_safe) {
         return Err(format!("create message: unexpected serial {serial:?}"));
@@ -424,10 +485,59 @@ mod tests {
 
     #[test]
     fn serial_must_be_present_and_url_safe() {
+        let chat = "/message/message_serial";
         let ok = br#"{"message":{"message_serial":"m000000000001"}}"#;
-        assert_eq!(message_serial(ok).as_deref(), Ok("m000000000001"));
-        assert!(message_serial(br#"{"message":{"message_serial":"a/b"}}"#).is_err());
-        assert!(message_serial(br#"{"message":{}}"#).is_err());
-        assert!(message_serial(b"nope").is_err());
+        assert_eq!(message_serial(ok, chat).as_deref(), Ok("m000000000001"));
+        assert!(message_serial(br#"{"message":{"message_serial":"a/b"}}"#, chat).is_err());
+        assert!(message_serial(br#"{"message":{}}"#, chat).is_err());
+        assert!(message_serial(b"nope", chat).is_err());
+    }
+
+    fn pusher_route() -> Route {
+        Route::Pusher {
+            creds: AppCreds {
+                id: "42".into(),
+                key: "k".into(),
+                secret: "s".into(),
+            },
+            channel: "bench-x-ai3".into(),
+        }
+    }
+
+    #[test]
+    fn the_pusher_face_creates_through_events_and_appends_by_channel_name() {
+        let route = pusher_route();
+        let (path, body, created) = route.create();
+        assert_eq!(created, 200);
+        assert!(path.starts_with("/apps/42/events?auth_key=k&"), "{path}");
+        assert!(path.contains("&auth_signature="), "{path}");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(body["channel"], "bench-x-ai3");
+        assert_eq!(body["name"], pusher::EVENT);
+        // `info` asks for the serials of the create.
+        assert_eq!(body["info"], "");
+        let answer = br#"{"channels":{"bench-x-ai3":{"message_serial":"m000000000007"}}}"#;
+        let serial = message_serial(answer, &route.serial_pointer()).expect("serial");
+        assert_eq!(
+            route.append_path(&serial),
+            "/apps/42/channels/bench-x-ai3/messages/m000000000007/append"
+        );
+    }
+
+    #[test]
+    fn each_pusher_append_is_signed_over_its_own_body() {
+        let route = pusher_route();
+        let path = "/apps/42/channels/bench-x-ai3/messages/m1/append";
+        let (a, b) = (
+            route.signed(path, r#"{"data":"0@1;"}"#),
+            route.signed(path, r#"{"data":"1@2;"}"#),
+        );
+        let md5 = |p: &str| p.split("body_md5=").nth(1).map(|r| r[..32].to_string());
+        assert_ne!(md5(&a), md5(&b));
+        assert!(a.starts_with(path) && a.contains("auth_signature="), "{a}");
+        let chat = Route::Chat {
+            messages_path: "/api/channels/c/messages".into(),
+        };
+        assert_eq!(chat.signed("/x", "{}"), "/x");
     }
 }
