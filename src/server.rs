@@ -64,11 +64,15 @@ pub fn serve(config: Config, demo: bool) -> Result<(), String> {
         metrics,
         config: Arc::new(config.clone()),
         auth_cache: Default::default(),
+        channel_names: Default::default(),
         rate_limiter: Default::default(),
     });
     // Cluster mode: another node's change drops this node's verified tokens and apps too.
     let caches = state.clone();
-    registry.set_cache_hook(Box::new(move |scope| caches.auth_cache.forget(scope)));
+    registry.set_cache_hook(Box::new(move |scope| {
+        caches.auth_cache.forget(scope);
+        caches.channel_names.forget(scope);
+    }));
     let system = actix_web::rt::System::new();
     let result: std::io::Result<()> = system.block_on(async move {
         switchboard_actors::retention::spawn_purger(purger.0, purger.1, purger.2);

@@ -43,6 +43,8 @@ pub enum CacheScope<'a> {
         workspace_id: &'a str,
         entity_id: &'a str,
     },
+    /// The channels of a workspace (one may have been renamed).
+    Channels(&'a str),
 }
 
 pub struct Registry {
@@ -204,7 +206,11 @@ impl Registry {
     pub fn apply_remote_events(&self, events: &[Arc<Event>]) {
         for ev in events {
             match ev.event_type.as_str() {
-                "channel.updated" | "channel.member_added" | "channel.member_removed" => {
+                "channel.updated" => {
+                    self.refresh_channel(ev.channel_id.as_deref(), true);
+                    self.drop_http_caches(CacheScope::Channels(&ev.workspace_id));
+                }
+                "channel.member_added" | "channel.member_removed" => {
                     self.refresh_channel(ev.channel_id.as_deref(), true);
                 }
                 "message.updated" | "message.deleted" | "message.appended" => {

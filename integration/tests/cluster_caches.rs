@@ -388,6 +388,40 @@ async fn channel_changes_on_a_are_enforced_on_b() {
     );
 }
 
+/// A signed history read of a channel by name (the server API's lookup by name).
+async fn history_by_name(node: &TestServer, name: &str) -> (u16, Value) {
+    let path = format!("/apps/{}/channels/{name}/history", node.app.id);
+    node.signed(reqwest::Method::GET, &path, None).await
+}
+
+#[tokio::test]
+async fn a_channel_renamed_on_a_is_looked_up_again_on_b() {
+    let db = PgDatabase::fresh();
+    let c = two_nodes(&db).await;
+    let (a, b) = (c.node(0), c.node(1));
+    let alice = a.user("alice", "human", "member").await;
+    a.create_entity("bob", "bob", "human", "member").await;
+    let (before, after) = (uniq("before"), uniq("after"));
+    let ch = id_of(&alice.create_group(&before, &["bob"], json!({})).await);
+    alice.say(&ch, "one").await;
+    // B looks the name up (and remembers its id for a few seconds).
+    let (st, page) = history_by_name(b, &before).await;
+    assert_eq!(st, 200, "{page}");
+    let (st, body) = alice
+        .patch(&format!("/api/channels/{ch}"), &json!({"name": after}))
+        .await;
+    assert_eq!(st, 200, "{body}");
+    // Within the propagation bound (below the 5 s expiry), B no longer finds the old name.
+    let r = until_status("the old name unknown on B", PROPAGATION, 404, || {
+        history_by_name(b, &before)
+    })
+    .await;
+    assert_error(&r, 404, "not_found");
+    let (st, page) = history_by_name(b, &after).await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(page["items"][0]["data"], json!("one"), "{page}");
+}
+
 #[tokio::test]
 async fn after_a_redis_restart_caches_are_dropped_and_changes_apply() {
     let db = PgDatabase::fresh();

@@ -229,6 +229,49 @@ async fn events_answers_empty_object_without_info() {
     );
 }
 
+/// `data` of each item of a channel's history, oldest first, by channel name.
+async fn history_data(s: &TestServer, channel: &str) -> Vec<Value> {
+    let path = format!("/apps/{}/channels/{channel}/history", s.app.id);
+    let (st, hist) = sget(s, &path, &[("direction", "forwards")]).await;
+    assert_eq!(st, 200, "{channel}: {hist}");
+    col(&items(&hist), "data")
+}
+
+#[tokio::test]
+async fn events_follow_a_channel_renamed_at_once() {
+    // The server API remembers channel ids by name for a few seconds: a rename must not
+    // leave the old name pointing at the renamed channel.
+    let s = TestServer::start().await;
+    let alice = s.user("alice", "human", "member").await;
+    s.user("bob", "human", "member").await;
+    let (before, after) = (implicit("before"), implicit("after"));
+    let ch = alice.create_group(&before, &["bob"], json!({})).await;
+    let cid = ch["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{ch}"))
+        .to_string();
+    let (st, body) = events(&s, &json!({"name": "ev", "data": "one", "channel": before})).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, patched) = alice
+        .patch(&format!("/api/channels/{cid}"), &json!({"name": after}))
+        .await;
+    assert_eq!(st, 200, "{patched}");
+    // The old name is free again: a publish on it makes a new implicit channel.
+    let (st, body) = events(&s, &json!({"name": "ev", "data": "two", "channel": before})).await;
+    assert_eq!(st, 200, "{body}");
+    let (st, body) = events(
+        &s,
+        &json!({"name": "ev", "data": "three", "channel": after}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        history_data(&s, &after).await,
+        vec![json!("one"), json!("three")]
+    );
+    assert_eq!(history_data(&s, &before).await, vec![json!("two")]);
+}
+
 #[tokio::test]
 async fn events_with_info_reports_serials_per_channel() {
     let s = TestServer::start().await;

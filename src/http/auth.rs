@@ -151,6 +151,8 @@ impl AuthCache {
         let workspace_id = match scope {
             CacheScope::All => return self.clear(),
             CacheScope::Workspace(ws) => ws,
+            // Channel names are not what a caller is verified against.
+            CacheScope::Channels(_) => return,
             CacheScope::Entity {
                 workspace_id,
                 entity_id,

@@ -520,6 +520,8 @@ async fn patch_channel(
             },
         )
         .await??;
+    // The name may have changed: the server API reads this workspace's names again.
+    state.channel_names.forget_workspace(&caller.workspace.id);
     let view = channel_view(&state, channel, &caller.entity.id).await?;
     Ok(json(
         StatusCode::OK,

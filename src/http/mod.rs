@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod channel_names;
 pub mod chat;
 pub mod echo;
 pub mod error;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
     pub auth_cache: auth::AuthCache,
+    /// Channel ids by name for the signed server API.
+    pub channel_names: channel_names::ChannelNames,
     /// Per-entity buckets of the chat API's rate limit.
     pub rate_limiter: switchboard_actors::rate_limit::RateLimiter,
 }

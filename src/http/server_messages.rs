@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use switchboard_actors::auth::constant_time_eq;
 use switchboard_actors::channel::{Author, ChannelLimits, MutationActor, PostMessage};
-use switchboard_actors::domain::channel::{new_implicit, Channel};
+use switchboard_actors::domain::channel::new_implicit;
 use switchboard_actors::domain::message::NewMessage;
 use switchboard_actors::domain::validation;
 use switchboard_actors::domain::versioned::MutationBody;
@@ -43,27 +43,32 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-/// The channel of a name: the chat channel so named, else the implicit one (created when
-/// `create` is set, else 404).
+/// The id of the channel of a name: the chat channel so named, else the implicit one
+/// (created when `create` is set, else 404). Remembered for a few seconds (`channel_names`).
 async fn channel_named(
     state: &State,
     ws: &Workspace,
     name: &str,
     create: bool,
-) -> ApiResult<Channel> {
+) -> ApiResult<String> {
     validation::pusher_channel_name(name)?;
+    if let Some(id) = state.channel_names.get(&ws.id, name) {
+        return Ok(id);
+    }
     for _ in 0..2 {
+        let generation = state.channel_names.generation();
         let (w, n) = (ws.id.clone(), name.to_string());
         let found = state
             .read(move |conn| {
                 Ok(match queries::channel_id_by_name(conn, &w, &n)? {
-                    Some(id) => queries::channel(conn, &id)?,
+                    Some(id) => queries::channel(conn, &id)?.map(|c| c.id),
                     None => None,
                 })
             })
             .await?;
-        if let Some(c) = found {
-            return Ok(c);
+        if let Some(id) = found {
+            state.channel_names.remember(&ws.id, name, &id, generation);
+            return Ok(id);
         }
         if !create {
             break;
@@ -214,11 +219,11 @@ pub async fn publish(
     };
     let mut acks = Map::new();
     for name in channels {
-        let channel = channel_named(state, ws, &name, true).await?;
+        let channel_id = channel_named(state, ws, &name, true).await?;
         let out = state
             .ask_channel(
                 &ws.id,
-                &channel.id,
+                &channel_id,
                 PostMessage {
                     author: Author::Server {
                         client_id: creator.clone(),
@@ -297,11 +302,11 @@ async fn mutate(
             client_id: b.client_id.clone(),
         },
     };
-    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let channel_id = channel_named(&state, &ws, &channel_name, false).await?;
     let out = versions::mutate(
         &state,
         &ws.id,
-        &channel.id,
+        &channel_id,
         actor,
         serial,
         action,
@@ -331,8 +336,8 @@ async fn get_message(
 ) -> HttpResult<HttpResponse> {
     let (app, channel_name, serial) = path.into_inner();
     let ws = signed_app(&state, &req, &[], &app).await?;
-    let channel = channel_named(&state, &ws, &channel_name, false).await?;
-    let item = versions::get_item(&state, &channel.id, &channel.name, &serial).await?;
+    let channel_id = channel_named(&state, &ws, &channel_name, false).await?;
+    let item = versions::get_item(&state, &channel_id, &channel_name, &serial).await?;
     Ok(json(
         StatusCode::OK,
         &json!({"channel": channel_name, "item": item}),
@@ -353,9 +358,9 @@ async fn list_versions(
         ids::parse_version_serial,
     )?;
     versions::check_enabled(&ws.settings)?;
-    let channel = channel_named(&state, &ws, &channel_name, false).await?;
+    let channel_id = channel_named(&state, &ws, &channel_name, false).await?;
     let listing =
-        versions::list_versions(&state, &channel.id, &channel.name, &serial, &page).await?;
+        versions::list_versions(&state, &channel_id, &channel_name, &serial, &page).await?;
     Ok(json(
         StatusCode::OK,
         &versions::listing::listing_json(&channel_name, &page, listing),
@@ -373,8 +378,8 @@ async fn history(
     let page = versions::page(&q, ws.settings.versioned_messages.max_page_size, |c| {
         c.parse::<i64>().ok().filter(|n| *n >= 0)
     })?;
-    let channel = channel_named(&state, &ws, &channel_name, false).await?;
-    let listing = versions::list_history(&state, &channel.id, &channel.name, &page).await?;
+    let channel_id = channel_named(&state, &ws, &channel_name, false).await?;
+    let listing = versions::list_history(&state, &channel_id, &channel_name, &page).await?;
     Ok(json(
         StatusCode::OK,
         &versions::listing::listing_json(&channel_name, &page, listing),
