@@ -373,7 +373,13 @@ pub fn open_with(
                 .map_err(|e| format!("cannot open database {path}: {e}"))?;
             conn.batch_execute("PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL;")
                 .map_err(|e| format!("cannot enable WAL: {e}"))?;
-            builder = builder.connection_timeout(Duration::from_secs(5));
+            // No `SELECT 1` on every checkout (r2d2's default): a connection to a local file
+            // does not go stale as a network one does, and the check was a statement parsed
+            // and run before each read and each post (docs/performance.md, "2026-12-07,
+            // 13:29–"). A failing connection still shows in the query it was taken for.
+            builder = builder
+                .connection_timeout(Duration::from_secs(5))
+                .test_on_check_out(false);
         }
         DatabaseUrl::Postgres { .. } => {
             // Connections are opened as needed (a node need not hold max_size of the
