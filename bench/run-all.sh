@@ -45,6 +45,7 @@ if ! "$bench" floor --subscribers 10000 --rate 15 --duration 20 | tail -n 1 > "$
 fi
 run chat chat --rooms 200 --members 10 --rate 500 --duration 30
 run ai-stream ai-stream --streams 100 --rate 50 --subscribers 5 --duration 20
+run ai-stream-pusher ai-stream --face pusher --streams 100 --rate 50 --subscribers 5 --duration 20
 run reconnect reconnect --clients 1000 --events 500
 run reconnect_pusher reconnect --face pusher --clients 1000 --events 500
 cpu_loop >> "$dir/host-calibration.txt"

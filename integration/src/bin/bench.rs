@@ -757,7 +757,8 @@ async fn ai_stream_only(args: AiStreamArgs) -> Result<bool, String> {
     ai.print();
     let stem = match args.params.face {
         pusher::Face::Chat => "ai-stream",
-        pusher::Face::Pusher => "ai-stream-pusher",
+        // Its own key in `make bench`'s merged file (named by the part before the first '-').
+        pusher::Face::Pusher => "ai_stream_pusher",
     };
     let path = report::write_results(&args.target.results_dir, stem, &ai.to_json())?;
     println!("results written to {}", path.display());

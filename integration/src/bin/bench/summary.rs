@@ -124,6 +124,18 @@ const TARGETS: &[(&str, &str, &str, Check)] = &[
         Check::AtMost(&["latency_append_to_receive", "p99_ms"], 10.0, (2, " ms")),
     ),
     (
+        "ai-stream (Pusher)",
+        "ai_stream_pusher",
+        "every append durable",
+        Check::Figures(ai_durable),
+    ),
+    (
+        "ai-stream (Pusher)",
+        "ai_stream_pusher",
+        "p99 ≤ 10 ms",
+        Check::AtMost(&["latency_append_to_receive", "p99_ms"], 10.0, (2, " ms")),
+    ),
+    (
         "reconnect",
         "reconnect",
         "1,000 clients × 500 events: ≤ 5 s, none missing",
@@ -371,10 +383,10 @@ mod tests {
 
     #[test]
     fn the_committed_latest_run_reads_whole() {
-        // The file `make bench` wrote at 2026-12-07 10:24: every target has a figure.
+        // The file `make bench` wrote at 2026-12-07 14:29: every target has a figure.
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../bench/results/20261207T102430Z.json"
+            "/../bench/results/20261207T142918Z.json"
         );
         let text = std::fs::read_to_string(path).expect("results file");
         let m: Value = serde_json::from_str(&text).expect("json");
@@ -385,5 +397,8 @@ mod tests {
         assert_eq!(verdict(&rows, "fanout", "p99"), Some(false));
         assert_eq!(verdict(&rows, "chat", "500"), Some(true));
         assert_eq!(verdict(&rows, "chat", "post-to-receive p50"), Some(true));
+        assert_eq!(verdict(&rows, "ai-stream (Pusher)", "p99"), Some(true));
+        let text = render(&rows);
+        assert!(text.contains("machine floor 45.2 ms"), "{text}");
     }
 }
