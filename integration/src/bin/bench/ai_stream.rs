@@ -397,23 +397,32 @@ async fn connect_pusher_subscribers(
     let wanted = streams.iter().enumerate().flat_map(|(s, setup)| {
         (0..params.subscribers).map(move |j| (s, j, setup.channel.as_str()))
     });
+    let connects = wanted.map(|(stream, subscriber, channel)| async move {
+        let (ws, hello) =
+            pusher::connect(app_url, None, crate::chat::CONNECT_WITHIN, Some(channel))
+                .await
+                .map_err(|e| format!("stream {stream} subscriber {subscriber}: {e}"))?;
+        Ok(Connected {
+            stream,
+            subscriber,
+            ws,
+            cursor: String::new(),
+            last_serial: hello.serial.unwrap_or(0),
+        })
+    });
+    connect_all(connects, deadline).await
+}
+
+/// The subscribers' connects, [`SETUP_CONCURRENCY`] at a time, all within the deadline.
+async fn connect_all(
+    connects: impl Iterator<Item = impl std::future::Future<Output = Result<Connected, String>>>,
+    deadline: Instant,
+) -> Result<Vec<Connected>, String> {
     let connected = tokio::time::timeout_at(
         deadline,
-        futures_util::stream::iter(wanted.map(|(stream, subscriber, channel)| async move {
-            let (ws, hello) =
-                pusher::connect(app_url, None, crate::chat::CONNECT_WITHIN, Some(channel))
-                    .await
-                    .map_err(|e| format!("stream {stream} subscriber {subscriber}: {e}"))?;
-            Ok::<_, String>(Connected {
-                stream,
-                subscriber,
-                ws,
-                cursor: String::new(),
-                last_serial: hello.serial.unwrap_or(0),
-            })
-        }))
-        .buffer_unordered(SETUP_CONCURRENCY)
-        .collect::<Vec<_>>(),
+        futures_util::stream::iter(connects)
+            .buffer_unordered(SETUP_CONCURRENCY)
+            .collect::<Vec<_>>(),
     )
     .await
     .map_err(|_| "ai-stream: timed out connecting subscribers".to_string())?;
@@ -453,26 +462,19 @@ async fn connect_subscribers(
             .enumerate()
             .map(move |(j, token)| (s, j, token))
     });
-    let connected = tokio::time::timeout_at(
-        deadline,
-        futures_util::stream::iter(wanted.map(|(stream, subscriber, token)| async move {
-            let (ws, cursor) = subscriber::connect(ws_url, token, None)
-                .await
-                .map_err(|e| format!("stream {stream} subscriber {subscriber}: {e}"))?;
-            Ok::<_, String>(Connected {
-                stream,
-                subscriber,
-                ws,
-                cursor,
-                last_serial: 0,
-            })
-        }))
-        .buffer_unordered(SETUP_CONCURRENCY)
-        .collect::<Vec<_>>(),
-    )
-    .await
-    .map_err(|_| "ai-stream: timed out connecting subscribers".to_string())?;
-    connected.into_iter().collect()
+    let connects = wanted.map(|(stream, subscriber, token)| async move {
+        let (ws, cursor) = subscriber::connect(ws_url, token, None)
+            .await
+            .map_err(|e| format!("stream {stream} subscriber {subscriber}: {e}"))?;
+        Ok(Connected {
+            stream,
+            subscriber,
+            ws,
+            cursor,
+            last_serial: 0,
+        })
+    });
+    connect_all(connects, deadline).await
 }
 
 fn spawn_receivers(
