@@ -49,6 +49,10 @@ pub struct FloorArgs {
     /// Bytes per frame (a chat-face delivery of `fanout` is about this size).
     #[arg(long, default_value_t = 400)]
     pub frame_bytes: usize,
+    /// TCP congestion control of both ends (`TCP_CONGESTION`, e.g. `reno`); default: the
+    /// system's (`net.ipv4.tcp_congestion_control`).
+    #[arg(long)]
+    pub congestion: Option<String>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -64,6 +68,8 @@ pub struct FloorReaderArgs {
     /// Seconds after which the reader stops whatever it has.
     #[arg(long)]
     pub deadline: u64,
+    #[arg(long)]
+    pub congestion: Option<String>,
 }
 
 pub fn main(args: &FloorArgs) -> Result<bool, String> {
@@ -86,6 +92,11 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             .args(["--frames-each", &ticks.to_string()])
             .args(["--frame-bytes", &args.frame_bytes.to_string()])
             .args(["--deadline", &(args.duration + 60).to_string()])
+            .args(
+                args.congestion
+                    .iter()
+                    .flat_map(|c| ["--congestion", c.as_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -103,6 +114,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             Ok((s, _)) => {
                 s.set_nonblocking(false).map_err(|e| e.to_string())?;
                 s.set_nodelay(true).map_err(|e| e.to_string())?;
+                set_congestion(&s, args.congestion.as_deref())?;
                 groups[accepted % args.senders].push(s);
                 accepted += 1;
             }
@@ -235,6 +247,29 @@ fn widen_backlog(listener: &TcpListener) {
     }
 }
 
+/// Sets the socket's congestion control when one is named.
+fn set_congestion(s: &TcpStream, name: Option<&str>) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let Some(name) = name else { return Ok(()) };
+    // SAFETY: the descriptor is the stream's own; the option value is `name`'s bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "TCP_CONGESTION {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// The next line of a reader, which must be a JSON object of `type` `want`.
 fn expect_line(out: &mut impl std::io::BufRead, want: &str) -> Result<String, String> {
     let mut line = String::new();
@@ -281,6 +316,7 @@ fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport
     for _ in 0..args.sockets {
         let s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
         s.set_nonblocking(true).map_err(|e| e.to_string())?;
+        set_congestion(&s, args.congestion.as_deref())?;
         socks.push(Partial {
             stream: mio::net::TcpStream::from_std(s),
             have: 0,
@@ -434,6 +470,7 @@ mod tests {
             frames_each,
             frame_bytes: 100,
             deadline: 20,
+            congestion: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
