@@ -9,6 +9,10 @@
 //! histogram. What it leaves out is everything a real server and the real generator add: the
 //! publish's HTTP request, actors, WebSocket framing, JSON, the checks of order and loss.
 //!
+//! `--io uring` does the same through io_uring: each sender submits a tick's sends in batches
+//! and each reader keeps one receive armed per socket, so the system calls per delivery go
+//! (the TCP work stays).
+//!
 //! So its p99 is a lower bound for `fanout` at the same size and rate on the same machine.
 //! Bounded: `--duration` of ticks, then every socket is closed and each reader stops at the end
 //! of its sockets or 10 s later.
@@ -53,6 +57,27 @@ pub struct FloorArgs {
     /// system's (`net.ipv4.tcp_congestion_control`).
     #[arg(long)]
     pub congestion: Option<String>,
+    /// `syscalls`: a `write` per delivery, reads from an epoll loop. `uring`: sends and
+    /// receives batched through io_uring (fewer system calls; the TCP work is the same).
+    #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
+    pub io: FloorIo,
+}
+
+/// How the floor's threads do their I/O.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FloorIo {
+    #[default]
+    Syscalls,
+    Uring,
+}
+
+impl FloorIo {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Syscalls => "syscalls",
+            Self::Uring => "uring",
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -70,6 +95,8 @@ pub struct FloorReaderArgs {
     pub deadline: u64,
     #[arg(long)]
     pub congestion: Option<String>,
+    #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
+    pub io: FloorIo,
 }
 
 pub fn main(args: &FloorArgs) -> Result<bool, String> {
@@ -97,6 +124,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
                     .iter()
                     .flat_map(|c| ["--congestion", c.as_str()]),
             )
+            .args(["--io", args.io.as_str()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -147,12 +175,15 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
     // One barrier crossing per tick: the tick's stamp is taken once, before any write.
     let start = Arc::new(Barrier::new(args.senders + 1));
     let stamp = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let frame_bytes = args.frame_bytes;
+    let (frame_bytes, io) = (args.frame_bytes, args.io);
     let threads: Vec<_> = groups
         .into_iter()
         .map(|mut socks| {
             let (start, stamp) = (start.clone(), stamp.clone());
             std::thread::spawn(move || -> std::io::Result<()> {
+                if io == FloorIo::Uring {
+                    return uring::send_ticks(&socks, ticks, &start, &stamp, frame_bytes);
+                }
                 let mut frame = vec![b'x'; frame_bytes];
                 for _ in 0..ticks {
                     start.wait();
@@ -224,6 +255,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             "scenario": "floor",
             "subscribers": args.subscribers, "rate": args.rate, "duration_s": args.duration,
             "senders": args.senders, "readers": args.readers, "frame_bytes": args.frame_bytes,
+            "io": args.io.as_str(), "congestion": args.congestion,
             "frames": frames, "expected": expected, "short_sockets": short,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": merged.max() as f64 / 1000.0},
             "cpu_us_per_delivery": {"senders": per_delivery_us(cpu.unwrap_or(f64::NAN)), "readers": per_delivery_us(readers_cpu)},
@@ -284,8 +316,8 @@ fn expect_line(out: &mut impl std::io::BufRead, want: &str) -> Result<String, St
 }
 
 /// A socket's frames as they come: the part of a frame a read ended in.
+#[derive(Default)]
 struct Partial {
-    stream: mio::net::TcpStream,
     have: usize,
     stamp: [u8; 8],
     frames: u64,
@@ -312,60 +344,131 @@ struct ReaderReport {
 /// Connects the reader's sockets, calls `ready`, and reads every socket until each has its
 /// frames or has ended (then at most [`READ_GRACE`] more), or the deadline.
 fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport, String> {
-    let mut socks = Vec::with_capacity(args.sockets);
+    let mut streams = Vec::with_capacity(args.sockets);
     for _ in 0..args.sockets {
         let s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
-        s.set_nonblocking(true).map_err(|e| e.to_string())?;
         set_congestion(&s, args.congestion.as_deref())?;
-        socks.push(Partial {
-            stream: mio::net::TcpStream::from_std(s),
-            have: 0,
-            stamp: [0; 8],
-            frames: 0,
-            ended: false,
-        });
+        streams.push(s);
     }
-    let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
-    for (i, p) in socks.iter_mut().enumerate() {
-        poll.registry()
-            .register(&mut p.stream, mio::Token(i), mio::Interest::READABLE)
-            .map_err(|e| e.to_string())?;
-    }
-    ready();
+    let mut parts: Vec<Partial> = (0..streams.len()).map(|_| Partial::default()).collect();
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(args.deadline);
+    match args.io {
+        FloorIo::Syscalls => {
+            let mut streams = streams
+                .into_iter()
+                .map(|s| {
+                    s.set_nonblocking(true)?;
+                    Ok(mio::net::TcpStream::from_std(s))
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| e.to_string())?;
+            let poll = mio::Poll::new().map_err(|e| e.to_string())?;
+            for (i, s) in streams.iter_mut().enumerate() {
+                poll.registry()
+                    .register(s, mio::Token(i), mio::Interest::READABLE)
+                    .map_err(|e| e.to_string())?;
+            }
+            ready();
+            epoll_loop(args, poll, &mut streams, &mut parts, &mut hist, deadline)?;
+        }
+        FloorIo::Uring => {
+            // Blocking sockets: io_uring waits for data itself (a non-blocking one would
+            // complete each receive at once with EAGAIN).
+            ready();
+            uring::read_loop(args, &streams, &mut parts, &mut hist, deadline)?;
+        }
+    }
+    let frames = parts.iter().map(|p| p.frames).sum();
+    let short_sockets = parts.iter().filter(|p| p.frames < args.frames_each).count();
+    Ok(ReaderReport {
+        frames,
+        short_sockets,
+        hist,
+    })
+}
+
+/// When a reader stops: every socket has its frames or has ended (then at most
+/// [`READ_GRACE`] more), or the deadline passed.
+struct Progress {
+    open: usize,
+    complete: usize,
+    grace: Option<Instant>,
+}
+
+impl Progress {
+    fn new(sockets: usize) -> Self {
+        Self {
+            open: sockets,
+            complete: 0,
+            grace: None,
+        }
+    }
+
+    fn done(&self, sockets: usize, deadline: Instant) -> bool {
+        let now = Instant::now();
+        self.open == 0
+            || self.complete >= sockets
+            || now > deadline
+            || self.grace.is_some_and(|g| now > g)
+    }
+
+    /// Bytes read from the socket of `p`.
+    fn read(
+        &mut self,
+        p: &mut Partial,
+        bytes: &[u8],
+        args: &FloorReaderArgs,
+        hist: &mut Histogram<u64>,
+    ) {
+        let before = p.frames;
+        take(p, bytes, args.frame_bytes, unix_ns(), hist);
+        if before < args.frames_each && p.frames >= args.frames_each {
+            self.complete += 1;
+        }
+    }
+
+    /// The socket of `p` reached its end.
+    fn ended(&mut self, p: &mut Partial) {
+        p.ended = true;
+        self.open -= 1;
+        self.grace
+            .get_or_insert_with(|| Instant::now() + READ_GRACE);
+    }
+}
+
+fn epoll_loop(
+    args: &FloorReaderArgs,
+    mut poll: mio::Poll,
+    streams: &mut [mio::net::TcpStream],
+    parts: &mut [Partial],
+    hist: &mut Histogram<u64>,
+    deadline: Instant,
+) -> Result<(), String> {
     let mut events = mio::Events::with_capacity(1024);
     let mut buf = vec![0u8; 64 << 10];
-    let deadline = Instant::now() + Duration::from_secs(args.deadline);
-    let mut grace: Option<Instant> = None;
-    let (mut open, mut complete) = (socks.len(), 0usize);
-    while open > 0 && complete < socks.len() {
-        let now = Instant::now();
-        if now > deadline || grace.is_some_and(|g| now > g) {
-            break;
-        }
+    let mut progress = Progress::new(parts.len());
+    while !progress.done(parts.len(), deadline) {
         poll.poll(&mut events, Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
         for ev in &events {
-            let Some(p) = socks.get_mut(ev.token().0).filter(|p| !p.ended) else {
+            let i = ev.token().0;
+            let (Some(s), Some(p)) = (streams.get_mut(i), parts.get_mut(i)) else {
                 continue;
             };
+            if p.ended {
+                continue;
+            }
             // Edge-triggered: read until the socket is empty or ended.
             loop {
-                match p.stream.read(&mut buf) {
+                match s.read(&mut buf) {
                     Ok(0) => {
-                        p.ended = true;
-                        open -= 1;
-                        grace.get_or_insert_with(|| Instant::now() + READ_GRACE);
+                        progress.ended(p);
                         break;
                     }
                     Ok(n) => {
-                        let now = unix_ns();
-                        let before = p.frames;
-                        take(p, &buf[..n], args.frame_bytes, now, &mut hist);
-                        if before < args.frames_each && p.frames >= args.frames_each {
-                            complete += 1;
-                        }
+                        progress.read(p, &buf[..n], args, hist);
                         // A short read emptied the socket (unless its end came with it).
                         if n < buf.len() && !ev.is_read_closed() {
                             break;
@@ -378,13 +481,142 @@ fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport
             }
         }
     }
-    let frames = socks.iter().map(|p| p.frames).sum();
-    let short_sockets = socks.iter().filter(|p| p.frames < args.frames_each).count();
-    Ok(ReaderReport {
-        frames,
-        short_sockets,
-        hist,
-    })
+    Ok(())
+}
+
+/// The same two loops over io_uring: a tick's sends submitted in batches, and a receive kept
+/// armed on every socket, armed again as each completes.
+mod uring {
+    use std::collections::VecDeque;
+    use std::net::TcpStream;
+    use std::os::fd::AsRawFd as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Barrier;
+    use std::time::Instant;
+
+    use hdrhistogram::Histogram;
+    use io_uring::{opcode, types, IoUring};
+
+    use super::{FloorReaderArgs, Partial, Progress};
+
+    /// Submission queue entries (the completion queue is twice as long).
+    const ENTRIES: u32 = 4096;
+    /// Receive buffer per socket.
+    const RECV_BUF: usize = 2048;
+    /// The wake-up that lets the reader check its deadline.
+    const TICK: u64 = u64::MAX;
+
+    /// `ticks` times: waits at `start`, then sends the frame (the stamp in its first eight
+    /// bytes) to every socket, in batches of one submission each.
+    pub fn send_ticks(
+        socks: &[TcpStream],
+        ticks: u64,
+        start: &Barrier,
+        stamp: &AtomicU64,
+        frame_bytes: usize,
+    ) -> std::io::Result<()> {
+        let mut frame = vec![b'x'; frame_bytes];
+        let mut ring = IoUring::new(ENTRIES)?;
+        let fds: Vec<_> = socks.iter().map(|s| types::Fd(s.as_raw_fd())).collect();
+        let len = frame.len() as u32;
+        for _ in 0..ticks {
+            start.wait();
+            let sent = stamp.load(Ordering::Acquire);
+            frame[..8].copy_from_slice(&sent.to_le_bytes());
+            let (mut next, mut pending) = (0usize, 0usize);
+            while next < fds.len() || pending > 0 {
+                {
+                    let mut sq = ring.submission();
+                    while next < fds.len() && !sq.is_full() {
+                        let send = opcode::Send::new(fds[next], frame.as_ptr(), len)
+                            .build()
+                            .user_data(next as u64);
+                        // SAFETY: `frame` is neither changed nor freed until every send of
+                        // this tick has completed (reaped below, before the next tick).
+                        unsafe { sq.push(&send) }
+                            .map_err(|_| std::io::Error::other("submission queue full"))?;
+                        next += 1;
+                        pending += 1;
+                    }
+                }
+                ring.submit_and_wait(usize::from(next >= fds.len() && pending > 0))?;
+                for cqe in ring.completion() {
+                    pending -= 1;
+                    if cqe.result() != len as i32 {
+                        return Err(std::io::Error::other(format!("send: {}", cqe.result())));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps one receive in flight on every socket until `progress` says the reader is done.
+    pub fn read_loop(
+        args: &FloorReaderArgs,
+        streams: &[TcpStream],
+        parts: &mut [Partial],
+        hist: &mut Histogram<u64>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        // Declared before the ring, so that the ring (with what it still has in flight) is
+        // dropped first.
+        let mut bufs = vec![0u8; streams.len() * RECV_BUF];
+        let tick = types::Timespec::new().nsec(100_000_000);
+        let base = bufs.as_mut_ptr();
+        let mut ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
+        let fds: Vec<_> = streams.iter().map(|s| types::Fd(s.as_raw_fd())).collect();
+        let mut to_arm: VecDeque<usize> = (0..streams.len()).collect();
+        let mut tick_armed = false;
+        let mut progress = Progress::new(parts.len());
+        while !progress.done(parts.len(), deadline) {
+            {
+                let mut sq = ring.submission();
+                if !tick_armed && !sq.is_full() {
+                    let t = opcode::Timeout::new(&tick).build().user_data(TICK);
+                    // SAFETY: `tick` outlives the ring.
+                    unsafe { sq.push(&t) }.map_err(|_| "submission queue full".to_string())?;
+                    tick_armed = true;
+                }
+                while let Some(&i) = to_arm.front() {
+                    if sq.is_full() {
+                        break;
+                    }
+                    // SAFETY: socket i's slice of `bufs`, which outlives the ring; one
+                    // receive per socket is in flight at a time.
+                    let at = unsafe { base.add(i * RECV_BUF) };
+                    let recv = opcode::Recv::new(fds[i], at, RECV_BUF as u32)
+                        .build()
+                        .user_data(i as u64);
+                    unsafe { sq.push(&recv) }.map_err(|_| "submission queue full".to_string())?;
+                    to_arm.pop_front();
+                }
+            }
+            ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+            for cqe in ring.completion() {
+                if cqe.user_data() == TICK {
+                    tick_armed = false;
+                    continue;
+                }
+                let i = cqe.user_data() as usize;
+                let Some(p) = parts.get_mut(i) else { continue };
+                match cqe.result() {
+                    0 => progress.ended(p),
+                    n if n > 0 => {
+                        // SAFETY: the kernel wrote `n` bytes into socket i's slice.
+                        let got = unsafe {
+                            std::slice::from_raw_parts(base.add(i * RECV_BUF), n as usize)
+                        };
+                        progress.read(p, got, args, hist);
+                        to_arm.push_back(i);
+                    }
+                    e if e == -libc::EINTR || e == -libc::EAGAIN => to_arm.push_back(i),
+                    e => return Err(format!("recv: {}", std::io::Error::from_raw_os_error(-e))),
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Splits `bytes` into the socket's fixed-size frames, recording each completed frame's
@@ -415,21 +647,7 @@ mod tests {
     use super::*;
 
     fn partial() -> Partial {
-        let (a, _b) = loopback_pair();
-        Partial {
-            stream: mio::net::TcpStream::from_std(a),
-            have: 0,
-            stamp: [0; 8],
-            frames: 0,
-            ended: false,
-        }
-    }
-
-    fn loopback_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let (b, _) = l.accept().expect("accept");
-        (a, b)
+        Partial::default()
     }
 
     fn frame(sent_ns: u64, len: usize) -> Vec<u8> {
@@ -459,6 +677,7 @@ mod tests {
 
     /// A reader on its own thread; the test plays the senders.
     fn run_reader(
+        io: FloorIo,
         sockets: usize,
         frames_each: u64,
         send: impl FnOnce(Vec<TcpStream>),
@@ -471,6 +690,7 @@ mod tests {
             frame_bytes: 100,
             deadline: 20,
             congestion: None,
+            io,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -486,30 +706,56 @@ mod tests {
 
     #[test]
     fn every_frame_of_every_socket_is_read_and_timed() {
-        let report = run_reader(5, 3, |mut ends| {
-            for _ in 0..3 {
-                for e in &mut ends {
-                    e.write_all(&frame(unix_ns(), 100)).expect("write");
+        for io in [FloorIo::Syscalls, FloorIo::Uring] {
+            let report = run_reader(io, 5, 3, |mut ends| {
+                for _ in 0..3 {
+                    for e in &mut ends {
+                        e.write_all(&frame(unix_ns(), 100)).expect("write");
+                    }
                 }
-            }
-        });
-        assert_eq!(report.frames, 15);
-        assert_eq!(report.short_sockets, 0);
-        assert_eq!(report.hist.len(), 15);
+            });
+            assert_eq!(report.frames, 15, "{io:?}");
+            assert_eq!(report.short_sockets, 0, "{io:?}");
+            assert_eq!(report.hist.len(), 15, "{io:?}");
+        }
+    }
+
+    #[test]
+    fn io_uring_sends_reach_every_socket_once_per_tick() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let clients: Vec<TcpStream> = (0..6)
+            .map(|_| TcpStream::connect(l.local_addr().expect("addr")).expect("connect"))
+            .collect();
+        let ends: Vec<TcpStream> = (0..6).map(|_| l.accept().expect("accept").0).collect();
+        let start = Barrier::new(1);
+        let stamp = std::sync::atomic::AtomicU64::new(7);
+        uring::send_ticks(&ends, 2, &start, &stamp, 16).expect("sends");
+        drop(ends);
+        for mut c in clients {
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).expect("read");
+            assert_eq!(got.len(), 32);
+            assert_eq!(
+                u64::from_le_bytes(got[16..24].try_into().expect("8 bytes")),
+                7
+            );
+        }
     }
 
     #[test]
     fn a_socket_that_ends_early_is_counted_short() {
-        let report = run_reader(3, 2, |mut ends| {
-            for (i, e) in ends.iter_mut().enumerate() {
-                let frames = if i == 1 { 1 } else { 2 };
-                for _ in 0..frames {
-                    e.write_all(&frame(unix_ns(), 100)).expect("write");
+        for io in [FloorIo::Syscalls, FloorIo::Uring] {
+            let report = run_reader(io, 3, 2, |mut ends| {
+                for (i, e) in ends.iter_mut().enumerate() {
+                    let frames = if i == 1 { 1 } else { 2 };
+                    for _ in 0..frames {
+                        e.write_all(&frame(unix_ns(), 100)).expect("write");
+                    }
                 }
-            }
-            // Dropped here: every socket ends, one of them a frame short.
-        });
-        assert_eq!(report.frames, 5);
-        assert_eq!(report.short_sockets, 1);
+                // Dropped here: every socket ends, one of them a frame short.
+            });
+            assert_eq!(report.frames, 5, "{io:?}");
+            assert_eq!(report.short_sockets, 1, "{io:?}");
+        }
     }
 }
