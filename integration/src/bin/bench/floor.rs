@@ -111,7 +111,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
     let share = |i: usize| {
         args.subscribers / args.readers + usize::from(i < args.subscribers % args.readers)
     };
-    let mut children = Vec::new();
+    let mut children = Readers(Vec::new());
     for i in 0..args.readers {
         let child = Command::new(&exe)
             .args(["floor-reader", "--connect", &addr.to_string()])
@@ -129,7 +129,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             .stdout(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawn reader: {e}"))?;
-        children.push(child);
+        children.0.push(child);
     }
     // Accepted in connect order, dealt to the senders in turn (as a server's workers share
     // their sockets).
@@ -156,6 +156,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         }
     }
     let mut outs: Vec<BufReader<std::process::ChildStdout>> = children
+        .0
         .iter_mut()
         .filter_map(|c| c.stdout.take().map(BufReader::new))
         .collect();
@@ -169,6 +170,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
 
     let cpu_before = sample_proc("self").map(|s| s.cpu_secs);
     let readers_cpu_before: Vec<Option<f64>> = children
+        .0
         .iter()
         .map(|c| sample_proc(&c.id().to_string()).map(|s| s.cpu_secs))
         .collect();
@@ -215,6 +217,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
     let sent_secs = began.elapsed().as_secs_f64();
     let cpu = cpu_before.and_then(|b| sample_proc("self").map(|s| s.cpu_secs - b));
     let readers_cpu: f64 = children
+        .0
         .iter()
         .zip(&readers_cpu_before)
         .filter_map(|(c, b)| Some(sample_proc(&c.id().to_string())?.cpu_secs - (*b)?))
@@ -231,9 +234,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         frames += report["frames"].as_u64().unwrap_or(0);
         short += report["short_sockets"].as_u64().unwrap_or(0);
     }
-    for mut c in children {
-        let _ = c.wait();
-    }
+    children.wait();
     let expected = ticks * args.subscribers as u64;
     let ms = |q: f64| merged.value_at_quantile(q) as f64 / 1000.0;
     let per_delivery_us = |s: f64| s * 1e6 / expected.max(1) as f64;
@@ -262,6 +263,28 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         })
     );
     Ok(frames == expected)
+}
+
+/// The reader processes this run started. Waited for at the end; if the run ends early with an
+/// error, killed (by their own pids) rather than left to their deadline.
+struct Readers(Vec<std::process::Child>);
+
+impl Readers {
+    fn wait(mut self) {
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// std listens with a backlog of 128: a reader connecting thousands of sockets at once would
