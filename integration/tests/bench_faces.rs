@@ -113,3 +113,26 @@ fn floor_reads_every_frame_through_its_reader_processes() {
     assert_eq!(last["short_sockets"], 0, "{last}");
     assert!(last["latency_ms"]["p99"].as_f64() > Some(0.0), "{last}");
 }
+
+#[test]
+fn floor_pinned_reads_every_frame_with_each_reader_beside_its_sender() {
+    let out = bench(
+        &[
+            "floor",
+            "--subscribers",
+            "60",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--frame-bytes",
+            "64",
+            "--pin",
+        ],
+        None,
+    );
+    let last: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("json line");
+    assert_eq!(last["pinned"], true, "{last}");
+    assert_eq!(last["frames"], 1_200, "{last}");
+    assert_eq!(last["short_sockets"], 0, "{last}");
+}

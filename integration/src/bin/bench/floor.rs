@@ -59,8 +59,13 @@ pub struct FloorArgs {
     pub congestion: Option<String>,
     /// `syscalls`: a `write` per delivery, reads from an epoll loop. `uring`: sends and
     /// receives batched through io_uring (fewer system calls; the TCP work is the same).
+    /// `uring-multishot`: as `uring`, with multishot receives into provided buffers.
     #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
     pub io: FloorIo,
+    /// Pins sender i and reader i to CPU i (modulo the CPUs) and gives sender i reader i's
+    /// sockets, so both ends of a socket share one CPU's caches (a diagnostic).
+    #[arg(long)]
+    pub pin: bool,
 }
 
 /// How the floor's threads do their I/O.
@@ -69,6 +74,9 @@ pub enum FloorIo {
     #[default]
     Syscalls,
     Uring,
+    /// As `uring`, but each reader keeps one multishot receive per socket, into buffers it
+    /// lends the kernel through a provided-buffer ring (no re-arming per frame).
+    UringMultishot,
 }
 
 impl FloorIo {
@@ -76,6 +84,7 @@ impl FloorIo {
         match self {
             Self::Syscalls => "syscalls",
             Self::Uring => "uring",
+            Self::UringMultishot => "uring-multishot",
         }
     }
 }
@@ -97,12 +106,22 @@ pub struct FloorReaderArgs {
     pub congestion: Option<String>,
     #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
     pub io: FloorIo,
+    /// This reader's index: said in one byte on each socket after connecting.
+    #[arg(long, default_value_t = 0)]
+    pub index: u8,
+    /// The CPU to pin this reader to.
+    #[arg(long)]
+    pub cpu: Option<usize>,
 }
 
 pub fn main(args: &FloorArgs) -> Result<bool, String> {
     if args.frame_bytes < 8 || args.senders == 0 || args.readers == 0 || args.rate == 0 {
         return Err("--frame-bytes ≥ 8, and --senders, --readers, --rate ≥ 1".into());
     }
+    if args.readers > usize::from(u8::MAX) {
+        return Err("--readers ≤ 255".into());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     widen_backlog(&listener);
@@ -125,6 +144,13 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
                     .flat_map(|c| ["--congestion", c.as_str()]),
             )
             .args(["--io", args.io.as_str()])
+            .args(["--index", &i.to_string()])
+            .args(
+                args.pin
+                    .then(|| ["--cpu".to_string(), (i % cpus).to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -132,7 +158,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         children.0.push(child);
     }
     // Accepted in connect order, dealt to the senders in turn (as a server's workers share
-    // their sockets).
+    // their sockets); with `--pin`, each to the sender of its reader's index.
     let mut groups: Vec<Vec<TcpStream>> = (0..args.senders).map(|_| Vec::new()).collect();
     let accept_until = Instant::now() + Duration::from_secs(60);
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -141,9 +167,19 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| e.to_string())?;
+                let mut index = [0u8];
+                (&s).read_exact(&mut index)
+                    .map_err(|e| format!("reader index: {e}"))?;
                 s.set_nodelay(true).map_err(|e| e.to_string())?;
                 set_congestion(&s, args.congestion.as_deref())?;
-                groups[accepted % args.senders].push(s);
+                let sender = if args.pin {
+                    usize::from(index[0]) % args.senders
+                } else {
+                    accepted % args.senders
+                };
+                groups[sender].push(s);
                 accepted += 1;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -164,8 +200,13 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
         expect_line(out, "ready")?;
     }
     eprintln!(
-        "floor: {} sockets up; {} ticks of {} B at {}/s from {} senders",
-        args.subscribers, ticks, args.frame_bytes, args.rate, args.senders
+        "floor: {} sockets up; {} ticks of {} B at {}/s from {} senders{}",
+        args.subscribers,
+        ticks,
+        args.frame_bytes,
+        args.rate,
+        args.senders,
+        if args.pin { ", pinned" } else { "" }
     );
 
     let cpu_before = sample_proc("self").map(|s| s.cpu_secs);
@@ -180,10 +221,15 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
     let (frame_bytes, io) = (args.frame_bytes, args.io);
     let threads: Vec<_> = groups
         .into_iter()
-        .map(|mut socks| {
+        .enumerate()
+        .map(|(i, mut socks)| {
             let (start, stamp) = (start.clone(), stamp.clone());
+            let cpu = args.pin.then_some(i % cpus);
             std::thread::spawn(move || -> std::io::Result<()> {
-                if io == FloorIo::Uring {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu)?;
+                }
+                if io != FloorIo::Syscalls {
                     return uring::send_ticks(&socks, ticks, &start, &stamp, frame_bytes);
                 }
                 let mut frame = vec![b'x'; frame_bytes];
@@ -256,7 +302,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             "scenario": "floor",
             "subscribers": args.subscribers, "rate": args.rate, "duration_s": args.duration,
             "senders": args.senders, "readers": args.readers, "frame_bytes": args.frame_bytes,
-            "io": args.io.as_str(), "congestion": args.congestion,
+            "io": args.io.as_str(), "congestion": args.congestion, "pinned": args.pin,
             "frames": frames, "expected": expected, "short_sockets": short,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": merged.max() as f64 / 1000.0},
             "cpu_us_per_delivery": {"senders": per_delivery_us(cpu.unwrap_or(f64::NAN)), "readers": per_delivery_us(readers_cpu)},
@@ -300,6 +346,23 @@ fn widen_backlog(listener: &TcpListener) {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it (the index is
+    // below CPU_SETSIZE, checked first); sched_setaffinity(0, ..) applies to this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!("no CPU {cpu}")));
+        }
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Sets the socket's congestion control when one is named.
@@ -367,10 +430,15 @@ struct ReaderReport {
 /// Connects the reader's sockets, calls `ready`, and reads every socket until each has its
 /// frames or has ended (then at most [`READ_GRACE`] more), or the deadline.
 fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport, String> {
+    if let Some(cpu) = args.cpu {
+        pin_to(cpu).map_err(|e| format!("pin to CPU {cpu}: {e}"))?;
+    }
     let mut streams = Vec::with_capacity(args.sockets);
     for _ in 0..args.sockets {
-        let s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
+        let mut s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
         set_congestion(&s, args.congestion.as_deref())?;
+        s.write_all(&[args.index])
+            .map_err(|e| format!("say index: {e}"))?;
         streams.push(s);
     }
     let mut parts: Vec<Partial> = (0..streams.len()).map(|_| Partial::default()).collect();
@@ -401,6 +469,10 @@ fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport
             // complete each receive at once with EAGAIN).
             ready();
             uring::read_loop(args, &streams, &mut parts, &mut hist, deadline)?;
+        }
+        FloorIo::UringMultishot => {
+            ready();
+            uring::read_multishot(args, &streams, &mut parts, &mut hist, deadline)?;
         }
     }
     let frames = parts.iter().map(|p| p.frames).sum();
@@ -640,6 +712,154 @@ mod uring {
         }
         Ok(())
     }
+
+    /// Buffers lent to the kernel for multishot receives (a power of two).
+    const LENT: u16 = 8192;
+    /// The provided-buffer group's id.
+    const GROUP: u16 = 7;
+
+    /// A provided-buffer ring: `LENT` receive buffers the kernel picks from, handed back to it
+    /// as each completion is read.
+    struct BufRing {
+        entries: *mut types::BufRingEntry,
+        bufs: Vec<u8>,
+        tail: u16,
+    }
+
+    impl BufRing {
+        fn layout() -> std::alloc::Layout {
+            // Page-aligned, as the kernel requires of a ring it maps.
+            std::alloc::Layout::from_size_align(
+                usize::from(LENT) * std::mem::size_of::<types::BufRingEntry>(),
+                4096,
+            )
+            .expect("constant layout")
+        }
+
+        fn new() -> Result<Self, String> {
+            // SAFETY: the layout has a non-zero size.
+            let entries = unsafe { std::alloc::alloc_zeroed(Self::layout()) };
+            if entries.is_null() {
+                return Err("buffer ring: out of memory".into());
+            }
+            let mut ring = Self {
+                entries: entries.cast(),
+                bufs: vec![0u8; usize::from(LENT) * RECV_BUF],
+                tail: 0,
+            };
+            for bid in 0..LENT {
+                ring.lend(bid);
+            }
+            Ok(ring)
+        }
+
+        /// Gives buffer `bid` (back) to the kernel.
+        fn lend(&mut self, bid: u16) {
+            let slot = usize::from(self.tail & (LENT - 1));
+            // SAFETY: `slot` < LENT entries; `bid` < LENT, so its buffer lies inside `bufs`,
+            // which lives as long as the ring. The tail is published after the entry is
+            // written (release), as the kernel reads entries up to the tail.
+            unsafe {
+                let e = &mut *self.entries.add(slot);
+                e.set_addr(self.bufs.as_ptr().add(usize::from(bid) * RECV_BUF) as u64);
+                e.set_len(RECV_BUF as u32);
+                e.set_bid(bid);
+                self.tail = self.tail.wrapping_add(1);
+                let tail = types::BufRingEntry::tail(self.entries).cast_mut();
+                (*(tail as *const std::sync::atomic::AtomicU16))
+                    .store(self.tail, Ordering::Release);
+            }
+        }
+
+        fn buf(&self, bid: u16, n: usize) -> &[u8] {
+            let at = usize::from(bid) * RECV_BUF;
+            &self.bufs[at..at + n.min(RECV_BUF)]
+        }
+    }
+
+    impl Drop for BufRing {
+        fn drop(&mut self) {
+            // SAFETY: allocated in `new` with this layout; dropped after the io_uring that
+            // used it (declared before it in `read_multishot`).
+            unsafe { std::alloc::dealloc(self.entries.cast(), Self::layout()) }
+        }
+    }
+
+    /// One multishot receive per socket into the provided buffers, re-armed only when the
+    /// kernel ends it (e.g. when it ran out of buffers).
+    pub fn read_multishot(
+        args: &FloorReaderArgs,
+        streams: &[TcpStream],
+        parts: &mut [Partial],
+        hist: &mut Histogram<u64>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let mut lent = BufRing::new()?;
+        let tick = types::Timespec::new().nsec(100_000_000);
+        let mut ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
+        // SAFETY: the entries stay allocated until `lent` drops, after `ring`.
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(lent.entries as u64, LENT, GROUP, 0)
+        }
+        .map_err(|e| format!("register buffer ring: {e}"))?;
+        let fds: Vec<_> = streams.iter().map(|s| types::Fd(s.as_raw_fd())).collect();
+        let mut to_arm: VecDeque<usize> = (0..streams.len()).collect();
+        let mut tick_armed = false;
+        let mut progress = Progress::new(parts.len());
+        while !progress.done(parts.len(), deadline) {
+            {
+                let mut sq = ring.submission();
+                if !tick_armed && !sq.is_full() {
+                    let t = opcode::Timeout::new(&tick).build().user_data(TICK);
+                    // SAFETY: `tick` outlives the ring.
+                    unsafe { sq.push(&t) }.map_err(|_| "submission queue full".to_string())?;
+                    tick_armed = true;
+                }
+                while let Some(&i) = to_arm.front() {
+                    if sq.is_full() {
+                        break;
+                    }
+                    let recv = opcode::RecvMulti::new(fds[i], GROUP)
+                        .build()
+                        .user_data(i as u64);
+                    // SAFETY: the receive writes only into buffers of the registered group.
+                    unsafe { sq.push(&recv) }.map_err(|_| "submission queue full".to_string())?;
+                    to_arm.pop_front();
+                }
+            }
+            ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+            for cqe in ring.completion() {
+                if cqe.user_data() == TICK {
+                    tick_armed = false;
+                    continue;
+                }
+                let i = cqe.user_data() as usize;
+                let Some(p) = parts.get_mut(i) else { continue };
+                let flags = cqe.flags();
+                match cqe.result() {
+                    0 => progress.ended(p),
+                    n if n > 0 => {
+                        let Some(bid) = io_uring::cqueue::buffer_select(flags) else {
+                            return Err("a receive completed without a buffer".into());
+                        };
+                        progress.read(p, lent.buf(bid, n as usize), args, hist);
+                        lent.lend(bid);
+                        if !io_uring::cqueue::more(flags) {
+                            to_arm.push_back(i);
+                        }
+                    }
+                    e if e == -libc::ENOBUFS || e == -libc::EINTR || e == -libc::EAGAIN => {
+                        to_arm.push_back(i)
+                    }
+                    e => return Err(format!("recv: {}", std::io::Error::from_raw_os_error(-e))),
+                }
+            }
+        }
+        drop(ring);
+        drop(lent);
+        Ok(())
+    }
 }
 
 /// Splits `bytes` into the socket's fixed-size frames, recording each completed frame's
@@ -720,11 +940,19 @@ mod tests {
             deadline: 20,
             congestion: None,
             io,
+            index: 3,
+            cpu: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || read_all(&args, || tx.send(()).expect("ready")));
         let ends: Vec<TcpStream> = (0..sockets)
-            .map(|_| l.accept().expect("accept").0)
+            .map(|_| {
+                let mut end = l.accept().expect("accept").0;
+                let mut index = [0u8];
+                end.read_exact(&mut index).expect("index");
+                assert_eq!(index, [3], "each socket says its reader's index first");
+                end
+            })
             .collect();
         // No "ready": the reader failed before reading (its error is returned).
         if rx.recv().is_ok() {
@@ -740,12 +968,12 @@ mod tests {
         send: impl Fn(Vec<TcpStream>),
         check: impl Fn(FloorIo, ReaderReport),
     ) {
-        for io in [FloorIo::Syscalls, FloorIo::Uring] {
+        for io in [FloorIo::Syscalls, FloorIo::Uring, FloorIo::UringMultishot] {
             let got = run_reader(io, sockets, frames_each, &send);
             match got {
                 Ok(report) => check(io, report),
                 Err(e) => assert!(
-                    io == FloorIo::Uring && !uring_here(),
+                    io != FloorIo::Syscalls && !uring_here(),
                     "{io:?} failed where it should work: {e}"
                 ),
             }
@@ -800,6 +1028,26 @@ mod tests {
                 7
             );
         }
+    }
+
+    #[test]
+    fn a_pinned_thread_runs_on_its_cpu_only() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let last = cpus - 1;
+        let ran_on = std::thread::spawn(move || {
+            pin_to(last).expect("pin");
+            (0..50)
+                .map(|_| {
+                    std::thread::yield_now();
+                    // SAFETY: no arguments; returns the CPU this thread runs on.
+                    unsafe { libc::sched_getcpu() }
+                })
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("thread");
+        assert!(ran_on.iter().all(|&c| c == last as i32), "{ran_on:?}");
+        assert!(pin_to(libc::CPU_SETSIZE as usize).is_err());
     }
 
     #[test]
