@@ -13,7 +13,17 @@
 //! and each reader keeps one receive armed per socket, so the system calls per delivery go
 //! (the TCP work stays).
 //!
-//! So its p99 is a lower bound for `fanout` at the same size and rate on the same machine.
+//! `--io uring-multishot` keeps one multishot receive per socket instead, into buffers lent to
+//! the kernel through a provided-buffer ring. `--pin` puts sender i and reader i on CPU i and
+//! gives sender i reader i's sockets; `--read-pause-us` pauses the readers between waits as
+//! fanout's do. Each is a diagnostic: a design a server or generator could take.
+//!
+//! Its p99 is meant as a lower bound for `fanout` at the same size and rate on the same
+//! machine, and was one on every VM measured (Intel: 42–49 ms against fanout's 83–104; the
+//! AMD VM of 2026-12-07 16:00: 250–360 against 523). Its CPU per send is not a floor for a
+//! server's, though: on that AMD VM a bare send cost 10.4–13.7 µs and Switchboard's whole
+//! delivery 9.0 µs at the same size (see `docs/performance.md`).
+//!
 //! Bounded: `--duration` of ticks, then every socket is closed and each reader stops at the end
 //! of its sockets or 10 s later.
 
@@ -62,6 +72,13 @@ pub struct FloorArgs {
     /// `uring-multishot`: as `uring`, with multishot receives into provided buffers.
     #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
     pub io: FloorIo,
+    /// µs a reader pauses after a wait that found fewer than 1,024 ready sockets (or
+    /// completions), as fanout's readers do by default (`fanout --read-pause-us 1000`): fewer
+    /// wake-ups, at most this much added latency. Default 0, no pause, as every floor recorded
+    /// so far (a diagnostic: on the AMD VM of 2026-12-07 16:00 it changed neither the p99 nor
+    /// the CPU per send beyond the runs' spread).
+    #[arg(long, default_value_t = 0)]
+    pub read_pause_us: u64,
     /// Pins sender i and reader i to CPU i (modulo the CPUs) and gives sender i reader i's
     /// sockets, so both ends of a socket share one CPU's caches (a diagnostic).
     #[arg(long)]
@@ -106,6 +123,8 @@ pub struct FloorReaderArgs {
     pub congestion: Option<String>,
     #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
     pub io: FloorIo,
+    #[arg(long, default_value_t = 0)]
+    pub read_pause_us: u64,
     /// This reader's index: said in one byte on each socket after connecting.
     #[arg(long, default_value_t = 0)]
     pub index: u8,
@@ -145,6 +164,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             )
             .args(["--io", args.io.as_str()])
             .args(["--index", &i.to_string()])
+            .args(["--read-pause-us", &args.read_pause_us.to_string()])
             .args(
                 args.pin
                     .then(|| ["--cpu".to_string(), (i % cpus).to_string()])
@@ -303,6 +323,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             "subscribers": args.subscribers, "rate": args.rate, "duration_s": args.duration,
             "senders": args.senders, "readers": args.readers, "frame_bytes": args.frame_bytes,
             "io": args.io.as_str(), "congestion": args.congestion, "pinned": args.pin,
+            "read_pause_us": args.read_pause_us,
             "frames": frames, "expected": expected, "short_sockets": short,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": merged.max() as f64 / 1000.0},
             "cpu_us_per_delivery": {"senders": per_delivery_us(cpu.unwrap_or(f64::NAN)), "readers": per_delivery_us(readers_cpu)},
@@ -541,10 +562,16 @@ fn epoll_loop(
     hist: &mut Histogram<u64>,
     deadline: Instant,
 ) -> Result<(), String> {
-    let mut events = mio::Events::with_capacity(1024);
+    const EVENTS: usize = 1024;
+    let mut events = mio::Events::with_capacity(EVENTS);
     let mut buf = vec![0u8; 64 << 10];
     let mut progress = Progress::new(parts.len());
+    let pause = Duration::from_micros(args.read_pause_us);
     while !progress.done(parts.len(), deadline) {
+        // A full batch means more are waiting: no pause then.
+        if !pause.is_zero() && events.iter().count() < EVENTS {
+            std::thread::sleep(pause);
+        }
         poll.poll(&mut events, Some(Duration::from_millis(100)))
             .map_err(|e| e.to_string())?;
         for ev in &events {
@@ -688,6 +715,7 @@ mod uring {
                 }
             }
             ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+            pause_if_few(&mut ring, args);
             for cqe in ring.completion() {
                 if cqe.user_data() == TICK {
                     tick_armed = false;
@@ -711,6 +739,14 @@ mod uring {
             }
         }
         Ok(())
+    }
+
+    /// As the epoll reader: after a wait that found fewer than 1,024 completions, pause
+    /// (`--read-pause-us`) so the next one finds a batch.
+    fn pause_if_few(ring: &mut IoUring, args: &FloorReaderArgs) {
+        if args.read_pause_us > 0 && ring.completion().len() < 1024 {
+            std::thread::sleep(std::time::Duration::from_micros(args.read_pause_us));
+        }
     }
 
     /// Buffers lent to the kernel for multishot receives (a power of two).
@@ -829,6 +865,7 @@ mod uring {
                 }
             }
             ring.submit_and_wait(1).map_err(|e| e.to_string())?;
+            pause_if_few(&mut ring, args);
             for cqe in ring.completion() {
                 if cqe.user_data() == TICK {
                     tick_armed = false;
@@ -927,6 +964,7 @@ mod tests {
 
     fn run_reader(
         io: FloorIo,
+        read_pause_us: u64,
         sockets: usize,
         frames_each: u64,
         send: impl FnOnce(Vec<TcpStream>),
@@ -942,6 +980,7 @@ mod tests {
             io,
             index: 3,
             cpu: None,
+            read_pause_us,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || read_all(&args, || tx.send(()).expect("ready")));
@@ -969,13 +1008,16 @@ mod tests {
         check: impl Fn(FloorIo, ReaderReport),
     ) {
         for io in [FloorIo::Syscalls, FloorIo::Uring, FloorIo::UringMultishot] {
-            let got = run_reader(io, sockets, frames_each, &send);
-            match got {
-                Ok(report) => check(io, report),
-                Err(e) => assert!(
-                    io != FloorIo::Syscalls && !uring_here(),
-                    "{io:?} failed where it should work: {e}"
-                ),
+            // With and without the pause between waits.
+            for pause_us in [0, 500] {
+                let got = run_reader(io, pause_us, sockets, frames_each, &send);
+                match got {
+                    Ok(report) => check(io, report),
+                    Err(e) => assert!(
+                        io != FloorIo::Syscalls && !uring_here(),
+                        "{io:?} failed where it should work: {e}"
+                    ),
+                }
             }
         }
     }
