@@ -618,7 +618,7 @@ mod uring {
     use std::time::Instant;
 
     use hdrhistogram::Histogram;
-    use io_uring::{opcode, types, IoUring};
+    use io_uring::{opcode, squeue, types, IoUring};
 
     use super::{FloorReaderArgs, Partial, Progress};
 
@@ -668,74 +668,6 @@ mod uring {
                     if cqe.result() != len as i32 {
                         return Err(std::io::Error::other(format!("send: {}", cqe.result())));
                     }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Keeps one receive in flight on every socket until `progress` says the reader is done.
-    pub fn read_loop(
-        args: &FloorReaderArgs,
-        streams: &[TcpStream],
-        parts: &mut [Partial],
-        hist: &mut Histogram<u64>,
-        deadline: Instant,
-    ) -> Result<(), String> {
-        // Declared before the ring, so that the ring (with what it still has in flight) is
-        // dropped first.
-        let mut bufs = vec![0u8; streams.len() * RECV_BUF];
-        let tick = types::Timespec::new().nsec(100_000_000);
-        let base = bufs.as_mut_ptr();
-        let mut ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
-        let fds: Vec<_> = streams.iter().map(|s| types::Fd(s.as_raw_fd())).collect();
-        let mut to_arm: VecDeque<usize> = (0..streams.len()).collect();
-        let mut tick_armed = false;
-        let mut progress = Progress::new(parts.len());
-        while !progress.done(parts.len(), deadline) {
-            {
-                let mut sq = ring.submission();
-                if !tick_armed && !sq.is_full() {
-                    let t = opcode::Timeout::new(&tick).build().user_data(TICK);
-                    // SAFETY: `tick` outlives the ring.
-                    unsafe { sq.push(&t) }.map_err(|_| "submission queue full".to_string())?;
-                    tick_armed = true;
-                }
-                while let Some(&i) = to_arm.front() {
-                    if sq.is_full() {
-                        break;
-                    }
-                    // SAFETY: socket i's slice of `bufs`, which outlives the ring; one
-                    // receive per socket is in flight at a time.
-                    let at = unsafe { base.add(i * RECV_BUF) };
-                    let recv = opcode::Recv::new(fds[i], at, RECV_BUF as u32)
-                        .build()
-                        .user_data(i as u64);
-                    unsafe { sq.push(&recv) }.map_err(|_| "submission queue full".to_string())?;
-                    to_arm.pop_front();
-                }
-            }
-            ring.submit_and_wait(1).map_err(|e| e.to_string())?;
-            pause_if_few(&mut ring, args);
-            for cqe in ring.completion() {
-                if cqe.user_data() == TICK {
-                    tick_armed = false;
-                    continue;
-                }
-                let i = cqe.user_data() as usize;
-                let Some(p) = parts.get_mut(i) else { continue };
-                match cqe.result() {
-                    0 => progress.ended(p),
-                    n if n > 0 => {
-                        // SAFETY: the kernel wrote `n` bytes into socket i's slice.
-                        let got = unsafe {
-                            std::slice::from_raw_parts(base.add(i * RECV_BUF), n as usize)
-                        };
-                        progress.read(p, got, args, hist);
-                        to_arm.push_back(i);
-                    }
-                    e if e == -libc::EINTR || e == -libc::EAGAIN => to_arm.push_back(i),
-                    e => return Err(format!("recv: {}", std::io::Error::from_raw_os_error(-e))),
                 }
             }
         }
@@ -822,8 +754,87 @@ mod uring {
         }
     }
 
-    /// One multishot receive per socket into the provided buffers, re-armed only when the
-    /// kernel ends it (e.g. when it ran out of buffers).
+    /// How receives are armed on a socket and where their bytes land.
+    trait Receives {
+        /// The receive to arm on socket `i`.
+        fn entry(&self, fd: types::Fd, i: usize) -> squeue::Entry;
+        /// The `n` bytes a completion on socket `i` brought.
+        fn bytes(&self, i: usize, n: usize, flags: u32) -> Result<&[u8], String>;
+        /// Those bytes are read; whether socket `i` needs its receive armed again.
+        fn consumed(&mut self, i: usize, flags: u32) -> bool;
+    }
+
+    /// One receive armed per socket at a time, into that socket's own slice of `bufs`.
+    struct Armed {
+        /// Written by the kernel through `base` only: kept, never touched from Rust.
+        _bufs: Vec<u8>,
+        base: *mut u8,
+    }
+
+    impl Armed {
+        fn new(sockets: usize) -> Self {
+            let mut bufs = vec![0u8; sockets * RECV_BUF];
+            let base = bufs.as_mut_ptr();
+            Self { _bufs: bufs, base }
+        }
+    }
+
+    impl Receives for Armed {
+        fn entry(&self, fd: types::Fd, i: usize) -> squeue::Entry {
+            // SAFETY: socket i's slice lies inside the buffers, which outlive the ring; one
+            // receive per socket is in flight at a time.
+            let at = unsafe { self.base.add(i * RECV_BUF) };
+            opcode::Recv::new(fd, at, RECV_BUF as u32).build()
+        }
+
+        fn bytes(&self, i: usize, n: usize, _flags: u32) -> Result<&[u8], String> {
+            // SAFETY: the kernel wrote `n` (≤ RECV_BUF) bytes into socket i's slice, and its
+            // receive has completed, so nothing writes there until it is armed again.
+            Ok(unsafe { std::slice::from_raw_parts(self.base.add(i * RECV_BUF), n.min(RECV_BUF)) })
+        }
+
+        fn consumed(&mut self, _i: usize, _flags: u32) -> bool {
+            true
+        }
+    }
+
+    /// One multishot receive per socket, into buffers lent through a provided-buffer ring;
+    /// armed again only when the kernel ends it (e.g. when it ran out of buffers).
+    impl Receives for BufRing {
+        fn entry(&self, fd: types::Fd, _i: usize) -> squeue::Entry {
+            opcode::RecvMulti::new(fd, GROUP).build()
+        }
+
+        fn bytes(&self, _i: usize, n: usize, flags: u32) -> Result<&[u8], String> {
+            let bid = io_uring::cqueue::buffer_select(flags)
+                .ok_or("a receive completed without a buffer")?;
+            Ok(self.buf(bid, n))
+        }
+
+        fn consumed(&mut self, _i: usize, flags: u32) -> bool {
+            if let Some(bid) = io_uring::cqueue::buffer_select(flags) {
+                self.lend(bid);
+            }
+            !io_uring::cqueue::more(flags)
+        }
+    }
+
+    /// Keeps one receive in flight on every socket until `progress` says the reader is done.
+    pub fn read_loop(
+        args: &FloorReaderArgs,
+        streams: &[TcpStream],
+        parts: &mut [Partial],
+        hist: &mut Histogram<u64>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        // Declared before the ring, so that the ring (with what it still has in flight) is
+        // dropped first.
+        let mut armed = Armed::new(streams.len());
+        let ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
+        receive(ring, &mut armed, args, streams, parts, hist, deadline)
+    }
+
+    /// Keeps one multishot receive on every socket until `progress` says the reader is done.
     pub fn read_multishot(
         args: &FloorReaderArgs,
         streams: &[TcpStream],
@@ -831,15 +842,30 @@ mod uring {
         hist: &mut Histogram<u64>,
         deadline: Instant,
     ) -> Result<(), String> {
+        // Declared before the ring: the ring is dropped first.
         let mut lent = BufRing::new()?;
-        let tick = types::Timespec::new().nsec(100_000_000);
-        let mut ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
+        let ring = IoUring::new(ENTRIES).map_err(|e| e.to_string())?;
         // SAFETY: the entries stay allocated until `lent` drops, after `ring`.
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(lent.entries as u64, LENT, GROUP, 0)
         }
         .map_err(|e| format!("register buffer ring: {e}"))?;
+        receive(ring, &mut lent, args, streams, parts, hist, deadline)
+    }
+
+    /// The reading loop of both: arms what needs arming (and a timeout, so the deadline is
+    /// checked), waits, and hands each completion's bytes to `progress`.
+    fn receive(
+        mut ring: IoUring,
+        recv: &mut impl Receives,
+        args: &FloorReaderArgs,
+        streams: &[TcpStream],
+        parts: &mut [Partial],
+        hist: &mut Histogram<u64>,
+        deadline: Instant,
+    ) -> Result<(), String> {
+        let tick = types::Timespec::new().nsec(100_000_000);
         let fds: Vec<_> = streams.iter().map(|s| types::Fd(s.as_raw_fd())).collect();
         let mut to_arm: VecDeque<usize> = (0..streams.len()).collect();
         let mut tick_armed = false;
@@ -849,7 +875,7 @@ mod uring {
                 let mut sq = ring.submission();
                 if !tick_armed && !sq.is_full() {
                     let t = opcode::Timeout::new(&tick).build().user_data(TICK);
-                    // SAFETY: `tick` outlives the ring.
+                    // SAFETY: `tick` outlives the ring, which this function drops.
                     unsafe { sq.push(&t) }.map_err(|_| "submission queue full".to_string())?;
                     tick_armed = true;
                 }
@@ -857,11 +883,10 @@ mod uring {
                     if sq.is_full() {
                         break;
                     }
-                    let recv = opcode::RecvMulti::new(fds[i], GROUP)
-                        .build()
-                        .user_data(i as u64);
-                    // SAFETY: the receive writes only into buffers of the registered group.
-                    unsafe { sq.push(&recv) }.map_err(|_| "submission queue full".to_string())?;
+                    let entry = recv.entry(fds[i], i).user_data(i as u64);
+                    // SAFETY: the receive writes only into memory `recv` keeps for it, which
+                    // outlives the ring (see `Receives`' two kinds).
+                    unsafe { sq.push(&entry) }.map_err(|_| "submission queue full".to_string())?;
                     to_arm.pop_front();
                 }
             }
@@ -878,12 +903,8 @@ mod uring {
                 match cqe.result() {
                     0 => progress.ended(p),
                     n if n > 0 => {
-                        let Some(bid) = io_uring::cqueue::buffer_select(flags) else {
-                            return Err("a receive completed without a buffer".into());
-                        };
-                        progress.read(p, lent.buf(bid, n as usize), args, hist);
-                        lent.lend(bid);
-                        if !io_uring::cqueue::more(flags) {
+                        progress.read(p, recv.bytes(i, n as usize, flags)?, args, hist);
+                        if recv.consumed(i, flags) {
                             to_arm.push_back(i);
                         }
                     }
@@ -894,8 +915,6 @@ mod uring {
                 }
             }
         }
-        drop(ring);
-        drop(lent);
         Ok(())
     }
 }
