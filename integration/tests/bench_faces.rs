@@ -91,23 +91,27 @@ fn ai_stream_on_the_pusher_face_delivers_every_append_once_in_serial_order() {
     assert_eq!(c["clean_subscribers"], 4, "{c}");
 }
 
+/// A toy-size `floor` run (60 sockets × 20 ticks) with `extra` arguments: its JSON summary.
+fn floor_run(extra: &[&str]) -> Value {
+    let mut args = vec![
+        "floor",
+        "--subscribers",
+        "60",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--frame-bytes",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    let out = bench(&args, None);
+    serde_json::from_str(out.lines().last().unwrap_or("")).expect("json line")
+}
+
 #[test]
 fn floor_reads_every_frame_through_its_reader_processes() {
-    let out = bench(
-        &[
-            "floor",
-            "--subscribers",
-            "60",
-            "--rate",
-            "20",
-            "--duration",
-            "1",
-            "--frame-bytes",
-            "64",
-        ],
-        None,
-    );
-    let last: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("json line");
+    let last = floor_run(&[]);
     assert_eq!(last["expected"], 1_200, "{last}");
     assert_eq!(last["frames"], 1_200, "{last}");
     assert_eq!(last["short_sockets"], 0, "{last}");
@@ -116,22 +120,7 @@ fn floor_reads_every_frame_through_its_reader_processes() {
 
 #[test]
 fn floor_pinned_reads_every_frame_with_each_reader_beside_its_sender() {
-    let out = bench(
-        &[
-            "floor",
-            "--subscribers",
-            "60",
-            "--rate",
-            "20",
-            "--duration",
-            "1",
-            "--frame-bytes",
-            "64",
-            "--pin",
-        ],
-        None,
-    );
-    let last: Value = serde_json::from_str(out.lines().last().unwrap_or("")).expect("json line");
+    let last = floor_run(&["--pin"]);
     assert_eq!(last["pinned"], true, "{last}");
     assert_eq!(last["frames"], 1_200, "{last}");
     assert_eq!(last["short_sockets"], 0, "{last}");
