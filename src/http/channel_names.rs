@@ -22,17 +22,24 @@ const MAX_ENTRIES: usize = 10_000;
 
 #[derive(Default)]
 pub struct ChannelNames {
-    /// (workspace id, channel name) → (channel id, when it was read).
-    ids: Mutex<HashMap<(String, String), (String, Instant)>>,
+    ids: Mutex<Names>,
     /// Bumped by every forget: a lookup that began before it must not be remembered.
     generation: AtomicU64,
+}
+
+/// Workspace id → channel name → (channel id, when it was read); nested so that a lookup
+/// borrows its two keys instead of building them.
+#[derive(Default)]
+struct Names {
+    by_workspace: HashMap<String, HashMap<String, (String, Instant)>>,
+    entries: usize,
 }
 
 impl ChannelNames {
     /// The id read for this name within [`TTL`].
     pub fn get(&self, workspace_id: &str, name: &str) -> Option<String> {
         let ids = self.ids.lock().ok()?;
-        let (id, at) = ids.get(&(workspace_id.to_string(), name.to_string()))?;
+        let (id, at) = ids.by_workspace.get(workspace_id)?.get(name)?;
         (at.elapsed() < TTL).then(|| id.clone())
     }
 
@@ -50,20 +57,25 @@ impl ChannelNames {
         if self.generation.load(Ordering::Acquire) != generation {
             return;
         }
-        if ids.len() >= MAX_ENTRIES {
-            ids.clear();
+        if ids.entries >= MAX_ENTRIES {
+            *ids = Names::default();
         }
-        ids.insert(
-            (workspace_id.to_string(), name.to_string()),
-            (id.to_string(), Instant::now()),
-        );
+        let fresh = ids
+            .by_workspace
+            .entry(workspace_id.to_string())
+            .or_default()
+            .insert(name.to_string(), (id.to_string(), Instant::now()))
+            .is_none();
+        ids.entries += usize::from(fresh);
     }
 
     /// A channel of the workspace was renamed: its names are read again.
     pub fn forget_workspace(&self, workspace_id: &str) {
         if let Ok(mut ids) = self.ids.lock() {
             self.generation.fetch_add(1, Ordering::AcqRel);
-            ids.retain(|(w, _), _| w != workspace_id);
+            if let Some(names) = ids.by_workspace.remove(workspace_id) {
+                ids.entries -= names.len();
+            }
         }
     }
 
@@ -73,7 +85,7 @@ impl ChannelNames {
             CacheScope::All => {
                 if let Ok(mut ids) = self.ids.lock() {
                     self.generation.fetch_add(1, Ordering::AcqRel);
-                    ids.clear();
+                    *ids = Names::default();
                 }
             }
             CacheScope::Channels(ws) => self.forget_workspace(ws),
@@ -114,5 +126,31 @@ mod tests {
         assert_eq!(names.get("w2", "room").as_deref(), Some("chn_2"));
         names.forget(CacheScope::All);
         assert_eq!(names.get("w2", "room"), None);
+    }
+
+    #[test]
+    fn the_map_starts_over_at_its_bound() {
+        let names = ChannelNames::default();
+        let g = names.generation();
+        for i in 0..MAX_ENTRIES - 1 {
+            names.remember(&format!("w{}", i % 7), &format!("c{i}"), "chn", g);
+        }
+        // Remembering a name again does not count twice: one more new name still fits.
+        names.remember("w0", "c0", "chn_again", g);
+        names.remember("w0", "last", "chn", g);
+        assert_eq!(names.get("w0", "c0").as_deref(), Some("chn_again"));
+        assert_eq!(names.get("w0", "c7").as_deref(), Some("chn"));
+        assert_eq!(names.get("w0", "last").as_deref(), Some("chn"));
+        // A forgotten workspace's names no longer count.
+        names.forget_workspace("w1");
+        names.remember("w9", "d", "chn", g + 1);
+        assert_eq!(names.get("w0", "c7").as_deref(), Some("chn"));
+        for i in 0..MAX_ENTRIES {
+            names.remember("w9", &format!("d{i}"), "chn", g + 1);
+        }
+        // Past the bound the map started over once: the oldest are gone, the newest kept.
+        assert_eq!(names.get("w0", "c7"), None);
+        let newest = format!("d{}", MAX_ENTRIES - 1);
+        assert_eq!(names.get("w9", &newest).as_deref(), Some("chn"));
     }
 }
