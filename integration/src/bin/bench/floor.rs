@@ -19,11 +19,12 @@
 //! fanout's do. Each is a diagnostic: a design a server or generator could take.
 //!
 //! Its p99 is meant as a lower bound for `fanout` at the same size and rate on the same
-//! machine, and was one on every VM measured (Intel: 42–49 ms against fanout's 83–104; the
-//! AMD VM of 2026-12-07 16:00: 250–360 against 433–523). Its CPU per delivery is not a floor
-//! for a server that has fallen behind, though: such a server writes several queued frames at
-//! once (2.7 a write on that VM, 8.8 µs a delivery against a bare send's 10.4–13.7), which the
-//! floor's one write per frame never does (see `docs/performance.md`).
+//! machine, and was one on the Intel VMs (42–49 ms against fanout's 83–104). On the AMD VM of
+//! 2026-12-07 16:00, where bare threads could not keep the rate, the ranges overlapped
+//! (250–360 against 328–523). Nor is its CPU per delivery a floor for a server that has fallen
+//! behind: such a server writes several queued frames at once (2.7 a write on that VM, 8.8 µs
+//! a delivery against a bare send's 10.4–13.7), which the floor's one write per frame never
+//! does (see `docs/performance.md`).
 //!
 //! Bounded: `--duration` of ticks, then every socket is closed and each reader stops at the end
 //! of its sockets or 10 s later.
