@@ -59,12 +59,7 @@ async fn channel_named(
         let generation = state.channel_names.generation();
         let (w, n) = (ws.id.clone(), name.to_string());
         let found = state
-            .read(move |conn| {
-                Ok(match queries::channel_id_by_name(conn, &w, &n)? {
-                    Some(id) => queries::channel(conn, &id)?.map(|c| c.id),
-                    None => None,
-                })
-            })
+            .read(move |conn| Ok(queries::channel_id_by_name(conn, &w, &n)?))
             .await?;
         if let Some(id) = found {
             state.channel_names.remember(&ws.id, name, &id, generation);
