@@ -65,6 +65,17 @@ pub struct FloorArgs {
     /// Bytes per frame (a chat-face delivery of `fanout` is about this size).
     #[arg(long, default_value_t = 400)]
     pub frame_bytes: usize,
+    #[command(flatten)]
+    pub both: BothEnds,
+    /// Pins sender i and reader i to CPU i (modulo the CPUs) and gives sender i reader i's
+    /// sockets, so both ends of a socket share one CPU's caches (a diagnostic).
+    #[arg(long)]
+    pub pin: bool,
+}
+
+/// What the senders and the reader processes both take (the readers are handed them).
+#[derive(Args, Clone, Debug)]
+pub struct BothEnds {
     /// TCP congestion control of both ends (`TCP_CONGESTION`, e.g. `reno`); default: the
     /// system's (`net.ipv4.tcp_congestion_control`).
     #[arg(long)]
@@ -81,10 +92,22 @@ pub struct FloorArgs {
     /// the CPU per send beyond the runs' spread).
     #[arg(long, default_value_t = 0)]
     pub read_pause_us: u64,
-    /// Pins sender i and reader i to CPU i (modulo the CPUs) and gives sender i reader i's
-    /// sockets, so both ends of a socket share one CPU's caches (a diagnostic).
-    #[arg(long)]
-    pub pin: bool,
+}
+
+impl BothEnds {
+    /// These options as a reader's command line.
+    fn as_args(&self) -> Vec<String> {
+        let mut out = vec![
+            "--io".to_string(),
+            self.io.as_str().to_string(),
+            "--read-pause-us".to_string(),
+            self.read_pause_us.to_string(),
+        ];
+        if let Some(c) = &self.congestion {
+            out.extend(["--congestion".to_string(), c.clone()]);
+        }
+        out
+    }
 }
 
 /// How the floor's threads do their I/O.
@@ -121,12 +144,8 @@ pub struct FloorReaderArgs {
     /// Seconds after which the reader stops whatever it has.
     #[arg(long)]
     pub deadline: u64,
-    #[arg(long)]
-    pub congestion: Option<String>,
-    #[arg(long, value_enum, default_value_t = FloorIo::Syscalls)]
-    pub io: FloorIo,
-    #[arg(long, default_value_t = 0)]
-    pub read_pause_us: u64,
+    #[command(flatten)]
+    pub both: BothEnds,
     /// This reader's index: said in one byte on each socket after connecting.
     #[arg(long, default_value_t = 0)]
     pub index: u8,
@@ -159,14 +178,8 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             .args(["--frames-each", &ticks.to_string()])
             .args(["--frame-bytes", &args.frame_bytes.to_string()])
             .args(["--deadline", &(args.duration + 60).to_string()])
-            .args(
-                args.congestion
-                    .iter()
-                    .flat_map(|c| ["--congestion", c.as_str()]),
-            )
-            .args(["--io", args.io.as_str()])
+            .args(args.both.as_args())
             .args(["--index", &i.to_string()])
-            .args(["--read-pause-us", &args.read_pause_us.to_string()])
             .args(
                 args.pin
                     .then(|| ["--cpu".to_string(), (i % cpus).to_string()])
@@ -195,7 +208,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
                 (&s).read_exact(&mut index)
                     .map_err(|e| format!("reader index: {e}"))?;
                 s.set_nodelay(true).map_err(|e| e.to_string())?;
-                set_congestion(&s, args.congestion.as_deref())?;
+                set_congestion(&s, args.both.congestion.as_deref())?;
                 let sender = if args.pin {
                     usize::from(index[0]) % args.senders
                 } else {
@@ -240,7 +253,7 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
     // One barrier crossing per tick: the tick's stamp is taken once, before any write.
     let start = Arc::new(Barrier::new(args.senders + 1));
     let stamp = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (frame_bytes, io) = (args.frame_bytes, args.io);
+    let (frame_bytes, io) = (args.frame_bytes, args.both.io);
     let threads: Vec<_> = groups
         .into_iter()
         .enumerate()
@@ -324,8 +337,8 @@ pub fn main(args: &FloorArgs) -> Result<bool, String> {
             "scenario": "floor",
             "subscribers": args.subscribers, "rate": args.rate, "duration_s": args.duration,
             "senders": args.senders, "readers": args.readers, "frame_bytes": args.frame_bytes,
-            "io": args.io.as_str(), "congestion": args.congestion, "pinned": args.pin,
-            "read_pause_us": args.read_pause_us,
+            "io": args.both.io.as_str(), "congestion": args.both.congestion, "pinned": args.pin,
+            "read_pause_us": args.both.read_pause_us,
             "frames": frames, "expected": expected, "short_sockets": short,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": merged.max() as f64 / 1000.0},
             "cpu_us_per_delivery": {"senders": per_delivery_us(cpu.unwrap_or(f64::NAN)), "readers": per_delivery_us(readers_cpu)},
@@ -459,7 +472,7 @@ fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport
     let mut streams = Vec::with_capacity(args.sockets);
     for _ in 0..args.sockets {
         let mut s = TcpStream::connect(args.connect).map_err(|e| format!("connect: {e}"))?;
-        set_congestion(&s, args.congestion.as_deref())?;
+        set_congestion(&s, args.both.congestion.as_deref())?;
         s.write_all(&[args.index])
             .map_err(|e| format!("say index: {e}"))?;
         streams.push(s);
@@ -468,7 +481,7 @@ fn read_all(args: &FloorReaderArgs, ready: impl FnOnce()) -> Result<ReaderReport
     let mut hist =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(args.deadline);
-    match args.io {
+    match args.both.io {
         FloorIo::Syscalls => {
             let mut streams = streams
                 .into_iter()
@@ -568,7 +581,7 @@ fn epoll_loop(
     let mut events = mio::Events::with_capacity(EVENTS);
     let mut buf = vec![0u8; 64 << 10];
     let mut progress = Progress::new(parts.len());
-    let pause = Duration::from_micros(args.read_pause_us);
+    let pause = Duration::from_micros(args.both.read_pause_us);
     while !progress.done(parts.len(), deadline) {
         // A full batch means more are waiting: no pause then.
         if !pause.is_zero() && events.iter().count() < EVENTS {
@@ -678,8 +691,9 @@ mod uring {
     /// As the epoll reader: after a wait that found fewer than 1,024 completions, pause
     /// (`--read-pause-us`) so the next one finds a batch.
     fn pause_if_few(ring: &mut IoUring, args: &FloorReaderArgs) {
-        if args.read_pause_us > 0 && ring.completion().len() < 1024 {
-            std::thread::sleep(std::time::Duration::from_micros(args.read_pause_us));
+        let pause_us = args.both.read_pause_us;
+        if pause_us > 0 && ring.completion().len() < 1024 {
+            std::thread::sleep(std::time::Duration::from_micros(pause_us));
         }
     }
 
@@ -997,11 +1011,13 @@ mod tests {
             frames_each,
             frame_bytes: 100,
             deadline: 20,
-            congestion: None,
-            io,
+            both: BothEnds {
+                congestion: None,
+                io,
+                read_pause_us,
+            },
             index: 3,
             cpu: None,
-            read_pause_us,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || read_all(&args, || tx.send(()).expect("ready")));
@@ -1091,6 +1107,40 @@ mod tests {
                 7
             );
         }
+    }
+
+    #[test]
+    fn a_reader_is_handed_the_options_both_ends_take() {
+        #[derive(clap::Parser)]
+        struct Reader {
+            #[command(flatten)]
+            args: FloorReaderArgs,
+        }
+        let given = BothEnds {
+            congestion: Some("reno".into()),
+            io: FloorIo::UringMultishot,
+            read_pause_us: 500,
+        };
+        let mut line: Vec<String> = ["reader", "--connect", "127.0.0.1:9", "--sockets", "1"]
+            .into_iter()
+            .chain([
+                "--frames-each",
+                "1",
+                "--frame-bytes",
+                "8",
+                "--deadline",
+                "1",
+            ])
+            .map(String::from)
+            .collect();
+        line.extend(given.as_args());
+        let got = <Reader as clap::Parser>::try_parse_from(line)
+            .expect("parses")
+            .args
+            .both;
+        assert_eq!(got.congestion.as_deref(), Some("reno"));
+        assert_eq!(got.io, FloorIo::UringMultishot);
+        assert_eq!(got.read_pause_us, 500);
     }
 
     #[test]
